@@ -1,0 +1,29 @@
+"""gradcraft-jax: multi-task gradient transformations for JAX and Optax.
+
+Every transform takes *stacked* per-task gradients (a pytree like the
+parameters whose leaves have a leading task axis ``T``) and returns one
+combined update, so it can be chained in front of any optax optimizer::
+
+    losses, grads = gradcraft_jax.per_task_value_and_grad(loss_fn)(params, batch)
+    tx = optax.chain(gradcraft_jax.gradcraft(tau=0.5, eps=0.1), optax.adam(1e-3))
+    updates, opt_state = tx.update(grads, opt_state, params)
+"""
+
+from gradcraft_jax._stacked import gram_matrix, num_tasks, weighted_sum
+from gradcraft_jax.gradcraft import GradCraftState, gradcraft, gradcraft_weights
+from gradcraft_jax.per_task import per_task_value_and_grad
+from gradcraft_jax.weighting import from_weighting, pinv_psd
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradCraftState",
+    "from_weighting",
+    "gradcraft",
+    "gradcraft_weights",
+    "gram_matrix",
+    "num_tasks",
+    "per_task_value_and_grad",
+    "pinv_psd",
+    "weighted_sum",
+]

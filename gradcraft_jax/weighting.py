@@ -1,0 +1,139 @@
+"""The shared core: Gram matrix -> task weights -> weighted sum.
+
+Every Gram-based method in the library is built by :func:`from_weighting`
+from two small functions:
+
+* ``init_fn(params) -> state``: the method's state (``optax.EmptyState()``
+  for stateless methods);
+* ``weights_fn(gram, state, task_losses, extra_args) -> (weights, state)``:
+  maps the ``(T, T)`` Gram matrix of the stacked gradients (``None`` when the
+  method declares ``needs_gram=False``), the ``(T,)`` task losses (``None``
+  unless the method declares ``needs_losses=True``) and the state to ``(T,)``
+  task weights and the new state.
+
+The update is then ``sum_i weights[i] * g_i``: two reads of the stacked
+gradients, ``O(T^3)`` extra work, nothing of size ``T x T x d``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradcraft_jax._stacked import (accumulation_dtype, gram_matrix,
+                                    is_concrete_number, num_tasks,
+                                    weighted_sum)
+
+__all__ = ["from_weighting", "check_hyperparameter", "pinv_psd",
+           "WeightsFn", "empty_init"]
+
+WeightsFn = Callable[[Any, Any, Any, dict], tuple[jax.Array, Any]]
+
+
+def check_hyperparameter(name: str, value: Any, *, low: float | None = None,
+                         high: float | None = None,
+                         low_open: bool = False,
+                         high_open: bool = False,
+                         method: str = "") -> None:
+  """Raises ``ValueError`` when a concrete hyperparameter is out of range.
+
+  Arrays and tracers (for instance from ``optax.inject_hyperparams``) are not
+  checked: their values are not known at construction.
+  """
+  if not is_concrete_number(value):
+    return
+  v = float(value)
+  prefix = f"{method}: " if method else ""
+  if not np.isfinite(v):
+    raise ValueError(f"{prefix}{name} must be finite, got {value!r}")
+  if low is not None and (v < low or (low_open and v == low)):
+    rel = ">" if low_open else ">="
+    raise ValueError(f"{prefix}{name} must be {rel} {low}, got {value!r}")
+  if high is not None and (v > high or (high_open and v == high)):
+    rel = "<" if high_open else "<="
+    raise ValueError(f"{prefix}{name} must be {rel} {high}, got {value!r}")
+
+
+def pinv_psd(a: jax.Array, rcond: float | None = None) -> jax.Array:
+  """Moore-Penrose pseudo-inverse of a symmetric PSD matrix via ``eigh``.
+
+  Eigenvalues below ``rcond * max|eigenvalue|`` (default ``10 * n * eps``)
+  are treated as zero, which gives the minimum-norm solution of singular
+  systems and maps all-zero rows/columns (masked-out tasks) to zero.
+  Works on batches with ``jax.vmap``.
+  """
+  n = a.shape[-1]
+  if rcond is None:
+    rcond = 10 * n * float(jnp.finfo(a.dtype).eps)
+  evals, evecs = jnp.linalg.eigh(0.5 * (a + a.T))
+  cutoff = rcond * jnp.max(jnp.abs(evals))
+  keep = evals > cutoff
+  inv = jnp.where(keep, 1.0 / jnp.where(keep, evals, 1.0), 0.0)
+  return (evecs * inv) @ evecs.T
+
+
+def from_weighting(
+    init_fn: Callable[[Any], Any],
+    weights_fn: WeightsFn,
+    *,
+    name: str,
+    needs_losses: bool = False,
+    needs_gram: bool = True,
+    expected_tasks: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds an optax transform from a Gram-space weighting.
+
+  Args:
+    init_fn: ``params -> state``.
+    weights_fn: ``(gram, state, task_losses, extra_args) -> (weights, state)``
+      with ``gram`` of shape ``(T, T)`` (or ``None`` if ``needs_gram`` is
+      false), ``task_losses`` of shape ``(T,)`` (or ``None`` if
+      ``needs_losses`` is false) and ``weights`` of shape ``(T,)``.
+    name: the method's name, used in error messages.
+    needs_losses: whether ``update`` requires the keyword ``task_losses``.
+    needs_gram: whether ``weights_fn`` reads the Gram matrix.
+    expected_tasks: if given, the task count the state was built for;
+      updates with another ``T`` raise ``ValueError``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
+    stacked per-task gradients (leading axis ``T`` on every leaf) and returns
+    ``sum_i w_i g_i`` (a pytree like the parameters, in the input dtypes).
+  """
+
+  def update_fn(updates, state, params=None, *, task_losses=None,
+                **extra_args):
+    del params
+    t = num_tasks(updates)
+    if expected_tasks is not None and t != expected_tasks:
+      raise ValueError(
+          f"{name}: built for num_tasks={expected_tasks} but the stacked "
+          f"gradients have {t} tasks on their leading axis")
+    losses = None
+    if needs_losses:
+      if task_losses is None:
+        raise ValueError(
+            f"{name} needs the per-task losses: call "
+            "update(updates, state, params, task_losses=losses) with a "
+            f"({t},) array")
+      losses = jnp.asarray(task_losses)
+      if losses.shape != (t,):
+        raise ValueError(
+            f"{name}: task_losses has shape {losses.shape}, expected ({t},) "
+            "to match the task axis of the stacked gradients")
+      losses = losses.astype(accumulation_dtype(updates))
+    gram = gram_matrix(updates) if needs_gram else None
+    weights, new_state = weights_fn(gram, state, losses, extra_args)
+    return weighted_sum(updates, weights), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def empty_init(params: Any) -> optax.EmptyState:
+  """``init_fn`` of stateless methods."""
+  del params
+  return optax.EmptyState()
