@@ -38,46 +38,70 @@ def _model(name, seed=0):
     return mtl_models.MODELS[name](CARDS, N_NUM, T, rngs=nnx.Rngs(seed), **SMALL[name])
 
 
+def _jitted(model, method):
+    """``method(model, *args)`` as a jitted pure function of the model's params (eager NNX is slow)."""
+    graphdef, params = nnx.split(model)
+    fn = jax.jit(lambda p, *args: method(nnx.merge(graphdef, p), *args))
+    return lambda *args: fn(params, *args)
+
+
 @pytest.mark.parametrize("name", sorted(mtl_models.MODELS))
 def test_shapes_and_representation(name):
     model = _model(name)
     b = _batch(10)
-    logits = model(b["cat"], b["num"])
+    forward = _jitted(model, lambda m, c, n: (m(c, n), mtl_models.representation(m, c, n)))
+    logits, z = forward(b["cat"], b["num"])
     assert logits.shape == (10, T)
     assert jnp.isfinite(logits).all()
-    z = mtl_models.representation(model, b["cat"], b["num"])
     assert z.ndim == 2 and z.shape[0] == 10
-    np.testing.assert_allclose(model.head(z), logits, rtol=1e-5, atol=1e-6)
-    # Default-sized model builds too.
+    np.testing.assert_allclose(_jitted(model, lambda m, z: m.head(z))(z), logits, rtol=1e-5, atol=1e-6)
+    # Default-sized model: output shape only (abstract evaluation).
     big = mtl_models.MODELS[name](CARDS, N_NUM, 2, rngs=nnx.Rngs(1))
-    assert big(b["cat"], b["num"]).shape == (10, 2)
+    graphdef, params = nnx.split(big)
+    out = jax.eval_shape(lambda p: nnx.merge(graphdef, p)(b["cat"], b["num"]), params)
+    assert out.shape == (10, 2)
 
 
 def test_shared_bottom_representation_size():
     model = _model("shared_bottom")
     b = _batch(6)
-    assert mtl_models.representation(model, b["cat"], b["num"]).shape == (6, 16)
+    z = jax.eval_shape(lambda: mtl_models.representation(model, b["cat"], b["num"]))
+    assert z.shape == (6, 16)
+
+
+def test_init_same_eagerly_and_traced():
+    eager = _model("ple", seed=3)
+    traced = nnx.eval_shape(lambda: _model("ple", seed=3))
+    assert jax.tree.map(lambda x: x.shape, nnx.state(eager)) == jax.tree.map(lambda x: x.shape, nnx.state(traced))
+    jitted = nnx.jit(lambda: _model("mmoe", seed=3))()
+    for a, c in zip(jax.tree.leaves(nnx.state(jitted)), jax.tree.leaves(nnx.state(_model("mmoe", seed=3)))):
+        np.testing.assert_array_equal(a, c)
 
 
 @pytest.mark.parametrize("name", sorted(mtl_models.MODELS))
-def test_losses_finite_and_per_task_jacobian(name):
+def test_losses_finite(name):
     model = _model(name)
     b = _batch(32)
-    losses = mtl_models.bce_task_losses(model, b)
+    losses, logits = _jitted(model, lambda m, b: (mtl_models.bce_task_losses(m, b), m(b["cat"], b["num"])))(b)
     assert losses.shape == (T,) and jnp.isfinite(losses).all()
     # By hand: optax BCE, mean per task.
-    logits = model(b["cat"], b["num"])
     manual = optax.sigmoid_binary_cross_entropy(logits, b["labels"]).mean(0)
     np.testing.assert_allclose(losses, manual, rtol=1e-6)
 
+
+@pytest.mark.parametrize("name", ["shared_bottom", "ple"])
+def test_per_task_jacobian(name):
+    model = _model(name)
+    b = _batch(32)
     graphdef, params = nnx.split(model)
     loss_fn = mtl_models.make_loss_fn(graphdef)
-    np.testing.assert_allclose(loss_fn(params, b), losses, rtol=1e-6)
-    jac = jax.jacrev(loss_fn)(params, b)
+    jac, g1, again = jax.jit(
+        lambda p: (jax.jacrev(loss_fn)(p, b), jax.grad(lambda q: loss_fn(q, b)[1])(p), loss_fn(p, b))
+    )(params)
+    assert again.shape == (T,) and jnp.isfinite(again).all()
     for g, p in zip(jax.tree.leaves(jac), jax.tree.leaves(params)):
         assert g.shape == (T,) + p.shape
     # Row t of the Jacobian is the gradient of loss t.
-    g1 = jax.grad(lambda p: loss_fn(p, b)[1])(params)
     for a, c in zip(jax.tree.leaves(jac), jax.tree.leaves(g1)):
         np.testing.assert_allclose(a[1], c, rtol=1e-4, atol=1e-6)
 
@@ -92,14 +116,14 @@ def test_adam_steps_lower_every_task_loss(name):
 
     @jax.jit
     def step(params, state):
-        grads = jax.grad(lambda p: loss_fn(p, b).sum())(params)
+        losses, vjp = jax.vjp(lambda p: loss_fn(p, b), params)
+        (grads,) = vjp(jnp.ones_like(losses))  # gradient of the sum of the task losses
         updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+        return optax.apply_updates(params, updates), state, losses
 
-    before = loss_fn(params, b)
+    params, state, before = step(params, state)
     for _ in range(15):
-        params, state = step(params, state)
-    after = loss_fn(params, b)
+        params, state, after = step(params, state)
     assert jnp.all(after < before), (before, after)
 
 
