@@ -1,0 +1,98 @@
+"""Griffe extension of the docs build: reST-isms in docstrings -> Markdown.
+
+The library's docstrings are Google style but use a few reStructuredText
+constructs that Python-Markdown does not understand. Before mkdocstrings
+parses a docstring this extension rewrites, in the rendered copy only (the
+source files are untouched):
+
+* ``:math:`x``` -> ``$x$`` and ``.. math:: x`` blocks -> ``$$ x $$``
+  (rendered by pymdownx.arithmatex + MathJax);
+* ``:func:`f``` and the other Sphinx roles -> ```f``` (inline code);
+* doctest blocks (``>>>`` lines and their output) -> ```` ```pycon ```` fences
+  (Markdown would read ``>>>`` as nested block quotes);
+* ``text::`` + indented literal block -> ``text:`` + a ```` ```python ```` fence.
+"""
+
+from __future__ import annotations
+
+import re
+
+import griffe
+
+_MATH_ROLE = re.compile(r":math:`([^`]*)`", re.DOTALL)
+_XREF_ROLE = re.compile(
+    r":(?:py:)?(?:func|class|meth|mod|attr|data|obj|exc|const|ref)"
+    r":`~?([^`]*)`")
+
+
+def _indent(line: str) -> int:
+  return len(line) - len(line.lstrip())
+
+
+def _block(lines: list[str], start: int, base: int) -> int:
+  """End (exclusive) of the block indented deeper than ``base`` at ``start``,
+  blank lines included but trailing blank lines excluded."""
+  end = start
+  j = start
+  while j < len(lines):
+    if lines[j].strip():
+      if _indent(lines[j]) <= base:
+        break
+      end = j + 1
+    j += 1
+  return end
+
+
+def rst_to_markdown(text: str) -> str:
+  lines = text.splitlines()
+  out: list[str] = []
+  i = 0
+  while i < len(lines):
+    line = lines[i]
+    stripped = line.strip()
+    ind = " " * _indent(line)
+    if stripped.startswith(".. math::"):
+      first = stripped[len(".. math::"):].strip()
+      end = _block(lines, i + 1, _indent(line))
+      body = ([first] if first else []) + [
+          l.strip() for l in lines[i + 1:end] if l.strip()]
+      out += ["", ind + "$$", *(ind + b for b in body), ind + "$$", ""]
+      i = end
+      continue
+    if stripped.startswith(">>>"):
+      j = i
+      while j < len(lines) and lines[j].strip():
+        j += 1
+      out += [ind + "```pycon",
+              *(l[len(ind):] if l.startswith(ind) else l.strip()
+                for l in lines[i:j]),
+              ind + "```"]
+      i = j
+      continue
+    if (stripped.endswith("::") and not stripped.startswith("..")
+        and i + 1 < len(lines) and not lines[i + 1].strip()):
+      end = _block(lines, i + 2, _indent(line))
+      if end > i + 2:
+        code = lines[i + 2:end]
+        sub = min(_indent(l) for l in code if l.strip())
+        out += [line[:-1] if stripped != "::" else "", "",
+                ind + "```python",
+                *(ind + l[sub:] for l in code),
+                ind + "```"]
+        i = end
+        continue
+    out.append(line)
+    i += 1
+  text = "\n".join(out)
+  text = _MATH_ROLE.sub(lambda m: "$" + " ".join(m.group(1).split()) + "$",
+                        text)
+  return _XREF_ROLE.sub(lambda m: "`" + m.group(1) + "`", text)
+
+
+class RstToMarkdown(griffe.Extension):
+  """Rewrites every docstring with :func:`rst_to_markdown`."""
+
+  def on_object(self, *, obj, loader, **kwargs):
+    del loader, kwargs
+    if obj.docstring is not None:
+      obj.docstring.value = rst_to_markdown(obj.docstring.value)
