@@ -11,7 +11,9 @@ combined update, so it can be chained in front of any optax optimizer::
 
 from gradcraft_jax._stacked import gram_matrix, num_tasks, weighted_sum
 from gradcraft_jax.gradcraft import GradCraftState, gradcraft, gradcraft_weights
+from gradcraft_jax.nmt import NMTState, nmt, nmt_loss, nmt_update_multipliers, nmt_weights
 from gradcraft_jax.per_task import per_task_value_and_grad
+from gradcraft_jax.stages import PrioritizedResult, StageHistory, train_prioritized
 from gradcraft_jax.weighting import from_weighting, pinv_psd
 
 __version__ = "0.1.0"
@@ -26,4 +28,6 @@ __all__ = [
     "per_task_value_and_grad",
     "pinv_psd",
     "weighted_sum",
+    "NMTState", "nmt", "nmt_loss", "nmt_update_multipliers", "nmt_weights",
+    "PrioritizedResult", "StageHistory", "train_prioritized",
 ]
