@@ -26,9 +26,14 @@ import numpy as np
 
 __all__ = ["num_tasks", "gram_matrix", "weighted_sum", "accumulation_dtype"]
 
-# Column-block size (elements per task row) of the blocked Gram contraction.
-# T rows of this many float32 values stay in L2 cache for T up to ~64.
-_GRAM_BLOCK = 4096
+# Elements (T * columns) per block of the blocked CPU Gram contraction: a
+# (T, B) float32 block of ~192 KiB stays in L2 cache while it is multiplied
+# with itself.
+_GRAM_BLOCK_ELEMS = 49152
+_GRAM_BLOCK_MIN = 1024
+_GRAM_BLOCK_MAX = 16384
+# Up to this many tasks the weighted sum is one fused elementwise pass.
+_UNROLL_MAX_TASKS = 64
 
 
 def num_tasks(stacked: Any) -> int:
@@ -78,30 +83,72 @@ def accumulation_dtype(stacked: Any) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *dtypes)
 
 
-def _leaf_gram(leaf: jax.Array, acc_dtype) -> jax.Array:
-  """``(T, ...)`` leaf -> ``(T, T)`` Gram block, contracted in cache-sized
-  column blocks so that XLA:CPU streams the leaf once."""
-  t = leaf.shape[0]
-  flat = leaf.reshape(t, -1)
-  n = flat.shape[1]
-  nblocks, tail = divmod(n, _GRAM_BLOCK)
+def _block_size(t: int) -> int:
+  """Columns per block: the largest power of two with ``t * B`` at most
+  ``_GRAM_BLOCK_ELEMS``, clipped to ``[_GRAM_BLOCK_MIN, _GRAM_BLOCK_MAX]``."""
+  b = _GRAM_BLOCK_MAX
+  while b > _GRAM_BLOCK_MIN and t * b > _GRAM_BLOCK_ELEMS:
+    b //= 2
+  return b
 
-  def block_gram(x):
-    x = x.astype(acc_dtype)
-    return jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
 
+def _self_gram(x: jax.Array, acc_dtype) -> jax.Array:
+  """``(T, m) -> (T, T)`` in ``acc_dtype`` (the cast applies to ``x`` only,
+  which is a cache-sized block in the blocked path)."""
+  x = x.astype(acc_dtype)
+  return jax.lax.dot_general(x, x, (((1,), (1,)), ((), ())),
+                             precision=jax.lax.Precision.HIGHEST,
+                             preferred_element_type=acc_dtype)
+
+
+def _leaf_gram_blocked(flat: jax.Array, acc_dtype) -> jax.Array:
+  """Blocked ``flat @ flat.T`` for XLA:CPU.
+
+  XLA:CPU runs a ``(T, n) @ (n, T)`` product with tiny ``T`` and huge ``n``
+  far below memory bandwidth (about 15x a streaming pass over the leaf at
+  ``T = 6``), and casting a bf16 leaf to float32 first would materialise a
+  float32 copy. A ``fori_loop`` over cache-sized ``(T, B)`` column blocks
+  reads the leaf once, casts one block at a time and runs each small
+  product from L2 cache (about 2-4x a streaming pass at ``T = 6``,
+  compute-bound: ``T^2`` multiply-adds per column).
+  """
+  t, n = flat.shape
+  bs = _block_size(t)
+  nblocks, tail = divmod(n, bs)
   out = jnp.zeros((t, t), acc_dtype)
   if nblocks > 1:
     def body(j, acc):
-      x = jax.lax.dynamic_slice_in_dim(flat, j * _GRAM_BLOCK, _GRAM_BLOCK,
-                                       axis=1)
-      return acc + block_gram(x)
+      x = jax.lax.dynamic_slice_in_dim(flat, j * bs, bs, axis=1)
+      return acc + _self_gram(x, acc_dtype)
     out = jax.lax.fori_loop(0, nblocks, body, out)
   elif nblocks == 1:
-    out = block_gram(flat[:, :_GRAM_BLOCK])
+    out = _self_gram(flat[:, :bs], acc_dtype)
   if tail:
-    out = out + block_gram(flat[:, nblocks * _GRAM_BLOCK:])
+    out = out + _self_gram(flat[:, nblocks * bs:], acc_dtype)
   return out
+
+
+def _leaf_gram(leaf: jax.Array, acc_dtype) -> jax.Array:
+  """``(T, ...)`` leaf -> ``(T, T)`` Gram block in ``acc_dtype``.
+
+  * GPU/TPU, and CPU with several devices: one ``dot_general`` contracting
+    every non-task axis. cuBLAS/TPU matmuls split the long contraction
+    themselves, and the SPMD partitioner turns a contraction over a sharded
+    axis into local products plus one all-reduce of the ``T x T`` result
+    (the blocked loop below would make it all-gather the leaf).
+  * single-device CPU: the blocked loop of :func:`_leaf_gram_blocked`.
+
+  The choice is made while lowering (``lax.platform_dependent``) and from
+  the process's device count, never from data.
+  """
+  t = leaf.shape[0]
+  flat = leaf.reshape(t, -1)
+  if flat.shape[1] <= _block_size(t) or jax.device_count() > 1:
+    return _self_gram(flat, acc_dtype)
+  return jax.lax.platform_dependent(
+      flat,
+      cpu=lambda x: _leaf_gram_blocked(x, acc_dtype),
+      default=lambda x: _self_gram(x, acc_dtype))
 
 
 def gram_matrix(stacked: Any) -> jax.Array:
@@ -152,18 +199,36 @@ def weighted_sum(stacked: Any, weights: jax.Array) -> Any:
 
   def combine(leaf):
     acc = jnp.result_type(jnp.float32, leaf.dtype)
-    out = jax.lax.dot_general(
-        weights.astype(acc), leaf.astype(acc), (((0,), (0,)), ((), ())),
-        precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
+    w = weights.astype(acc)
+    if t <= _UNROLL_MAX_TASKS:
+      # One fused elementwise pass: reads each task row once, casts inside
+      # the fusion (no float32 copy of a bf16 leaf), writes the output once,
+      # and keeps the leaf's sharding. (``jnp.sum(w[:, None] * leaf, 0)``
+      # reduces over the major axis, which XLA:CPU runs thousands of times
+      # slower.)
+      out = w[0] * leaf[0].astype(acc)
+      for i in range(1, t):
+        out = out + w[i] * leaf[i].astype(acc)
+    else:
+      out = jax.lax.dot_general(
+          w, leaf.astype(acc), (((0,), (0,)), ((), ())),
+          precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
     return out.astype(leaf.dtype)
 
   return jax.tree_util.tree_map(combine, stacked)
 
 
 def is_concrete_number(x: Any) -> bool:
-  """True for Python/NumPy scalars whose value is known at construction."""
+  """True for scalars whose value is known at trace time.
+
+  Python and NumPy scalars, 0-d NumPy arrays and 0-d concrete (non-traced)
+  JAX arrays, such as the values ``optax.inject_hyperparams`` passes to a
+  factory inside ``init``.
+  """
   if isinstance(x, (bool, int, float, np.number)):
     return True
   if isinstance(x, np.ndarray) and x.ndim == 0:
     return True
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    return x.ndim == 0
   return False

@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.weighting import (check_hyperparameter, empty_init,
-                                     from_weighting, pinv_psd)
+from gradcraft_jax._stacked import is_concrete_number
+from gradcraft_jax.weighting import (check_hyperparameter, from_weighting,
+                                     pinv_psd)
 
-__all__ = ["gradcraft", "gradcraft_weights", "GradCraftState"]
+__all__ = ["gradcraft", "gradcraft_weights", "gradcraft_coefficients",
+           "GradCraftState"]
 
 
 class GradCraftState(NamedTuple):
@@ -40,9 +42,10 @@ def _safe_scale(norms: jax.Array, tau) -> jax.Array:
   return jnp.where(pos, tau * ratio + (1.0 - tau), 1.0)
 
 
-def gradcraft_weights(gram: jax.Array, *, tau, eps,
-                      norms: jax.Array | None = None) -> jax.Array:
-  r"""GradCraft's update as task weights on the raw gradients.
+def gradcraft_coefficients(gram: jax.Array, *, tau, eps,
+                           norms: jax.Array | None = None
+                           ) -> tuple[jax.Array, jax.Array]:
+  r"""GradCraft's magnitude factors and projection coefficients.
 
   With magnitude factors :math:`s_i = \tau \max_j n_j / n_i + 1 - \tau`
   (:math:`n_i = \|g_i\|`, or the averaged norms when given), the adjusted
@@ -55,12 +58,62 @@ def gradcraft_weights(gram: jax.Array, *, tau, eps,
   .. math:: H_{C_i C_i} w = -H_{C_i i} + \epsilon \|\hat g_i\|
      \|\hat g_{C_i}\|,
 
-  i.e. :math:`\langle \tilde g_i, \hat g_k \rangle = \epsilon \|\hat g_i\|
-  \|\hat g_k\|` for every :math:`k \in C_i`. All ``T`` masked systems are
-  solved at once with ``vmap`` at the fixed shape ``(T, T)`` (rows and
-  columns outside :math:`C_i` are zeroed and the pseudo-inverse maps them to
-  zero). The update :math:`\frac1T \sum_i \tilde g_i` equals
-  :math:`\sum_k c_k g_k` with
+  i.e. :math:`\langle \tilde g_i, \hat g_k \rangle = \epsilon
+  \|\hat g_i\| \|\hat g_k\|` for every :math:`k \in C_i`. All ``T``
+  masked systems are solved at once with ``vmap`` at the fixed shape
+  ``(T, T)``: rows and columns outside :math:`C_i` are zeroed and the
+  pseudo-inverse (:func:`~gradcraft_jax.pinv_psd`) maps them to zero. Each
+  system is solved in the basis of the unit conflicting gradients (Jacobi
+  scaling), so its conditioning depends on their angles, not their norms;
+  when they are linearly dependent the pseudo-inverse picks one solution,
+  and :math:`\tilde g_i` is the same for every solution.
+
+  Args:
+    gram: ``(T, T)`` Gram matrix ``K`` of the raw task gradients.
+    tau: magnitude-alignment strength in ``[0, 1]``.
+    eps: similarity target ``>= 0``.
+    norms: optional ``(T,)`` norms used for the magnitude factors in place of
+      ``sqrt(diag(K))``.
+
+  Returns:
+    ``(s, W)``: the ``(T,)`` magnitude factors and the ``(T, T)`` projection
+    coefficients (``W[i, k]`` is zero unless ``k`` conflicts with ``i``).
+  """
+  dtype = gram.dtype
+  # W is invariant to a global scale of K: normalise so that the solve works
+  # for gradients from 1e-12 to 1e12 alike.
+  diag = jnp.clip(jnp.diagonal(gram), 0.0)
+  top = jnp.max(diag)
+  k = gram / jnp.where(top > 0, top, 1.0)
+  raw_norms = jnp.sqrt(jnp.clip(jnp.diagonal(k), 0.0))
+  n = raw_norms if norms is None else jnp.asarray(norms, dtype)
+  s = _safe_scale(n, jnp.asarray(tau, dtype))
+  h = s[:, None] * k * s[None, :]
+  hat_norms = s * raw_norms
+  conflict = h < 0  # (T, T); the diagonal is never negative
+  eps = jnp.asarray(eps, dtype)
+
+  # Jacobi scaling: solve in the basis of unit conflicting gradients, so the
+  # conditioning depends on their angles only, not on their norms.
+  inv_norms = jnp.where(hat_norms > 0, 1.0 / jnp.where(hat_norms > 0,
+                                                        hat_norms, 1.0), 0.0)
+
+  def solve_one(mask_i, h_col_i, hat_norm_i):
+    r = mask_i.astype(dtype) * inv_norms
+    cos = r[:, None] * h * r[None, :]
+    rhs = r * (-h_col_i + eps * hat_norm_i * hat_norms)
+    return r * (pinv_psd(cos) @ rhs)
+
+  w = jax.vmap(solve_one)(conflict, h, hat_norms)
+  return s, w
+
+
+def gradcraft_weights(gram: jax.Array, *, tau, eps,
+                      norms: jax.Array | None = None) -> jax.Array:
+  r"""GradCraft's update as task weights on the raw gradients.
+
+  The update :math:`\frac1T \sum_i \tilde g_i` (see
+  :func:`gradcraft_coefficients`) equals :math:`\sum_k c_k g_k` with
 
   .. math:: c_k = \frac{s_k}{T} \Bigl(1 + \sum_i W_{ik}\Bigr).
 
@@ -74,34 +127,16 @@ def gradcraft_weights(gram: jax.Array, *, tau, eps,
   Returns:
     ``(T,)`` weights ``c`` such that the GradCraft update is
     ``sum_k c_k g_k``.
+
+  >>> import jax.numpy as jnp
+  >>> # two unit gradients at 120 degrees, tau = 0, eps = 0: each is projected
+  >>> # onto the normal of the other (PCGrad); the mean has weights 0.75, 0.75.
+  >>> k = jnp.array([[1.0, -0.5], [-0.5, 1.0]])
+  >>> gradcraft_weights(k, tau=0.0, eps=0.0)
+  Array([0.75, 0.75], dtype=float32)
   """
-  t = gram.shape[0]
-  dtype = gram.dtype
-  # The weights are invariant to a global scale of K: normalise so that the
-  # solve works for gradients from 1e-12 to 1e12 alike.
-  diag = jnp.clip(jnp.diagonal(gram), 0.0)
-  top = jnp.max(diag)
-  scale = jnp.where(top > 0, top, 1.0)
-  k = gram / scale
-  raw_norms = jnp.sqrt(jnp.clip(jnp.diagonal(k), 0.0))
-  if norms is None:
-    n = raw_norms
-  else:
-    n = jnp.asarray(norms, dtype)
-  s = _safe_scale(n, jnp.asarray(tau, dtype))
-  h = s[:, None] * k * s[None, :]
-  hat_norms = s * raw_norms
-  conflict = h < 0  # (T, T); the diagonal is never negative
-  eps = jnp.asarray(eps, dtype)
-
-  def solve_one(mask_i, h_col_i, hat_norm_i):
-    m = mask_i.astype(dtype)
-    a = m[:, None] * h * m[None, :]
-    rhs = m * (-h_col_i + eps * hat_norm_i * hat_norms)
-    return pinv_psd(a) @ rhs
-
-  w = jax.vmap(solve_one)(conflict, h, hat_norms)  # w[i, k]
-  return s * (1.0 + jnp.sum(w, axis=0)) / t
+  s, w = gradcraft_coefficients(gram, tau=tau, eps=eps, norms=norms)
+  return s * (1.0 + jnp.sum(w, axis=0)) / gram.shape[0]
 
 
 def gradcraft(tau: float = 0.5, eps: float = 0.0, norm_decay: float = 0.0, *,
@@ -135,7 +170,10 @@ def gradcraft(tau: float = 0.5, eps: float = 0.0, norm_decay: float = 0.0, *,
       (the reference implementation's option); ``b = 0`` is the paper's
       behaviour.
     num_tasks: the task count ``T``; required when ``norm_decay > 0`` (the
-      state holds ``T`` averaged norms), optional otherwise.
+      state holds ``T`` averaged norms), unused otherwise. With
+      ``optax.inject_hyperparams`` every numeric argument is injected; the
+      state's structure is fixed in ``init``, so ``tau``, ``eps`` and
+      ``norm_decay`` may all be changed between steps.
 
   Returns:
     An optax transformation: ``update(stacked_grads, state, params=None)``
@@ -153,38 +191,38 @@ def gradcraft(tau: float = 0.5, eps: float = 0.0, norm_decay: float = 0.0, *,
   check_hyperparameter("eps", eps, low=0.0, method="gradcraft")
   check_hyperparameter("norm_decay", norm_decay, low=0.0, high=1.0,
                        high_open=True, method="gradcraft")
-  if not isinstance(norm_decay, (int, float)):
-    raise ValueError("gradcraft: norm_decay must be a Python float (it "
-                     "decides the state's structure)")
-  if num_tasks is not None and (not isinstance(num_tasks, int)
-                                or num_tasks < 1):
-    raise ValueError(f"gradcraft: num_tasks must be a positive int, got "
-                     f"{num_tasks!r}")
-
-  if norm_decay == 0.0:
-    def weights_fn(gram, state, losses, extra_args):
-      del losses, extra_args
-      return gradcraft_weights(gram, tau=tau, eps=eps), state
-
-    return from_weighting(empty_init, weights_fn, name="gradcraft",
-                          expected_tasks=num_tasks)
-
-  if num_tasks is None:
+  if num_tasks is not None:
+    check_hyperparameter("num_tasks", num_tasks, low=1, method="gradcraft")
+  # The state's structure is decided in init, where every hyperparameter is
+  # concrete (also under optax.inject_hyperparams); update follows the state.
+  averaged = not (is_concrete_number(norm_decay) and float(norm_decay) == 0)
+  if averaged and is_concrete_number(norm_decay) and num_tasks is None:
     raise ValueError("gradcraft: norm_decay > 0 keeps T averaged norms in "
                      "the state; pass num_tasks=T")
 
   def init_fn(params):
+    if not averaged:
+      return optax.EmptyState()
+    if not is_concrete_number(num_tasks):
+      raise ValueError("gradcraft: norm_decay > 0 needs a concrete "
+                       f"num_tasks, got {num_tasks!r}")
     dtype = jnp.result_type(jnp.float32, *[
         jnp.result_type(x) for x in jax.tree_util.tree_leaves(params)])
-    return GradCraftState(norm_ema=jnp.zeros((num_tasks,), dtype))
+    return GradCraftState(norm_ema=jnp.zeros((int(num_tasks),), dtype))
 
-  def ema_weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, extra_args):
     del losses, extra_args
+    if not isinstance(state, GradCraftState):
+      return gradcraft_weights(gram, tau=tau, eps=eps), state
+    if state.norm_ema.shape[0] != gram.shape[0]:
+      raise ValueError(
+          f"gradcraft: built for num_tasks={state.norm_ema.shape[0]} but the "
+          f"stacked gradients have {gram.shape[0]} tasks on their leading "
+          "axis")
     norms = jnp.sqrt(jnp.clip(jnp.diagonal(gram), 0.0))
     ema = (norm_decay * state.norm_ema.astype(gram.dtype)
            + (1.0 - norm_decay) * norms)
     w = gradcraft_weights(gram, tau=tau, eps=eps, norms=ema)
     return w, GradCraftState(norm_ema=ema.astype(state.norm_ema.dtype))
 
-  return from_weighting(init_fn, ema_weights_fn, name="gradcraft",
-                        expected_tasks=num_tasks)
+  return from_weighting(init_fn, weights_fn, name="gradcraft")
