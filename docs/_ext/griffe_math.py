@@ -10,6 +10,8 @@ source files are untouched):
 * ``:func:`f``` and the other Sphinx roles -> ```f``` (inline code);
 * doctest blocks (``>>>`` lines and their output) -> ```` ```pycon ```` fences
   (Markdown would read ``>>>`` as nested block quotes);
+* ``a, b, c: description`` items of an ``Args:`` section -> one item per
+  name (Google style documents one parameter per item);
 * ``text::`` + indented literal block -> ``text:`` + a ```` ```python ```` fence.
 """
 
@@ -20,6 +22,7 @@ import re
 import griffe
 
 _MATH_ROLE = re.compile(r":math:`([^`]*)`", re.DOTALL)
+_MULTI_ARG = re.compile(r"^(\s+)(\*{0,2}\w+(?:,\s*\*{0,2}\w+)+):\s(.*)$")
 _XREF_ROLE = re.compile(
     r":(?:py:)?(?:func|class|meth|mod|attr|data|obj|exc|const|ref)"
     r":`~?([^`]*)`")
@@ -47,10 +50,21 @@ def rst_to_markdown(text: str) -> str:
   lines = text.splitlines()
   out: list[str] = []
   i = 0
+  section = ""
   while i < len(lines):
     line = lines[i]
     stripped = line.strip()
     ind = " " * _indent(line)
+    if _indent(line) == 0 and stripped.endswith(":"):
+      section = stripped
+    elif _indent(line) == 0 and stripped:
+      section = ""
+    m = _MULTI_ARG.match(line)
+    if section in ("Args:", "Arguments:", "Parameters:") and m:
+      names = [n.strip() for n in m.group(2).split(",")]
+      out += [f"{m.group(1)}{n}: {m.group(3)}" for n in names]
+      i += 1
+      continue
     if stripped.startswith(".. math::"):
       first = stripped[len(".. math::"):].strip()
       end = _block(lines, i + 1, _indent(line))

@@ -24,7 +24,9 @@ from mkdocs.structure.files import File
 
 log = logging.getLogger("mkdocs.hooks.gradcraft_jax")
 
-_NOTEBOOKS = {"notebooks/quickstart.ipynb": "examples/notebooks/quickstart.ipynb"}
+# site path -> (source folder relative to the repository root): the notebook
+# examples/notebooks/quickstart.ipynb appears as notebooks/quickstart.ipynb.
+_NOTEBOOKS = {"notebooks/quickstart.ipynb": "examples"}
 _SNIPPET = re.compile(r'^(\s*)--8<--\s+"([^"]+)"\s*$', re.MULTILINE)
 _IMAGE = re.compile(r"!\[([^\]]*)\]\((benchmarks/[^)\s]+)\)")
 
@@ -32,12 +34,15 @@ _IMAGE = re.compile(r"!\[([^\]]*)\]\((benchmarks/[^)\s]+)\)")
 @event_priority(100)  # before mkdocs-jupyter wraps .ipynb files
 def on_files(files, config):
   root = os.path.dirname(config.config_file_path)
-  for dest, src in _NOTEBOOKS.items():
-    path = os.path.join(root, src)
-    if os.path.isfile(path):
-      files.append(File.generated(config, dest, abs_src_path=path))
+  for uri, folder in _NOTEBOOKS.items():
+    src_dir = os.path.join(root, folder)
+    if os.path.isfile(os.path.join(src_dir, uri)):
+      # A real File (not File.generated) so that mkdocs-jupyter's wrapper
+      # sees its abs_src_path.
+      files.append(File(uri, src_dir=src_dir, dest_dir=config.site_dir,
+                        use_directory_urls=config.use_directory_urls))
     else:
-      log.info("quickstart notebook %s not found", src)
+      log.info("notebook %s/%s not found", folder, uri)
   return files
 
 
@@ -72,8 +77,9 @@ def on_page_markdown(markdown, page, config, files):
 # ``<!-- api: gradcraft_jax -->`` in a page expands to one mkdocstrings block
 # per name in that package's ``__all__``, grouped by the module that defines
 # it (read from the ``from module import name`` lines of its ``__init__.py``
-# with ``ast``, without importing anything), so the reference always covers
-# exactly the public API.
+# with ``ast``, without importing anything, following re-exports), so the
+# reference always covers exactly the public API. A name already rendered by
+# an earlier marker on the page is skipped.
 
 
 
@@ -96,12 +102,43 @@ def _public_api(root: str, package: str) -> list[tuple[str, list[str]]]:
   groups: dict[str, list[str]] = {}
   for name in names:
     path = source.get(name)
+    if path is not None:
+      path = _defining_path(root, path)
     if path is None:
       log.warning("%s.__all__ lists %r but no 'from ... import %s' line "
                   "defines it", package, name, name)
       path = f"{package}.{name}"
     groups.setdefault(path.rsplit(".", 1)[0], []).append(path)
   return list(groups.items())
+
+
+def _imports(root: str, module: str) -> dict[str, str] | None:
+  """``name -> module.name`` for the ``from module import name`` lines of a
+  package's ``__init__.py``; None if ``module`` is not a package."""
+  init = os.path.join(root, *module.split("."), "__init__.py")
+  if not os.path.isfile(init):
+    return None
+  with open(init, encoding="utf-8") as f:
+    tree = ast.parse(f.read())
+  out = {}
+  for node in tree.body:
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      for alias in node.names:
+        out[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+  return out
+
+
+def _defining_path(root: str, path: str) -> str:
+  """Follows re-exports through packages' ``__init__.py`` to the module that
+  defines the name (``gradcraft_jax.methods.dwa`` -> ``...methods.dwa.dwa``:
+  in a package, a function may share its name with a submodule)."""
+  for _ in range(10):
+    module, name = path.rsplit(".", 1)
+    imports = _imports(root, module)
+    if imports is None or name not in imports:
+      return path
+    path = imports[name]
+  return path
 
 
 def _module_summary(root: str, module: str) -> str:
@@ -116,9 +153,13 @@ def _module_summary(root: str, module: str) -> str:
   return doc.strip().split("\n\n")[0].replace("\n", " ")
 
 
-def _api_markdown(root: str, package: str) -> str:
+def _api_markdown(root: str, package: str, seen: set[str]) -> str:
   out = []
   for module, paths in _public_api(root, package):
+    paths = [p for p in paths if p not in seen]  # listed by an earlier marker
+    seen.update(paths)
+    if not paths:
+      continue
     out.append(f"## `{module}`\n")
     summary = _module_summary(root, module)
     if summary:
@@ -130,4 +171,5 @@ def _api_markdown(root: str, package: str) -> str:
 
 def _expand_api(markdown: str, config) -> str:
   root = os.path.dirname(config.config_file_path)
-  return _API.sub(lambda m: _api_markdown(root, m.group(1)), markdown)
+  seen: set[str] = set()
+  return _API.sub(lambda m: _api_markdown(root, m.group(1), seen), markdown)
