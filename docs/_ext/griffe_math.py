@@ -12,6 +12,8 @@ source files are untouched):
   (Markdown would read ``>>>`` as nested block quotes);
 * ``a, b, c: description`` items of an ``Args:`` section -> one item per
   name (Google style documents one parameter per item);
+* list-item continuation lines re-indented from the reST text column to
+  Markdown's 4 spaces;
 * ``text::`` + indented literal block -> ``text:`` + a ```` ```python ```` fence.
 """
 
@@ -46,8 +48,34 @@ def _block(lines: list[str], start: int, base: int) -> int:
   return end
 
 
+_LIST_ITEM = re.compile(r"^(\s*)(\d+\.|[*+-])\s+\S")
+
+
+def _reindent_list_items(lines: list[str]) -> list[str]:
+  """reST continues a list item at its text column ("1. " -> 3 spaces);
+  Markdown wants 4 spaces beyond the marker's indentation."""
+  out = []
+  base = col = None
+  for line in lines:
+    m = _LIST_ITEM.match(line)
+    ind = _indent(line)
+    if m:
+      if base is not None and out and out[-1].strip():
+        out.append("")  # else Markdown reads the item as lazy continuation
+      base, col = len(m.group(1)), len(m.group(1)) + len(m.group(2)) + 1
+      out.append(line)
+      continue
+    if base is not None and line.strip():
+      if ind >= col:
+        line = " " * (ind - col + base + 4) + line.lstrip()
+      elif ind <= base:
+        base = col = None
+    out.append(line)
+  return out
+
+
 def rst_to_markdown(text: str) -> str:
-  lines = text.splitlines()
+  lines = _reindent_list_items(text.splitlines())
   out: list[str] = []
   i = 0
   section = ""
@@ -66,6 +94,9 @@ def rst_to_markdown(text: str) -> str:
       i += 1
       continue
     if stripped.startswith(".. math::"):
+      # Markdown continues a list item with 4 spaces (reST: the item's text
+      # column, e.g. 3 for "1. "): round the indentation up.
+      ind = " " * (-(-len(ind) // 4) * 4)
       first = stripped[len(".. math::"):].strip()
       end = _block(lines, i + 1, _indent(line))
       body = ([first] if first else []) + [
