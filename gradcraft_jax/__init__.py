@@ -10,6 +10,7 @@ combined update, so it can be chained in front of any optax optimizer::
 """
 
 from gradcraft_jax._stacked import gram_matrix, num_tasks, weighted_sum
+from gradcraft_jax.diagnostics import GradientStats, conflict_counts, cosines_from_gram, gradient_cosines, gradient_stats  # diagnostics
 from gradcraft_jax.gradcraft import GradCraftState, gradcraft, gradcraft_weights
 from gradcraft_jax.nmt import NMTState, nmt, nmt_loss, nmt_update_multipliers, nmt_weights
 from gradcraft_jax.per_task import per_task_value_and_grad
@@ -30,4 +31,5 @@ __all__ = [
     "weighted_sum",
     "NMTState", "nmt", "nmt_loss", "nmt_update_multipliers", "nmt_weights",
     "PrioritizedResult", "StageHistory", "train_prioritized",
+    "GradientStats", "conflict_counts", "cosines_from_gram", "gradient_cosines", "gradient_stats",  # diagnostics
 ]
