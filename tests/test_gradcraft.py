@@ -262,6 +262,16 @@ def test_multisteps_accumulates_then_applies():
 
 # ------------------------------------------------------------------ properties
 
+PAD_WIDTH = 40
+_coefficients = jax.jit(gj.gradcraft_coefficients)
+
+
+@jax.jit
+def _update(stacked, tau, eps):
+  tx = gj.gradcraft(tau, eps)   # traced hyperparameters: compiled once
+  return tx.update(stacked, tx.init(None))[0]
+
+
 def conflicting_matrices(min_t=2, max_t=8):
   @st.composite
   def build(draw):
@@ -272,14 +282,15 @@ def conflicting_matrices(min_t=2, max_t=8):
     rank = draw(st.integers(2, t + 1))
     flat = rng.standard_normal((t, rank)) @ rng.standard_normal((rank, d))
     flat *= 10.0 ** rng.uniform(-2, 2, size=(t, 1))
-    return flat
+    # zero-pad to a fixed width: inner products are unchanged and the jitted
+    # functions compile once per T only
+    return np.pad(flat, ((0, 0), (0, PAD_WIDTH - d)))
   return build()
 
 
 def tilde_from_coefficients(flat, tau, eps):
   k = gj.gram_matrix({"g": jnp.asarray(flat)})
-  s, w = (np.asarray(x) for x in gj.gradcraft_coefficients(k, tau=tau,
-                                                           eps=eps))
+  s, w = (np.asarray(x) for x in _coefficients(k, tau=tau, eps=eps))
   g_hat = s[:, None] * flat
   return g_hat, g_hat + w @ g_hat
 
@@ -327,10 +338,10 @@ def test_single_conflict_reduces_to_pcgrad(seed, d, tau):
   g1 *= 10 ** rng.uniform(-2, 2)
   if abs(g0 @ g1) < 1e-6 * np.linalg.norm(g0) * np.linalg.norm(g1):
     return
-  flat = np.stack([g0, g1])
+  flat = np.pad(np.stack([g0, g1]), ((0, 0), (0, PAD_WIDTH - d)))
   with jax.enable_x64(True):
     g_hat, g_tilde = tilde_from_coefficients(flat, tau, 0.0)
-    update, _ = run(gj.gradcraft(tau, 0.0), {"g": jnp.asarray(flat)})
+    update = _update({"g": jnp.asarray(flat)}, tau, 0.0)
   pc = [g_hat[i] - (g_hat[i] @ g_hat[1 - i]) / (g_hat[1 - i] @ g_hat[1 - i])
         * g_hat[1 - i] for i in range(2)]
   np.testing.assert_allclose(g_tilde, np.stack(pc), rtol=1e-8,
