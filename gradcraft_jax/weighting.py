@@ -97,7 +97,10 @@ def from_weighting(
     needs_losses: whether ``update`` requires the keyword ``task_losses``.
     needs_gram: whether ``weights_fn`` reads the Gram matrix.
     expected_tasks: if given, the task count the state was built for;
-      updates with another ``T`` raise ``ValueError``.
+      updates with another ``T`` raise ``ValueError``. Stateful methods
+      should read ``num_tasks`` only in ``init_fn`` (where it is concrete,
+      also under ``optax.inject_hyperparams``) and take shapes from the state
+      in ``weights_fn``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -109,7 +112,10 @@ def from_weighting(
                 **extra_args):
     del params
     t = num_tasks(updates)
-    if expected_tasks is not None and t != expected_tasks:
+    # under optax.inject_hyperparams an int num_tasks arrives traced in
+    # update; the state's shapes still carry it, so only check concrete ones
+    if (expected_tasks is not None and is_concrete_number(expected_tasks)
+        and t != int(expected_tasks)):
       raise ValueError(
           f"{name}: built for num_tasks={expected_tasks} but the stacked "
           f"gradients have {t} tasks on their leading axis")
