@@ -93,9 +93,15 @@ def _block_size(t: int) -> int:
 
 
 def _self_gram(x: jax.Array, acc_dtype) -> jax.Array:
-  """``(T, m) -> (T, T)`` in ``acc_dtype`` (the cast applies to ``x`` only,
-  which is a cache-sized block in the blocked path)."""
-  x = x.astype(acc_dtype)
+  """``(T, m) -> (T, T)`` accumulated in ``acc_dtype``.
+
+  16-bit float inputs are contracted as they are with
+  ``preferred_element_type=acc_dtype`` (float32 products and sums, no
+  float32 copy of ``x``); other inputs are cast first (a no-op for float32).
+  """
+  if not (jnp.issubdtype(x.dtype, jnp.floating)
+          and jnp.dtype(x.dtype).itemsize == 2):
+    x = x.astype(acc_dtype)
   return jax.lax.dot_general(x, x, (((1,), (1,)), ((), ())),
                              precision=jax.lax.Precision.HIGHEST,
                              preferred_element_type=acc_dtype)
@@ -106,11 +112,10 @@ def _leaf_gram_blocked(flat: jax.Array, acc_dtype) -> jax.Array:
 
   XLA:CPU runs a ``(T, n) @ (n, T)`` product with tiny ``T`` and huge ``n``
   far below memory bandwidth (about 15x a streaming pass over the leaf at
-  ``T = 6``), and casting a bf16 leaf to float32 first would materialise a
-  float32 copy. A ``fori_loop`` over cache-sized ``(T, B)`` column blocks
-  reads the leaf once, casts one block at a time and runs each small
-  product from L2 cache (about 2-4x a streaming pass at ``T = 6``,
-  compute-bound: ``T^2`` multiply-adds per column).
+  ``T = 6``). A ``fori_loop`` over cache-sized ``(T, B)`` column blocks
+  reads the leaf once and runs each small product from L2 cache (about
+  2-4x a streaming pass at ``T = 6``; compute-bound: ``T^2`` multiply-adds
+  per column). Used for leaves already in ``acc_dtype`` only.
   """
   t, n = flat.shape
   bs = _block_size(t)
@@ -143,7 +148,10 @@ def _leaf_gram(leaf: jax.Array, acc_dtype) -> jax.Array:
   """
   t = leaf.shape[0]
   flat = leaf.reshape(t, -1)
-  if flat.shape[1] <= _block_size(t) or jax.device_count() > 1:
+  if (flat.shape[1] <= _block_size(t) or jax.device_count() > 1
+      or flat.dtype != acc_dtype):
+    # 16-bit leaves: XLA:CPU would widen a 16-bit loop operand to a float32
+    # copy of the whole leaf, so they always take the single contraction.
     return _self_gram(flat, acc_dtype)
   return jax.lax.platform_dependent(
       flat,
