@@ -1,0 +1,23 @@
+"""Smoke runs of the benchmark scripts with ``--quick`` (in a subprocess)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["bench_gradcraft.py", "bench_scaling.py", "bench_representation.py"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_quick(script):
+  path = os.path.join(ROOT, "benchmarks", script)
+  if not os.path.exists(path):
+    pytest.skip(f"{script} not present")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, path, "--quick"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "|" in proc.stdout  # printed a Markdown table
