@@ -600,6 +600,7 @@ def plot_curves(results, task_names, path, window):
   import matplotlib.pyplot as plt
   T = len(task_names)
   fig, axes = plt.subplots(1, T, figsize=(5 * T, 4))
+  styles = dict(zip(CURVE_METHODS, ("-", "--", "-.", ":")))
   for name in CURVE_METHODS:
     runs = results.get(name)
     if not isinstance(runs, dict) or 0 not in runs or runs[0].losses is None:
@@ -608,7 +609,8 @@ def plot_curves(results, task_names, path, window):
     sm = _smooth(r.losses, window)
     x = np.arange(len(sm)) + (len(r.losses) - len(sm)) + 1
     for t in range(T):
-      line, = axes[t].plot(x, sm[:, t], label=name, lw=1.2)
+      line, = axes[t].plot(x, sm[:, t], label=name, lw=1.2,
+                           ls=styles[name])
       if r.best_step:
         axes[t].axvline(r.best_step, color=line.get_color(), ls=":", lw=0.8)
   for t in range(T):
@@ -797,7 +799,7 @@ def main(argv=None):
       cells = []
       for eps in GRID_EPS:
         g = next(x for x in grid_rows if x["tau"] == tau and x["eps"] == eps)
-        c = f"{g['val_AV-A']:.4f}" if np.isfinite(g["val_AV-A"]) else \
+        c = f"{g['val_AV-A']:.5f}" if np.isfinite(g["val_AV-A"]) else \
             g["status"]
         if g["tau"] == chosen["tau"] and g["eps"] == chosen["eps"]:
           c = f"**{c}**"
