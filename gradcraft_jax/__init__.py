@@ -13,6 +13,7 @@ from gradcraft_jax._stacked import gram_matrix, num_tasks, weighted_sum
 from gradcraft_jax.diagnostics import GradientStats, conflict_counts, cosines_from_gram, gradient_cosines, gradient_stats  # diagnostics
 from gradcraft_jax.gradcraft import GradCraftState, gradcraft, gradcraft_weights
 from gradcraft_jax.nmt import NMTState, nmt, nmt_loss, nmt_update_multipliers, nmt_weights
+from gradcraft_jax.methods import (dwa, gradvac, imtl, imtl_g, mean, mgda, pcgrad, pcgrad_plus, uncertainty_weighting)  # part A
 from gradcraft_jax.per_task import per_task_value_and_grad
 from gradcraft_jax.stages import PrioritizedResult, StageHistory, train_prioritized
 from gradcraft_jax.weighting import from_weighting, pinv_psd
@@ -29,6 +30,7 @@ __all__ = [
     "per_task_value_and_grad",
     "pinv_psd",
     "weighted_sum",
+    "dwa", "gradvac", "imtl", "imtl_g", "mean", "mgda", "pcgrad", "pcgrad_plus", "uncertainty_weighting",
     "NMTState", "nmt", "nmt_loss", "nmt_update_multipliers", "nmt_weights",
     "PrioritizedResult", "StageHistory", "train_prioritized",
     "GradientStats", "conflict_counts", "cosines_from_gram", "gradient_cosines", "gradient_stats",  # diagnostics
