@@ -860,8 +860,10 @@ def main(argv=None):
             f"test AUC at the best validation checkpoint (mean ± std over "
             f"seeds). AV-A: mean AUC over tasks; RI-A: mean over tasks of "
             f"(AUC - AUC_single) / AUC_single, in %. Bold: best multi-task "
-            f"method per column. GradCraft: tau={chosen['tau']}, "
-            f"eps={chosen['eps']} (chosen on validation).\n\n")
+            f"method per column."
+            + (f" GradCraft: tau={chosen['tau']}, eps={chosen['eps']} ("
+               + ("chosen on validation" if grid_rows else "fixed, no grid")
+               + ")." if "gradcraft" in cfg.methods else "") + "\n\n")
   print("\n" + header + md)
   print(f"wall time {wall:.1f} s on {jax.devices()[0].platform}")
   with open(os.path.join(args.out, "table.md"), "w") as f:
