@@ -16,6 +16,7 @@ from gradcraft_jax.nmt import NMTState, nmt, nmt_loss, nmt_update_multipliers, n
 from gradcraft_jax.methods import (dwa, gradvac, imtl, imtl_g, mean, mgda, pcgrad, pcgrad_plus, uncertainty_weighting)  # part A
 from gradcraft_jax.per_task import per_task_value_and_grad
 from gradcraft_jax.stages import PrioritizedResult, StageHistory, train_prioritized
+from gradcraft_jax.methods import (aligned_mtl, cagrad, dbmtl, nash_mtl, upgrad)  # part B
 from gradcraft_jax.weighting import from_weighting, pinv_psd
 
 __version__ = "0.1.0"
@@ -34,4 +35,5 @@ __all__ = [
     "NMTState", "nmt", "nmt_loss", "nmt_update_multipliers", "nmt_weights",
     "PrioritizedResult", "StageHistory", "train_prioritized",
     "GradientStats", "conflict_counts", "cosines_from_gram", "gradient_cosines", "gradient_stats",  # diagnostics
+    "aligned_mtl", "cagrad", "dbmtl", "nash_mtl", "upgrad",  # part B
 ]

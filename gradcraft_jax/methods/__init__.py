@@ -17,6 +17,14 @@ from gradcraft_jax.methods.uncertainty import (UncertaintyWeightingState,
                                                uncertainty_weighting,
                                                uncertainty_weights)
 # Part B.
+from gradcraft_jax.methods.aligned_mtl import (aligned_mtl,
+                                               aligned_mtl_balance,
+                                               aligned_mtl_weights)
+from gradcraft_jax.methods.cagrad import cagrad, cagrad_weights
+from gradcraft_jax.methods.dbmtl import DBMTLState, dbmtl, dbmtl_weights
+from gradcraft_jax.methods.nash_mtl import nash_mtl, nash_mtl_weights
+from gradcraft_jax.methods.upgrad import (dual_cone_weights, upgrad,
+                                          upgrad_weights)
 
 __all__ = [
     # Part A.
@@ -27,4 +35,7 @@ __all__ = [
     "pcgrad_plus_weights", "pcgrad_weights", "uncertainty_weighting",
     "uncertainty_weights",
     # Part B.
+    "DBMTLState", "aligned_mtl", "aligned_mtl_balance", "aligned_mtl_weights",
+    "cagrad", "cagrad_weights", "dbmtl", "dbmtl_weights", "dual_cone_weights",
+    "nash_mtl", "nash_mtl_weights", "upgrad", "upgrad_weights",
 ]
