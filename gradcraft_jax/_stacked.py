@@ -133,6 +133,22 @@ def _leaf_gram_blocked(flat: jax.Array, acc_dtype) -> jax.Array:
   return out
 
 
+def _explicit_replicated(x: jax.Array):
+  """A replicated ``NamedSharding`` on ``x``'s mesh when ``x`` carries an
+  explicit sharding (a mesh with ``AxisType.Explicit`` axes, the default of
+  ``jax.make_mesh``); ``None`` otherwise (Auto/Manual meshes, no mesh)."""
+  try:
+    sharding = jax.typeof(x).sharding
+  except (AttributeError, TypeError):
+    return None
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or getattr(mesh, "empty", True):
+    return None
+  if not getattr(mesh, "explicit_axes", ()):
+    return None
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def _leaf_gram(leaf: jax.Array, acc_dtype) -> jax.Array:
   """``(T, ...)`` leaf -> ``(T, T)`` Gram block in ``acc_dtype``.
 
@@ -147,6 +163,21 @@ def _leaf_gram(leaf: jax.Array, acc_dtype) -> jax.Array:
   the process's device count, never from data.
   """
   t = leaf.shape[0]
+  replicated = _explicit_replicated(leaf)
+  if replicated is not None:
+    # Explicit sharding (``jax.make_mesh`` default axis types): contract
+    # every non-task axis in place (no reshape of sharded axes) and ask for
+    # a replicated ``T x T`` result, i.e. local products plus one
+    # all-reduce of ``T x T``.
+    x = leaf
+    if not (jnp.issubdtype(x.dtype, jnp.floating)
+            and jnp.dtype(x.dtype).itemsize == 2):
+      x = x.astype(acc_dtype)
+    axes = tuple(range(1, x.ndim))
+    return jax.lax.dot_general(x, x, ((axes, axes), ((), ())),
+                               precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=acc_dtype,
+                               out_sharding=replicated)
   flat = leaf.reshape(t, -1)
   if (flat.shape[1] <= _block_size(t) or jax.device_count() > 1
       or flat.dtype != acc_dtype):

@@ -1,21 +1,42 @@
-"""Sharded-update check, run in a subprocess with 8 simulated CPU devices.
+"""Sharded-update checks, run in a subprocess with 8 simulated CPU devices.
 
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before
 JAX initialises, so ``tests/test_sharding.py`` runs this file with
-``python tests/_sharded_check.py`` in a fresh interpreter. For every
-multi-task transform exported by ``gradcraft_jax`` (discovered at run time),
-with parameters sharded ``P('fsdp')`` and stacked gradients
-``P(None, 'fsdp')`` over an 8-device mesh, it checks that
+``python tests/_sharded_check.py [case ...]`` in a fresh interpreter. Every
+multi-task transform exported by ``gradcraft_jax`` (discovered at run time:
+any public factory that builds an ``optax.GradientTransformation`` from
+keyword defaults plus ``num_tasks`` / ``targets`` / ``lagrange_lr``) is
+checked in these cases:
 
-* the jitted update equals the single-device result (allclose);
-* the update keeps the parameters' sharding;
-* no collective in the compiled HLO moves anything larger than ``T x T``
-  (only the Gram matrix and scalars cross devices).
+``fsdp``
+  Parameters ``P('fsdp')``, stacked gradients ``P(None, 'fsdp')`` over an
+  8-device ``Mesh`` with Auto axes: the jitted update equals the
+  single-device result, keeps the parameters' sharding, and no collective in
+  the compiled HLO moves more than ``T x T`` elements.
+``explicit``
+  The same on ``jax.make_mesh((8,), ('fsdp',))``, whose axes are
+  ``AxisType.Explicit`` by default in JAX 0.10.
+``data``
+  Data parallel: the batch sharded over ``'data'``, parameters replicated;
+  one jitted step computes the per-task losses and gradients with
+  ``per_task_value_and_grad`` and applies ``optax.chain(transform,
+  optax.adam)``; three steps equal the single-device steps. Run on an Auto
+  mesh (every transform) and on an Explicit (``jax.make_mesh``) mesh (the
+  ``EXPLICIT_TRAINING`` subset) under ``jax.set_mesh``.
+``2d``
+  A ``('data', 'fsdp')`` mesh of 2 x 4: batch over ``'data'``, parameters
+  (and so gradients and Adam moments) over ``'fsdp'``; the same three-step
+  comparison, Auto axes for every transform and Explicit axes for a
+  subset (``EXPLICIT_TRAINING``) (the model gathers each weight with
+  ``jax.sharding.reshard`` before use, the FSDP pattern for explicit axes);
+  the parameters keep their sharding.
 
-Prints one ``OK name`` / ``SKIP name: why`` line per transform and exits
-non-zero on any failure.
+Every update gets ``task_losses=`` (methods that do not need them ignore
+them). Prints ``OK case name`` / ``SKIP name: why`` lines and exits non-zero
+on any failure.
 """
 
+import inspect
 import os
 import re
 import sys
@@ -27,7 +48,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 import gradcraft_jax
 
@@ -35,22 +56,49 @@ T = 4
 COLLECTIVE = re.compile(
     r"= (\S+?) (all-reduce|all-gather|reduce-scatter|collective-permute|"
     r"all-to-all)(?:-start)?\(")
-# Candidate factories with extra construction kwargs (num_tasks is added
-# when the factory accepts it).
-CANDIDATES = ["gradcraft", "mean", "mgda", "pcgrad", "pcgrad_plus", "gradvac",
-              "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "dbmtl",
-              "uncertainty_weighting", "uncertainty", "dwa", "imtl", "nmt"]
+# Values for required factory arguments.
+FILL = {"num_tasks": T, "targets": [0.5] * (T - 1), "lagrange_lr": 0.1,
+        "lagrange_clip": 10.0}
+# Explicit-axes training runs use these (every transform is checked on
+# explicit axes by the ``explicit`` update case; compiles are slow on CPU).
+EXPLICIT_TRAINING = ("gradcraft", "mean", "nmt", "dbmtl", "upgrad",
+                     "uncertainty_weighting")
 
 
-def _build(factory):
-  for kwargs in ({}, {"num_tasks": T}):
+def discover_transforms():
+  """``{name: transform}`` for every public factory in gradcraft_jax."""
+  names = list(getattr(gradcraft_jax, "__all__", ()))
+  methods = getattr(gradcraft_jax, "methods", None)
+  names += [n for n in getattr(methods, "__all__", ()) if n not in names]
+  out = {}
+  for name in names:
+    obj = getattr(gradcraft_jax, name, None) or getattr(methods, name, None)
+    if (obj is None or inspect.isclass(obj) or not callable(obj)
+        or name in ("from_weighting", "train_prioritized")):
+      continue
     try:
-      tx = factory(**kwargs)
+      sig = inspect.signature(obj)
     except (TypeError, ValueError):
       continue
+    kwargs = {}
+    ok = True
+    for p in sig.parameters.values():
+      if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        continue
+      if p.name in FILL:
+        kwargs[p.name] = FILL[p.name]
+      elif p.default is p.empty:
+        ok = False
+        break
+    if not ok:
+      continue
+    try:
+      tx = obj(**kwargs)
+    except Exception:  # pylint: disable=broad-except
+      continue
     if isinstance(tx, optax.GradientTransformation):
-      return tx
-  return None
+      out[name] = tx
+  return out
 
 
 def _elements(shape_str):
@@ -64,9 +112,14 @@ def _elements(shape_str):
   return total
 
 
-def main():
-  assert jax.device_count() == 8, jax.devices()
-  mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+def _close(a, b, rtol=1e-4, atol=1e-5):
+  return all(np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+             for x, y in zip(jax.tree_util.tree_leaves(a),
+                             jax.tree_util.tree_leaves(b)))
+
+
+def check_update(transforms, mesh, label, failures):
+  """Transform alone on FSDP-sharded stacked gradients."""
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(64, 24)), jnp.float32),
             "b": jnp.asarray(rng.normal(size=(64,)), jnp.float32)}
@@ -76,56 +129,157 @@ def main():
   # A shared direction with conflicting signs so projections are active.
   grads["w"] = grads["w"].at[1].add(-2 * grads["w"][0])
   losses = jnp.asarray(rng.uniform(0.5, 2.0, size=(T,)), jnp.float32)
-  p_shard = jax.tree_util.tree_map(
-      lambda p: NamedSharding(mesh, P("fsdp")), params)
-  g_shard = jax.tree_util.tree_map(
-      lambda p: NamedSharding(mesh, P(None, "fsdp")), grads)
-  sparams = jax.device_put(params, p_shard)
-  sgrads = jax.device_put(grads, g_shard)
+  sparams = jax.device_put(params, NamedSharding(mesh, P("fsdp")))
+  sgrads = jax.device_put(grads, NamedSharding(mesh, P(None, "fsdp")))
   slosses = jax.device_put(losses, NamedSharding(mesh, P()))
 
-  failures = []
-  for name in CANDIDATES:
-    factory = getattr(gradcraft_jax, name, None)
-    if factory is None or not callable(factory):
-      continue
-    tx = _build(factory)
-    if tx is None:
-      print(f"SKIP {name}: could not construct")
-      continue
-
+  for name, tx in transforms.items():
     def step(g, p, l, tx=tx):
       state = tx.init(p)
       upd, _ = tx.update(g, state, p, task_losses=l)
       return upd
 
+    tag = f"{label} {name}"
     try:
       ref = jax.jit(step)(grads, params, losses)
-      fn = jax.jit(step, out_shardings=None)
+      fn = jax.jit(step)
       out = fn(sgrads, sparams, slosses)
       hlo = fn.lower(sgrads, sparams, slosses).compile().as_text()
     except Exception as e:  # pylint: disable=broad-except
-      failures.append(f"{name}: raised {type(e).__name__}: {e}")
+      failures.append(f"{tag}: raised {type(e).__name__}: {e}")
+      print(f"FAIL {tag}")
       continue
+    before = len(failures)
     for k in params:
       if not np.allclose(np.asarray(out[k]), np.asarray(ref[k]), rtol=1e-4,
                          atol=1e-5):
-        failures.append(f"{name}: sharded result differs on {k}")
+        failures.append(f"{tag}: sharded result differs on {k}")
       if not out[k].sharding.is_equivalent_to(sparams[k].sharding,
                                               params[k].ndim):
-        failures.append(f"{name}: output {k} has sharding "
+        failures.append(f"{tag}: output {k} has sharding "
                         f"{out[k].sharding}, params have "
                         f"{sparams[k].sharding}")
     big = [(op, shp) for shp, op in COLLECTIVE.findall(hlo)
            if _elements(shp) > T * T]
     if big:
-      failures.append(f"{name}: gradient-sized collectives {big}")
-    print(f"OK {name}" if not any(f.startswith(name + ":") for f in failures)
-          else f"FAIL {name}")
+      failures.append(f"{tag}: gradient-sized collectives {big}")
+    print(f"OK {tag}" if len(failures) == before else f"FAIL {tag}")
+
+
+def _gather(w):
+  """FSDP use of a weight: all-gather it when its axes are Explicit."""
+  mesh = jax.typeof(w).sharding.mesh
+  if not mesh.empty and mesh.explicit_axes:
+    return jax.sharding.reshard(w, P())
+  return w
+
+
+def _model_loss(params, batch):
+  """Shared bottom MLP + one linear head per task; (T,) MSE losses."""
+  h = jnp.tanh(batch["x"] @ _gather(params["w1"]) + _gather(params["b1"]))
+  preds = h @ _gather(params["heads"])                    # (B, T)
+  return jnp.mean((preds - batch["y"]) ** 2, axis=0)
+
+
+_REFERENCE = {}
+
+
+def check_training(transforms, mesh, label, param_spec, failures, steps=3):
+  """Full jitted steps: per-task grads + chain(transform, adam)."""
+  rng = np.random.default_rng(1)
+  batch_size, d, h = 32, 16, 32
+  params = {"w1": rng.normal(size=(d, h)) / np.sqrt(d),
+            "b1": np.zeros((h,)),
+            "heads": rng.normal(size=(h, T)) / np.sqrt(h)}
+  params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32),
+                                  params)
+  x = rng.normal(size=(batch_size, d))
+  y = np.stack([np.sin(x[:, 0]), -np.sin(x[:, 0]) + 0.1 * x[:, 1],
+                x[:, 2] ** 2, np.cos(x[:, 3])], axis=1)[:, :T]
+  batch = {"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(y, jnp.float32)}
+
+  def spec_for(a):
+    if param_spec is None or a.shape[0] % mesh.shape["fsdp"]:
+      return P()
+    return P(param_spec)
+
+  p_shard = jax.tree_util.tree_map(
+      lambda a: NamedSharding(mesh, spec_for(a)), params)
+  sparams = jax.device_put(params, p_shard)
+  sbatch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+  grad_fn = gradcraft_jax.per_task_value_and_grad(_model_loss)
+
+  for name, tx0 in transforms.items():
+    tx = optax.chain(tx0, optax.adam(1e-2))
+
+    def step(p, s, b, tx=tx):
+      losses, g = grad_fn(p, b)
+      upd, s = tx.update(g, s, p, task_losses=losses)
+      return optax.apply_updates(p, upd), s, losses
+
+    tag = f"{label} {name}"
+    try:
+      jstep = jax.jit(step)
+      if name not in _REFERENCE:  # single device, outside any mesh context
+        p, s = params, tx.init(params)
+        for _ in range(steps):
+          p, s, l = jstep(p, s, batch)
+        _REFERENCE[name] = p, l
+      p, l = _REFERENCE[name]
+      # Explicit axes need the mesh as context (jax.set_mesh), as in any
+      # explicit-sharding program; harmless for Auto axes.
+      with jax.set_mesh(mesh):
+        sp, ss = sparams, tx.init(sparams)
+        for _ in range(steps):
+          sp, ss, sl = jstep(sp, ss, sbatch)
+    except Exception as e:  # pylint: disable=broad-except
+      failures.append(f"{tag}: raised {type(e).__name__}: {e}")
+      print(f"FAIL {tag}")
+      continue
+    before = len(failures)
+    if not _close(sl, l):
+      failures.append(f"{tag}: losses differ {np.asarray(sl)} vs "
+                      f"{np.asarray(l)}")
+    if not _close(sp, p, rtol=1e-4, atol=1e-4):
+      failures.append(f"{tag}: sharded params differ from single device")
+    for k in params:
+      if not sp[k].sharding.is_equivalent_to(sparams[k].sharding,
+                                             params[k].ndim):
+        failures.append(f"{tag}: params {k} changed sharding to "
+                        f"{sp[k].sharding} from {sparams[k].sharding}")
+    print(f"OK {tag}" if len(failures) == before else f"FAIL {tag}")
+
+
+def main(cases):
+  assert jax.device_count() == 8, jax.devices()
+  transforms = discover_transforms()
+  print("transforms:", ", ".join(sorted(transforms)))
+  explicit_subset = {k: v for k, v in transforms.items()
+                     if k in EXPLICIT_TRAINING}
+  devs = np.array(jax.devices())
+  failures = []
+  if "fsdp" in cases:
+    mesh = Mesh(devs, ("fsdp",), axis_types=(AxisType.Auto,))
+    check_update(transforms, mesh, "fsdp", failures)
+  if "explicit" in cases:
+    mesh = jax.make_mesh((8,), ("fsdp",))  # default axis types: Explicit
+    assert mesh.axis_types == (AxisType.Explicit,), mesh.axis_types
+    check_update(transforms, mesh, "explicit", failures)
+  if "data" in cases:
+    mesh = Mesh(devs, ("data",), axis_types=(AxisType.Auto,))
+    check_training(transforms, mesh, "data", None, failures)
+    mesh = jax.make_mesh((8,), ("data",))
+    check_training(explicit_subset, mesh, "data-explicit", None, failures)
+  if "2d" in cases:
+    mesh = Mesh(devs.reshape(2, 4), ("data", "fsdp"),
+                axis_types=(AxisType.Auto,) * 2)
+    check_training(transforms, mesh, "2d", "fsdp", failures)
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+    check_training(explicit_subset, mesh, "2d-explicit", "fsdp", failures)
   for f in failures:
     print("FAILURE", f)
   return 1 if failures else 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(sys.argv[1:] or ["fsdp", "explicit", "data", "2d"]))
