@@ -166,8 +166,8 @@ def mgda(max_iters: int | None = None, *, num_tasks: int | None = None
   >>> import jax.numpy as jnp
   >>> tx = mgda()
   >>> upd, _ = tx.update({"w": jnp.array([[1., 0.], [0., 1.]])}, tx.init(None))
-  >>> upd["w"]
-  Array([0.5, 0.5], dtype=float32)
+  >>> [round(float(x), 5) for x in upd["w"]]
+  [0.5, 0.5]
   """
   if max_iters is not None and (not isinstance(max_iters, int)
                                 or max_iters < 1):
