@@ -225,4 +225,5 @@ def gradcraft(tau: float = 0.5, eps: float = 0.0, norm_decay: float = 0.0, *,
     w = gradcraft_weights(gram, tau=tau, eps=eps, norms=ema)
     return w, GradCraftState(norm_ema=ema.astype(state.norm_ema.dtype))
 
-  return from_weighting(init_fn, weights_fn, name="gradcraft")
+  return from_weighting(init_fn, weights_fn, name="gradcraft",
+                        expected_tasks=num_tasks)

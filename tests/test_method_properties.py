@@ -202,8 +202,6 @@ def test_jit_does_not_retrace(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_task_count_mismatch_raises(case):
   name, factory, needs_losses, _, _ = case
-  if name == "gradcraft":
-    pytest.xfail("gradcraft(num_tasks=...) only checks T when norm_decay > 0")
   tx = factory(3)
   state = tx.init(params_like())
   kw = {"task_losses": jnp.ones(4)} if needs_losses else {}
