@@ -18,10 +18,13 @@ from gradcraft_jax.per_task import per_task_value_and_grad
 from gradcraft_jax.stages import PrioritizedResult, StageHistory, train_prioritized
 from gradcraft_jax.methods import (aligned_mtl, cagrad, dbmtl, nash_mtl, upgrad)  # part B
 from gradcraft_jax.weighting import from_weighting, pinv_psd
+from gradcraft_jax.weighting import task_weights  # scale
+from gradcraft_jax.representation import representation_value_and_grad  # scale
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "representation_value_and_grad", "task_weights",  # scale
     "GradCraftState",
     "from_weighting",
     "gradcraft",

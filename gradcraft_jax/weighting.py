@@ -29,7 +29,7 @@ from gradcraft_jax._stacked import (accumulation_dtype, gram_matrix,
                                     weighted_sum)
 
 __all__ = ["from_weighting", "check_hyperparameter", "pinv_psd",
-           "WeightsFn", "empty_init"]
+           "WeightsFn", "empty_init", "task_weights"]
 
 WeightsFn = Callable[[Any, Any, Any, dict], tuple[jax.Array, Any]]
 
@@ -108,9 +108,9 @@ def from_weighting(
     ``sum_i w_i g_i`` (a pytree like the parameters, in the input dtypes).
   """
 
-  def update_fn(updates, state, params=None, *, task_losses=None,
-                **extra_args):
-    del params
+  def weights_of(updates, state, *, task_losses=None, **extra_args):
+    """``(stacked, state) -> (weights (T,), new_state)``: the weighting
+    alone (the update is ``weighted_sum(stacked, weights)``)."""
     t = num_tasks(updates)
     # under optax.inject_hyperparams an int num_tasks arrives traced in
     # update; the state's shapes still carry it, so only check concrete ones
@@ -133,10 +133,54 @@ def from_weighting(
             "to match the task axis of the stacked gradients")
       losses = losses.astype(accumulation_dtype(updates))
     gram = gram_matrix(updates) if needs_gram else None
-    weights, new_state = weights_fn(gram, state, losses, extra_args)
+    return weights_fn(gram, state, losses, extra_args)
+
+  def update_fn(updates, state, params=None, *, task_losses=None,
+                **extra_args):
+    del params
+    weights, new_state = weights_of(updates, state, task_losses=task_losses,
+                                    **extra_args)
     return weighted_sum(updates, weights), new_state
 
+  # The weighting stays reachable for reuse (see :func:`task_weights`).
+  update_fn.weights = weights_of
+  update_fn.method_name = name
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def task_weights(tx: optax.GradientTransformation, stacked: Any, state: Any,
+                 *, task_losses: Any = None,
+                 **extra_args) -> tuple[jax.Array, Any]:
+  """The task weights a transform built by :func:`from_weighting` would use.
+
+  Every such transform's update is ``sum_i w_i g_i``; this returns ``w``
+  (and the new state) without forming the weighted sum, e.g. to weight the
+  task losses of a single backward pass (see
+  :mod:`gradcraft_jax.representation`).
+
+  Args:
+    tx: a transform returned by :func:`from_weighting` (every method
+      factory of the library), not an ``optax.chain`` of it.
+    stacked: stacked per-task gradients (leading axis ``T``) of any pytree
+      structure: the weights depend on them only through their Gram matrix.
+    state: ``tx``'s state.
+    task_losses: ``(T,)`` losses, for methods that need them.
+    **extra_args: passed on like ``update``'s extra arguments.
+
+  Returns:
+    ``(weights, new_state)`` with ``weights`` of shape ``(T,)``.
+
+  Raises:
+    TypeError: if ``tx`` was not built by :func:`from_weighting`.
+  """
+  weights_of = getattr(getattr(tx, "update", None), "weights", None)
+  if weights_of is None:
+    raise TypeError(
+        "task_weights needs a transform built by gradcraft_jax."
+        "from_weighting (a method factory such as gradcraft() or mgda()), "
+        f"got {type(tx).__name__} whose update has no weighting; for an "
+        "optax.chain pass the multi-task transform itself")
+  return weights_of(stacked, state, task_losses=task_losses, **extra_args)
 
 
 def empty_init(params: Any) -> optax.EmptyState:
