@@ -135,7 +135,10 @@ def _polish(k, a, rho, w_barrier):
         & jnp.all(w >= -tol_w)
         & jnp.all(jnp.where(m > 0, jnp.abs(grad - nu), 0.0) <= 1e2 * tol)
         & jnp.all(jnp.where(m > 0, 0.0, nu - grad) <= tol)
-        & (jnp.abs(jnp.sum(w) - 1.0) <= 1e2 * tol_w))
+        & (jnp.abs(jnp.sum(w) - 1.0) <= 1e2 * tol_w)
+        # lambda = rho / ||g_w|| (fails if K_SS was singular in the way)
+        & (jnp.abs(lam * jnp.sqrt(jnp.clip(w @ k @ w, 0.0)) - rho)
+           <= 1e3 * jnp.finfo(dtype).eps * rho))
   return jnp.clip(w, 0.0), lam, ok
 
 
@@ -210,7 +213,17 @@ def cagrad(c: float = 0.4, *, rescale: bool = False, norm_eps: float = 1e-4,
   Scale convention: like torchjd's ``CAGrad`` the default returns ``d``
   itself; the official code and LibMTL (``rescale=1``) return
   :math:`d / (1 + c^2)`: pass ``rescale=True`` for that. ``c = 0`` is the
-  mean. For ``c < 1`` CAGrad converges to a Pareto-stationary point, but a
+  mean.
+
+  Accuracy (float32, measured against cvxpy/Clarabel in float64): ``d`` is
+  on the ball to ~1e-7 relative, and its worst improvement
+  :math:`\min_i\langle g_i, d\rangle` is within ``1e-3 ||g_0||^2`` of the
+  optimum for ``T <= 32`` (``2e-7`` for ``T = 2``); when the support of
+  ``w`` is identified the polish step makes it exact to rounding. The
+  minimiser ``w`` itself can be ill-determined (flat objective), so the
+  direction may differ more from another solver's than the value does.
+
+  For ``c < 1`` CAGrad converges to a Pareto-stationary point, but a
   single update is not guaranteed non-conflicting
   (:math:`\min_i\langle g_i, d\rangle` is maximised, not made
   non-negative).
