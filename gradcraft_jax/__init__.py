@@ -9,34 +9,47 @@ combined update, so it can be chained in front of any optax optimizer::
     updates, opt_state = tx.update(grads, opt_state, params)
 """
 
+from gradcraft_jax import datasets
+# The shared core: Gram matrix -> task weights -> weighted sum.
 from gradcraft_jax._stacked import gram_matrix, num_tasks, weighted_sum
-from gradcraft_jax.diagnostics import GradientStats, conflict_counts, cosines_from_gram, gradient_cosines, gradient_stats  # diagnostics
-from gradcraft_jax.gradcraft import GradCraftState, gradcraft, gradcraft_weights
-from gradcraft_jax.nmt import NMTState, nmt, nmt_loss, nmt_update_multipliers, nmt_weights
-from gradcraft_jax.methods import (dwa, gradvac, imtl, imtl_g, mean, mgda, pcgrad, pcgrad_plus, uncertainty_weighting)  # part A
+from gradcraft_jax.weighting import from_weighting, pinv_psd, task_weights
+# Per-task gradients, representation-level gradients, diagnostics.
 from gradcraft_jax.per_task import per_task_value_and_grad
-from gradcraft_jax.stages import PrioritizedResult, StageHistory, train_prioritized
-from gradcraft_jax.methods import (aligned_mtl, cagrad, dbmtl, nash_mtl, upgrad)  # part B
-from gradcraft_jax.weighting import from_weighting, pinv_psd
-from gradcraft_jax.weighting import task_weights  # scale
-from gradcraft_jax.representation import representation_value_and_grad  # scale
+from gradcraft_jax.representation import representation_value_and_grad
+from gradcraft_jax.diagnostics import (GradientStats, conflict_counts,
+                                       cosines_from_gram, gradient_cosines,
+                                       gradient_stats)
+# GradCraft and NMT.
+from gradcraft_jax.gradcraft import (GradCraftState, gradcraft,
+                                     gradcraft_coefficients,
+                                     gradcraft_weights)
+from gradcraft_jax.nmt import (NMTState, nmt, nmt_loss,
+                               nmt_update_multipliers, nmt_weights)
+from gradcraft_jax.stages import (PrioritizedResult, StageHistory,
+                                  train_prioritized)
+# The methods they are compared with.
+from gradcraft_jax.methods import (aligned_mtl, cagrad, dbmtl, dwa, gradvac,
+                                   imtl, imtl_g, mean, mgda, nash_mtl, pcgrad,
+                                   pcgrad_plus, uncertainty_weighting, upgrad)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "representation_value_and_grad", "task_weights",  # scale
-    "GradCraftState",
-    "from_weighting",
-    "gradcraft",
-    "gradcraft_weights",
-    "gram_matrix",
-    "num_tasks",
-    "per_task_value_and_grad",
-    "pinv_psd",
+    # core
+    "from_weighting", "gram_matrix", "num_tasks", "pinv_psd", "task_weights",
     "weighted_sum",
-    "dwa", "gradvac", "imtl", "imtl_g", "mean", "mgda", "pcgrad", "pcgrad_plus", "uncertainty_weighting",
+    # gradients and diagnostics
+    "per_task_value_and_grad", "representation_value_and_grad",
+    "GradientStats", "conflict_counts", "cosines_from_gram",
+    "gradient_cosines", "gradient_stats",
+    # GradCraft
+    "GradCraftState", "gradcraft", "gradcraft_coefficients",
+    "gradcraft_weights",
+    # NMT
     "NMTState", "nmt", "nmt_loss", "nmt_update_multipliers", "nmt_weights",
     "PrioritizedResult", "StageHistory", "train_prioritized",
-    "GradientStats", "conflict_counts", "cosines_from_gram", "gradient_cosines", "gradient_stats",  # diagnostics
-    "aligned_mtl", "cagrad", "dbmtl", "nash_mtl", "upgrad",  # part B
+    # comparison methods
+    "aligned_mtl", "cagrad", "dbmtl", "dwa", "gradvac", "imtl", "imtl_g",
+    "mean", "mgda", "nash_mtl", "pcgrad", "pcgrad_plus",
+    "uncertainty_weighting", "upgrad",
 ]
