@@ -184,8 +184,8 @@ def main(argv=None):
                  f"{g[0]/g[1]:.2f}x | {m[0]*1e3:.1f} | {m[0]/m[1]:.2f}x |")
   lines += ["", "Command: `python benchmarks/bench_scaling.py`  ",
             f"Date: {datetime.date.today().isoformat()}  ",
-            f"Machine: {platform.machine()}, {os.cpu_count()}-core CPU shared "
-            f"with other jobs, jax {jax.__version__} "
+            f"Machine: {platform.machine()}, {os.cpu_count()}-core CPU, "
+            f"jax {jax.__version__} "
             f"({jax.default_backend()}, {jax.device_count()} device(s))", ""]
   text = "\n".join(lines)
   print(text)
