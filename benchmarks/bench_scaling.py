@@ -211,6 +211,9 @@ def main(argv=None):
     ax.set_xlabel(xlabel)
     ax.set_ylabel("time per update (ms)")
     ax.legend()
+  t_values = [r[0] for r in vs_t]
+  axes[0].set_xticks(t_values, [str(t) for t in t_values])
+  axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   axes[0].set_title(f"{d_b:,} params/task")
   axes[1].set_title("T = 6")
   fig.tight_layout()
