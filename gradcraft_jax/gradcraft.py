@@ -6,15 +6,15 @@ Gradient Crafting", KDD 2024 (arXiv:2407.19682).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax._stacked import is_concrete_number
+from gradcraft_jax._stacked import accumulation_dtype, is_concrete_number
 from gradcraft_jax.weighting import (check_hyperparameter, from_weighting,
-                                     pinv_psd)
+                                     normalize_gram, pinv_psd)
 
 __all__ = ["gradcraft", "gradcraft_weights", "gradcraft_coefficients",
            "GradCraftState"]
@@ -82,9 +82,7 @@ def gradcraft_coefficients(gram: jax.Array, *, tau, eps,
   dtype = gram.dtype
   # W is invariant to a global scale of K: normalise so that the solve works
   # for gradients from 1e-12 to 1e12 alike.
-  diag = jnp.clip(jnp.diagonal(gram), 0.0)
-  top = jnp.max(diag)
-  k = gram / jnp.where(top > 0, top, 1.0)
+  k = normalize_gram(gram)
   raw_norms = jnp.sqrt(jnp.clip(jnp.diagonal(k), 0.0))
   n = raw_norms if norms is None else jnp.asarray(norms, dtype)
   s = _safe_scale(n, jnp.asarray(tau, dtype))
@@ -206,8 +204,7 @@ def gradcraft(tau: float = 0.5, eps: float = 0.0, norm_decay: float = 0.0, *,
     if not is_concrete_number(num_tasks):
       raise ValueError("gradcraft: norm_decay > 0 needs a concrete "
                        f"num_tasks, got {num_tasks!r}")
-    dtype = jnp.result_type(jnp.float32, *[
-        jnp.result_type(x) for x in jax.tree_util.tree_leaves(params)])
+    dtype = accumulation_dtype(params)
     return GradCraftState(norm_ema=jnp.zeros((int(num_tasks),), dtype))
 
   def weights_fn(gram, state, losses, extra_args):

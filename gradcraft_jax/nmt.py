@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradcraft_jax._stacked import is_concrete_number
+from gradcraft_jax._stacked import accumulation_dtype, is_concrete_number
 from gradcraft_jax.weighting import check_hyperparameter, from_weighting
 
 __all__ = ["nmt", "NMTState", "nmt_loss", "nmt_update_multipliers",
@@ -248,8 +248,7 @@ def nmt(targets: Sequence[float] | jax.Array, *, lagrange_lr,
                        high=high, method="nmt")
 
   def init_fn(params):
-    dtype = jnp.result_type(jnp.float32, *[
-        jnp.result_type(x) for x in jax.tree_util.tree_leaves(params)])
+    dtype = accumulation_dtype(params)
     lam = jnp.full((n_con,), init_multiplier, dtype)
     return NMTState(multipliers=lam, count=jnp.zeros([], jnp.int32))
 

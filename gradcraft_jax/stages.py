@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradcraft_jax._stacked import accumulation_dtype
 from gradcraft_jax.nmt import nmt, nmt_loss, nmt_update_multipliers
 from gradcraft_jax.per_task import per_task_value_and_grad
 
@@ -81,8 +82,7 @@ def _make_step(loss_fn, k, optimizer, targets, hp, use_nmt_loss):
     tgt = jnp.asarray(targets)
 
     def init(params):
-      dtype = jnp.result_type(jnp.float32, *[
-          jnp.result_type(x) for x in jax.tree_util.tree_leaves(params)])
+      dtype = accumulation_dtype(params)
       lam = jnp.full((k,), hp["init_multiplier"], dtype)
       return lam, optimizer.init(params)
 

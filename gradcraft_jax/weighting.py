@@ -29,6 +29,7 @@ from gradcraft_jax._stacked import (accumulation_dtype, gram_matrix,
                                     weighted_sum)
 
 __all__ = ["from_weighting", "check_hyperparameter", "pinv_psd",
+           "gram_scale", "normalize_gram",
            "WeightsFn", "empty_init", "task_weights"]
 
 WeightsFn = Callable[[Any, Any, Any, dict], tuple[jax.Array, Any]]
@@ -56,6 +57,22 @@ def check_hyperparameter(name: str, value: Any, *, low: float | None = None,
   if high is not None and (v > high or (high_open and v == high)):
     rel = "<" if high_open else "<="
     raise ValueError(f"{prefix}{name} must be {rel} {high}, got {value!r}")
+
+
+def gram_scale(gram: jax.Array) -> jax.Array:
+  """``max_i K_ii``, or 1 when the diagonal is all zero."""
+  top = jnp.max(jnp.clip(jnp.diagonal(gram), 0.0))
+  return jnp.where(top > 0, top, 1.0)
+
+
+def normalize_gram(gram: jax.Array) -> jax.Array:
+  """``K / max_i K_ii`` (unchanged when the diagonal is all zero).
+
+  For weightings that are invariant to a global scale of the gradients this
+  keeps float32 arithmetic in range for gradients from 1e-10 to 1e10. A
+  non-finite Gram stays non-finite.
+  """
+  return gram / gram_scale(gram)
 
 
 def pinv_psd(a: jax.Array, rcond: float | None = None) -> jax.Array:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 
 def check_num_tasks(num_tasks: Any, method: str, *,
@@ -20,23 +19,6 @@ def check_num_tasks(num_tasks: Any, method: str, *,
       or num_tasks < 1):
     raise ValueError(f"{method}: num_tasks must be a positive int, got "
                      f"{num_tasks!r}")
-
-
-def params_dtype(params: Any) -> jnp.dtype:
-  """float32 at least; float64 when the parameters are float64."""
-  leaves = jax.tree_util.tree_leaves(params)
-  return jnp.result_type(jnp.float32, *[jnp.result_type(x) for x in leaves])
-
-
-def normalize_gram(gram: jax.Array) -> jax.Array:
-  """``K / max_i K_ii`` (unchanged when the diagonal is all zero).
-
-  For weightings that are invariant to a global scale of the gradients this
-  keeps float32 arithmetic in range for gradients from 1e-10 to 1e10. A
-  non-finite Gram stays non-finite.
-  """
-  top = jnp.max(jnp.clip(jnp.diagonal(gram), 0.0))
-  return gram / jnp.where(top > 0, top, 1.0)
 
 
 def task_permutations(key: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import check_num_tasks, normalize_gram
-from gradcraft_jax.weighting import empty_init, from_weighting
+from gradcraft_jax.methods._common import check_num_tasks
+from gradcraft_jax.weighting import empty_init, from_weighting, normalize_gram
 
 __all__ = ["aligned_mtl", "aligned_mtl_weights", "aligned_mtl_balance"]
 

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import check_num_tasks, normalize_gram
+from gradcraft_jax.methods._common import check_num_tasks
 from gradcraft_jax.weighting import (check_hyperparameter, empty_init,
-                                     from_weighting, pinv_psd)
+                                     from_weighting, normalize_gram,
+                                     pinv_psd)
 
 __all__ = ["cagrad", "cagrad_weights", "cagrad_simplex_solve"]
 
@@ -108,7 +109,6 @@ def _polish(k, a, rho, w_barrier):
   KKT conditions beyond rounding (then the caller keeps the barrier
   iterate).
   """
-  t = k.shape[0]
   dtype = k.dtype
   # Dual slacks of the barrier iterate: z = grad F(w) - nu with
   # nu = w^T grad F(w) (grad F = nu on the support at the optimum). Call i

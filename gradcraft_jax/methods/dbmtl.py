@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import check_num_tasks, params_dtype
+from gradcraft_jax._stacked import accumulation_dtype
+from gradcraft_jax.methods._common import check_num_tasks
 from gradcraft_jax.weighting import check_hyperparameter, from_weighting
 
 __all__ = ["dbmtl", "dbmtl_weights", "DBMTLState"]
@@ -113,7 +114,7 @@ def dbmtl(beta: float = 0.9, beta_sigma: float = 0.5, *, num_tasks: int,
 
   def init_fn(params):
     return DBMTLState(count=jnp.zeros((), jnp.int32),
-                      norm_ema=jnp.zeros((num_tasks,), params_dtype(params)))
+                      norm_ema=jnp.zeros((num_tasks,), accumulation_dtype(params)))
 
   def weights_fn(gram, state, losses, extra_args):
     del extra_args

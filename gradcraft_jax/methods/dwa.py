@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import check_num_tasks, params_dtype
+from gradcraft_jax._stacked import accumulation_dtype
+from gradcraft_jax.methods._common import check_num_tasks
 from gradcraft_jax.weighting import check_hyperparameter, from_weighting
 
 __all__ = ["dwa", "dwa_weights", "DWAState"]
@@ -96,7 +97,7 @@ def dwa(temperature: float = 2.0, *, num_tasks: int
   check_num_tasks(num_tasks, "dwa", required=True)
 
   def init_fn(params):
-    dtype = params_dtype(params)
+    dtype = accumulation_dtype(params)
     return DWAState(count=jnp.zeros((), jnp.int32),
                     last_losses=jnp.zeros((num_tasks,), dtype),
                     prior_losses=jnp.zeros((num_tasks,), dtype))

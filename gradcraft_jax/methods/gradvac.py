@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import (check_num_tasks, normalize_gram,
-                                           params_dtype, task_permutations)
-from gradcraft_jax.weighting import check_hyperparameter, from_weighting
+from gradcraft_jax._stacked import accumulation_dtype
+from gradcraft_jax.methods._common import check_num_tasks, task_permutations
+from gradcraft_jax.weighting import (check_hyperparameter, from_weighting,
+                                     normalize_gram)
 
 __all__ = ["gradvac", "gradvac_weights", "GradVacState"]
 
@@ -136,7 +137,7 @@ def gradvac(beta: float = 0.5, seed: int = 0, *, num_tasks: int
 
   def init_fn(params):
     return GradVacState(
-        phi=jnp.zeros((num_tasks, num_tasks), params_dtype(params)),
+        phi=jnp.zeros((num_tasks, num_tasks), accumulation_dtype(params)),
         key=jax.random.PRNGKey(seed))
 
   def weights_fn(gram, state, losses, extra_args):

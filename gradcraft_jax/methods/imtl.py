@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import (check_num_tasks, normalize_gram,
-                                           params_dtype)
+from gradcraft_jax._stacked import accumulation_dtype
+from gradcraft_jax.methods._common import check_num_tasks
 from gradcraft_jax.weighting import (check_hyperparameter, empty_init,
-                                     from_weighting, pinv_psd)
+                                     from_weighting, normalize_gram,
+                                     pinv_psd)
 
 __all__ = ["imtl_g", "imtl_g_weights", "imtl", "imtl_weights",
            "imtl_log_scale_step", "IMTLState"]
@@ -159,7 +160,7 @@ def imtl(lr: float = 1e-2, *, num_tasks: int
   check_num_tasks(num_tasks, "imtl", required=True)
 
   def init_fn(params):
-    return IMTLState(log_scales=jnp.zeros((num_tasks,), params_dtype(params)))
+    return IMTLState(log_scales=jnp.zeros((num_tasks,), accumulation_dtype(params)))
 
   def weights_fn(gram, state, losses, extra_args):
     del extra_args

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import check_num_tasks, normalize_gram
+from gradcraft_jax.methods._common import check_num_tasks
 from gradcraft_jax.weighting import (check_hyperparameter, empty_init,
-                                     from_weighting)
+                                     from_weighting, gram_scale)
 
 __all__ = ["nash_mtl", "nash_mtl_weights"]
 
@@ -95,9 +95,8 @@ def nash_mtl_weights(gram: jax.Array, *, max_iter: int = 20,
   """
   dtype = gram.dtype
   t = gram.shape[0]
-  top = jnp.max(jnp.clip(jnp.diagonal(gram), 0.0))
-  scale = jnp.where(top > 0, top, 1.0)
-  k = normalize_gram(gram) + jnp.asarray(ridge, dtype) * jnp.eye(t, dtype=dtype)
+  scale = gram_scale(gram)
+  k = gram / scale + jnp.asarray(ridge, dtype) * jnp.eye(t, dtype=dtype)
   alpha = _newton_solve(k, max_iter) / jnp.sqrt(scale)
   if isinstance(max_norm, (int, float)) and max_norm == 0:
     return alpha

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax.gradcraft import _safe_scale
-from gradcraft_jax.methods._common import (check_num_tasks, normalize_gram,
-                                           task_permutations)
-from gradcraft_jax.weighting import check_hyperparameter, from_weighting
+from gradcraft_jax.methods._common import check_num_tasks, task_permutations
+from gradcraft_jax.weighting import (check_hyperparameter, from_weighting,
+                                     normalize_gram)
 
 __all__ = ["pcgrad", "pcgrad_weights", "pcgrad_plus", "pcgrad_plus_weights",
            "PCGradState", "sequential_projection"]

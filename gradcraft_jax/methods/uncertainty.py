@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import check_num_tasks, params_dtype
+from gradcraft_jax._stacked import accumulation_dtype
+from gradcraft_jax.methods._common import check_num_tasks
 from gradcraft_jax.weighting import check_hyperparameter, from_weighting
 
 __all__ = ["uncertainty_weighting", "uncertainty_weights",
@@ -90,7 +91,7 @@ def uncertainty_weighting(lr: float = 1e-2, *, num_tasks: int
 
   def init_fn(params):
     return UncertaintyWeightingState(
-        log_vars=jnp.zeros((num_tasks,), params_dtype(params)))
+        log_vars=jnp.zeros((num_tasks,), accumulation_dtype(params)))
 
   def weights_fn(gram, state, losses, extra_args):
     del gram, extra_args
