@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradcraft_jax import _cpu_gram
+
 __all__ = ["num_tasks", "gram_matrix", "weighted_sum", "accumulation_dtype"]
 
 # Elements (T * columns) per block of the blocked CPU Gram contraction: a
@@ -157,7 +159,10 @@ def _leaf_gram(leaf: jax.Array, acc_dtype) -> jax.Array:
     themselves, and the SPMD partitioner turns a contraction over a sharded
     axis into local products plus one all-reduce of the ``T x T`` result
     (the blocked loop below would make it all-gather the leaf).
-  * single-device CPU: the blocked loop of :func:`_leaf_gram_blocked`.
+  * single-device CPU, float32 and bfloat16 leaves: the compiled kernel of
+    :mod:`gradcraft_jax._cpu_gram` when it is built (the usual case);
+  * other single-device CPU cases: the blocked loop of
+    :func:`_leaf_gram_blocked`.
 
   The choice is made while lowering (``lax.platform_dependent``) and from
   the process's device count, never from data.
@@ -179,6 +184,13 @@ def _leaf_gram(leaf: jax.Array, acc_dtype) -> jax.Array:
                                preferred_element_type=acc_dtype,
                                out_sharding=replicated)
   flat = leaf.reshape(t, -1)
+  if (jax.device_count() == 1 and _cpu_gram.supports(flat.dtype)
+      and _cpu_gram.available()):
+    # The compiled CPU kernel (float32 and bfloat16 leaves): one read of
+    # the leaf, vectorised over parameters, on XLA's intra-op thread pool.
+    return jax.lax.platform_dependent(
+        flat, cpu=_cpu_gram.gram,
+        default=lambda x: _self_gram(x, acc_dtype))
   if (flat.shape[1] <= _block_size(t) or jax.device_count() > 1
       or flat.dtype != acc_dtype):
     # 16-bit leaves: XLA:CPU would widen a 16-bit loop operand to a float32

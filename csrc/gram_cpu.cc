@@ -1,0 +1,223 @@
+// CPU Gram matrix of stacked per-task gradients, as an XLA FFI custom call.
+//
+// K = X X^T for a row-major (T, n) float32 or bfloat16 matrix X (one row per
+// task), returned as a (T, T) float32 matrix. XLA:CPU runs the equivalent
+// `dot_general` far from memory bandwidth when T is small and n is huge (the
+// matmul kernels vectorise over T); this kernel vectorises over n instead:
+//
+//  * the columns are cut into at most kMaxParts equal parts (a function of
+//    the shape only, so the result does not depend on the thread count);
+//    the parts run on XLA's intra-op thread pool and the calling thread;
+//  * inside a part, chunks of kChunk columns are visited once; for every
+//    4 x 4 tile of the upper triangle of K, 16 vector accumulators (float32,
+//    kLanes lanes) are updated from 8 row loads per kLanes columns, so each
+//    element of X is read from memory once and from L1/L2 a few times;
+//  * every chunk's float32 partial sums are added to float64 accumulators,
+//    and the parts are summed in float64 in a fixed order.
+//
+// Loaded with ctypes and registered with jax.ffi by gradcraft_jax/_cpu_gram.py.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kChunk = 512;           // columns per float32 partial sum
+constexpr int64_t kMaxParts = 64;         // column parts (tasks) per call
+constexpr int64_t kPartElems = 1 << 20;   // elements per part, at least
+
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GC_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GC_MULTIVERSION
+#endif
+#define GC_INLINE __attribute__((always_inline)) inline
+
+GC_INLINE Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+
+// out[r * t + c] += <a_r, b_c> over `len` columns (len % kLanes == 0) for an
+// RI x RJ tile; rows of a and b are `ld` floats apart.
+template <int RI, int RJ>
+GC_INLINE void Tile(const float* a, const float* b, int64_t ld, int64_t len,
+                    double* out, int64_t t) {
+  Vec acc[RI][RJ];
+  for (int r = 0; r < RI; ++r)
+    for (int c = 0; c < RJ; ++c) acc[r][c] = Vec{};
+  for (int64_t k = 0; k < len; k += kLanes) {
+    Vec va[RI], vb[RJ];
+    for (int r = 0; r < RI; ++r) va[r] = Load(a + r * ld + k);
+    for (int c = 0; c < RJ; ++c) vb[c] = Load(b + c * ld + k);
+    for (int r = 0; r < RI; ++r)
+      for (int c = 0; c < RJ; ++c) acc[r][c] += va[r] * vb[c];
+  }
+  for (int r = 0; r < RI; ++r)
+    for (int c = 0; c < RJ; ++c) {
+      double s = 0.0;
+      for (int l = 0; l < kLanes; ++l) s += acc[r][c][l];
+      out[r * t + c] += s;
+    }
+}
+
+template <int RI>
+GC_INLINE void TileRow(int rj, const float* a, const float* b, int64_t ld,
+                       int64_t len, double* out, int64_t t) {
+  switch (rj) {
+    case 1: Tile<RI, 1>(a, b, ld, len, out, t); break;
+    case 2: Tile<RI, 2>(a, b, ld, len, out, t); break;
+    case 3: Tile<RI, 3>(a, b, ld, len, out, t); break;
+    default: Tile<RI, 4>(a, b, ld, len, out, t); break;
+  }
+}
+
+// Adds the upper triangle of the Gram matrix of a (t, len) block (rows `ld`
+// floats apart) to out (t x t, float64).
+GC_MULTIVERSION
+void BlockGram(const float* x, int64_t ld, int64_t t, int64_t len,
+               double* out) {
+  const int64_t body = len - len % kLanes;
+  if (body > 0) {
+    for (int64_t i = 0; i < t; i += 4) {
+      const int ri = static_cast<int>(std::min<int64_t>(4, t - i));
+      for (int64_t j = i; j < t; j += 4) {
+        const int rj = static_cast<int>(std::min<int64_t>(4, t - j));
+        const float* a = x + i * ld;
+        const float* b = x + j * ld;
+        double* o = out + i * t + j;
+        switch (ri) {
+          case 1: TileRow<1>(rj, a, b, ld, body, o, t); break;
+          case 2: TileRow<2>(rj, a, b, ld, body, o, t); break;
+          case 3: TileRow<3>(rj, a, b, ld, body, o, t); break;
+          default: TileRow<4>(rj, a, b, ld, body, o, t); break;
+        }
+      }
+    }
+  }
+  for (int64_t i = 0; i < t; ++i)
+    for (int64_t j = i; j < t; ++j) {
+      double s = 0.0;
+      for (int64_t k = body; k < len; ++k)
+        s += static_cast<double>(x[i * ld + k]) * x[j * ld + k];
+      out[i * t + j] += s;
+    }
+}
+
+GC_MULTIVERSION
+void WidenBf16(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t bits = static_cast<uint32_t>(src[k]) << 16;
+    std::memcpy(dst + k, &bits, sizeof(float));
+  }
+}
+
+// Upper triangle of the Gram matrix of columns [c0, c1) into out (zeroed).
+template <typename In>
+void PartGram(const In* x, int64_t t, int64_t n, int64_t c0, int64_t c1,
+              double* out, std::vector<float>* buf) {
+  std::fill(out, out + t * t, 0.0);
+  for (int64_t s = c0; s < c1; s += kChunk) {
+    const int64_t len = std::min(kChunk, c1 - s);
+    if constexpr (std::is_same_v<In, float>) {
+      BlockGram(x + s, n, t, len, out);
+    } else {
+      buf->resize(t * kChunk);
+      for (int64_t i = 0; i < t; ++i)
+        WidenBf16(x + i * n + s, len, buf->data() + i * kChunk);
+      BlockGram(buf->data(), kChunk, t, len, out);
+    }
+  }
+}
+
+template <typename In>
+ffi::Error Gram(ffi::ThreadPool pool, const In* x, int64_t t, int64_t n,
+                float* out) {
+  if (t == 0) return ffi::Error::Success();
+  // Parts depend on the shape only: the float64 sum below has a fixed order.
+  int64_t parts = std::clamp<int64_t>((t * n) / kPartElems, 1, kMaxParts);
+  int64_t width = (n + parts - 1) / parts;
+  width = std::max<int64_t>(kChunk, (width + kChunk - 1) / kChunk * kChunk);
+  parts = std::max<int64_t>(1, (n + width - 1) / width);
+
+  struct Shared {
+    std::vector<double> partial;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->partial.assign(parts * t * t, 0.0);
+  // Helpers and the calling thread take parts from one counter; a helper
+  // that starts late finds none left. `shared` outlives a late helper.
+  auto work = [shared, x, t, n, parts, width]() {
+    std::vector<float> buf;
+    for (;;) {
+      const int64_t p = shared->next.fetch_add(1);
+      if (p >= parts) return;
+      const int64_t c0 = p * width, c1 = std::min(n, c0 + width);
+      PartGram(x, t, n, c0, c1, shared->partial.data() + p * t * t, &buf);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers =
+      parts > 1 ? std::min<int64_t>(pool.num_threads(), parts - 1) : 0;
+  for (int64_t h = 0; h < helpers; ++h) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  // Every part has been claimed; wait for the ones helpers are finishing.
+  while (shared->done.load(std::memory_order_acquire) < parts) {
+  }
+  for (int64_t i = 0; i < t; ++i)
+    for (int64_t j = i; j < t; ++j) {
+      double s = 0.0;
+      for (int64_t p = 0; p < parts; ++p) s += shared->partial[p * t * t + i * t + j];
+      out[i * t + j] = out[j * t + i] = static_cast<float>(s);
+    }
+  return ffi::Error::Success();
+}
+
+using F32Matrix = ffi::Buffer<ffi::F32, 2>;
+using Bf16Matrix = ffi::Buffer<ffi::BF16, 2>;
+
+ffi::Error GramF32(ffi::ThreadPool pool, F32Matrix x,
+                   ffi::Result<F32Matrix> out) {
+  const auto d = x.dimensions();
+  return Gram<float>(pool, x.typed_data(), d[0], d[1], out->typed_data());
+}
+
+ffi::Error GramBf16(ffi::ThreadPool pool, Bf16Matrix x,
+                    ffi::Result<F32Matrix> out) {
+  const auto d = x.dimensions();
+  return Gram<uint16_t>(pool, static_cast<const uint16_t*>(x.untyped_data()),
+                        d[0], d[1], out->typed_data());
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GradcraftGramF32, GramF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Ret<F32Matrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GradcraftGramBf16, GramBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bf16Matrix>()
+                                  .Ret<F32Matrix>());

@@ -1,0 +1,108 @@
+"""The compiled CPU Gram kernel (``csrc/gram_cpu.cc``), an XLA FFI call.
+
+XLA:CPU runs ``dot_general`` of a ``(T, n)`` matrix with itself far from
+memory bandwidth when ``T`` is small and ``n`` is large: its matmul kernels
+vectorise over ``T``. The kernel built from ``csrc/gram_cpu.cc`` at install
+time vectorises over ``n`` instead, reads every element once, splits the
+columns over XLA's intra-op thread pool and accumulates in float64 (see the
+source for the details). It takes float32 and bfloat16 ``(T, n)`` matrices
+and returns the float32 ``(T, T)`` Gram matrix.
+
+The kernel is optional. :func:`available` is False when it was not built (no
+C++ compiler at install time, or a platform it does not support), when it
+fails its self-test against NumPy on first use, or when the environment
+variable ``GRADCRAFT_JAX_CPU_KERNEL`` is ``0``; :mod:`gradcraft_jax._stacked`
+then uses its pure-XLA blocked loop. Either way the result is the same Gram
+matrix up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["available", "supports", "gram"]
+
+_TARGETS = {jnp.dtype(jnp.float32): ("gradcraft_jax_gram_f32",
+                                      "GradcraftGramF32"),
+            jnp.dtype(jnp.bfloat16): ("gradcraft_jax_gram_bf16",
+                                       "GradcraftGramBf16")}
+ENV_VAR = "GRADCRAFT_JAX_CPU_KERNEL"
+
+
+def _library_path() -> str | None:
+  try:
+    spec = importlib.util.find_spec("gradcraft_jax._gram_cpu")
+  except (ImportError, ValueError):
+    return None
+  return None if spec is None else spec.origin
+
+
+def _ffi_gram(flat: jax.Array) -> jax.Array:
+  t = flat.shape[0]
+  name = _TARGETS[jnp.dtype(flat.dtype)][0]
+  return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((t, t), jnp.float32),
+                          vmap_method="sequential")(flat)
+
+
+@jax.custom_jvp
+def gram(flat: jax.Array) -> jax.Array:
+  """``flat @ flat.T`` in float32 for a float32/bfloat16 ``(T, n)`` matrix.
+
+  Only valid on CPU and when :func:`available` is True. Differentiable
+  (forward and reverse mode, through a ``dot_general`` tangent rule) and
+  batchable (``vmap`` runs the batch sequentially).
+  """
+  return _ffi_gram(flat)
+
+
+@gram.defjvp
+def _gram_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  k = gram(x)
+  half = jax.lax.dot_general(dx, x, (((1,), (1,)), ((), ())),
+                             precision=jax.lax.Precision.HIGHEST,
+                             preferred_element_type=jnp.float32)
+  return k, half + half.T
+
+
+def supports(dtype) -> bool:
+  """Whether the kernel takes leaves of ``dtype`` (float32, bfloat16)."""
+  return jnp.dtype(dtype) in _TARGETS
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+  """True when the kernel is built, registered and passes its self-test.
+
+  Loads the shared library, registers its FFI targets with
+  ``jax.ffi.register_ffi_target`` and checks the kernel once against a
+  float64 NumPy product on a ``(5, 1037)`` matrix (tail columns included);
+  any failure makes it False, so callers use the pure-XLA path.
+  """
+  if os.environ.get(ENV_VAR, "1") == "0":
+    return False
+  path = _library_path()
+  if path is None:
+    return False
+  try:
+    lib = ctypes.cdll.LoadLibrary(path)
+    for name, symbol in _TARGETS.values():
+      jax.ffi.register_ffi_target(
+          name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    x = np.random.default_rng(0).standard_normal((5, 1037)).astype(np.float32)
+    # Usually first called while a transform is being traced: evaluate the
+    # self-test eagerly, outside that trace.
+    with jax.ensure_compile_time_eval(), \
+        jax.default_device(jax.devices("cpu")[0]):
+      got = np.asarray(jax.jit(_ffi_gram)(x), np.float64)
+    want = x.astype(np.float64) @ x.T.astype(np.float64)
+    return bool(np.allclose(got, want, rtol=1e-5, atol=1e-5))
+  except Exception:  # pylint: disable=broad-except
+    return False

@@ -1,0 +1,138 @@
+"""The compiled CPU Gram kernel (csrc/gram_cpu.cc) against float64 NumPy,
+against the pure-XLA paths, and through jit, grad, jvp and vmap."""
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradcraft_jax as gj
+from gradcraft_jax import _cpu_gram, _stacked
+
+KERNEL = _cpu_gram.available()
+needs_kernel = pytest.mark.skipif(not KERNEL, reason="CPU kernel not built")
+
+
+def reference(x):
+  x = np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+  return x @ x.T
+
+
+def tolerance(x, rel=2e-6):
+  """Entry-wise bound ~ rel * ||x_i|| ||x_j|| (float32 output rounding
+  plus float32 partial sums)."""
+  norms = np.linalg.norm(np.asarray(jnp.asarray(x).astype(jnp.float32),
+                                    np.float64), axis=1)
+  return rel * np.outer(norms, norms) + 1e-30
+
+
+def test_kernel_is_built_where_it_should_be():
+  """On x86-64 Linux with a C++ compiler the install builds the kernel; a
+  silent fallback would lose the speed the docs report."""
+  if os.environ.get(_cpu_gram.ENV_VAR, "1") == "0":
+    pytest.skip("kernel disabled by the environment")
+  if platform.system() != "Linux" or platform.machine() != "x86_64" or \
+      shutil.which("c++") is None:
+    pytest.skip("kernel only required on x86-64 Linux with a compiler")
+  assert KERNEL
+
+
+@needs_kernel
+@settings(max_examples=60)
+@given(t=st.integers(1, 70), n=st.integers(0, 3000),
+       bf16=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_kernel_matches_float64_numpy(t, n, bf16, seed):
+  x = np.random.default_rng(seed).standard_normal((t, n)).astype(np.float32)
+  x = jnp.asarray(x, jnp.bfloat16 if bf16 else jnp.float32)
+  got = np.asarray(jax.jit(_cpu_gram.gram)(x))
+  assert got.dtype == np.float32 and got.shape == (t, t)
+  np.testing.assert_array_equal(got, got.T)
+  assert np.all(np.abs(got - reference(x)) <= tolerance(x))
+
+
+@needs_kernel
+@pytest.mark.parametrize("t,n", [(3, 400_003), (6, (1 << 20) + 5),
+                                 (40, 70_001)])
+def test_kernel_threaded_parts(t, n):
+  """Shapes large enough to be split over the thread pool: accurate, and
+  bit-identical from call to call (parts depend on the shape only)."""
+  rng = np.random.default_rng(t)
+  x = jnp.asarray(rng.standard_normal((t, n)) * rng.uniform(0.01, 100, (t, 1)),
+                  jnp.float32)
+  f = jax.jit(_cpu_gram.gram)
+  got = np.asarray(f(x))
+  assert np.all(np.abs(got - reference(x)) <= tolerance(x))
+  for _ in range(3):
+    np.testing.assert_array_equal(np.asarray(f(x)), got)
+
+
+@needs_kernel
+def test_gram_matrix_uses_kernel_and_agrees_with_xla_paths():
+  rng = np.random.default_rng(0)
+  tree = {"w": jnp.asarray(rng.standard_normal((5, 300, 70)), jnp.float32),
+          "b": jnp.asarray(rng.standard_normal((5, 70)), jnp.float32)}
+  hlo = jax.jit(gj.gram_matrix).lower(tree).as_text()
+  assert hlo.count("gradcraft_jax_gram_f32") == 2
+  flat = jnp.concatenate([tree["w"].reshape(5, -1), tree["b"]], axis=1)
+  k = np.asarray(jax.jit(gj.gram_matrix)(tree))
+  blocked = np.asarray(jax.jit(
+      lambda x: _stacked._leaf_gram_blocked(x, jnp.float32))(flat))
+  plain = np.asarray(jax.jit(
+      lambda x: _stacked._self_gram(x, jnp.float32))(flat))
+  tol = tolerance(flat, rel=1e-5)
+  assert np.all(np.abs(k - blocked) <= tol)
+  assert np.all(np.abs(k - plain) <= tol)
+  assert np.all(np.abs(k - reference(flat)) <= tolerance(flat))
+
+
+@needs_kernel
+def test_kernel_grad_jvp_vmap():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((4, 37)), jnp.float32)
+  dx = jnp.asarray(rng.standard_normal((4, 37)), jnp.float32)
+  ref = lambda x: jnp.dot(x, x.T, precision="highest")  # noqa: E731
+  _, tan = jax.jvp(_cpu_gram.gram, (x,), (dx,))
+  _, tan_ref = jax.jvp(ref, (x,), (dx,))
+  np.testing.assert_allclose(tan, tan_ref, rtol=1e-5, atol=1e-5)
+  c = jnp.asarray(rng.standard_normal((4, 4)), jnp.float32)
+  g = jax.grad(lambda x: jnp.sum(c * gj.gram_matrix({"x": x})))(x)
+  g_ref = jax.grad(lambda x: jnp.sum(c * ref(x)))(x)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+  batch = jnp.stack([x, 2 * x, -x])
+  got = jax.jit(jax.vmap(lambda x: gj.gram_matrix({"x": x})))(batch)
+  np.testing.assert_allclose(got, jax.vmap(ref)(batch), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_kernel_propagates_nonfinite():
+  x = np.random.default_rng(2).standard_normal((3, 2000)).astype(np.float32)
+  x[1, 1234] = np.nan
+  k = np.asarray(_cpu_gram.gram(jnp.asarray(x)))
+  assert np.isnan(k[1]).all() and np.isnan(k[:, 1]).all()
+  assert np.isfinite(k[np.ix_([0, 2], [0, 2])]).all()
+
+
+def test_environment_variable_disables_kernel():
+  """GRADCRAFT_JAX_CPU_KERNEL=0 falls back to the pure-XLA path, with the
+  same Gram matrix."""
+  code = (
+      "import jax, jax.numpy as jnp, numpy as np\n"
+      "import gradcraft_jax as gj\n"
+      "from gradcraft_jax import _cpu_gram\n"
+      "x = np.random.default_rng(3).standard_normal((4, 9000), np.float32)\n"
+      "k = np.asarray(jax.jit(gj.gram_matrix)({'x': jnp.asarray(x)}))\n"
+      "hlo = jax.jit(gj.gram_matrix).lower({'x': jnp.asarray(x)}).as_text()\n"
+      "r = x.astype(np.float64) @ x.T.astype(np.float64)\n"
+      "assert not _cpu_gram.available()\n"
+      "assert 'gradcraft_jax_gram' not in hlo\n"
+      "assert np.abs(k - r).max() <= 1e-5 * np.abs(r).max()\n")
+  env = dict(os.environ, **{_cpu_gram.ENV_VAR: "0"})
+  subprocess.run([sys.executable, "-c", code], env=env, check=True)
