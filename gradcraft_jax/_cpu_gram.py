@@ -97,9 +97,10 @@ def available() -> bool:
       jax.ffi.register_ffi_target(
           name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     x = np.random.default_rng(0).standard_normal((5, 1037)).astype(np.float32)
-    # Usually first called while a transform is being traced: evaluate the
-    # self-test eagerly, outside that trace.
-    with jax.ensure_compile_time_eval(), \
+    # Usually first called while a transform is being traced, possibly under
+    # a user's transfer guard: evaluate the self-test eagerly, outside that
+    # trace, with its (one-off, host-side) transfers allowed.
+    with jax.ensure_compile_time_eval(), jax.transfer_guard("allow"), \
         jax.default_device(jax.devices("cpu")[0]):
       got = np.asarray(jax.jit(_ffi_gram)(x), np.float64)
     want = x.astype(np.float64) @ x.T.astype(np.float64)

@@ -41,8 +41,11 @@ import os
 import re
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8")
+if __name__ == "__main__":
+  # Only when run as the script (pytest's doctest collection also imports
+  # this module, and must not turn the test process into 8 devices).
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8")
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp

@@ -136,3 +136,24 @@ def test_environment_variable_disables_kernel():
       "assert np.abs(k - r).max() <= 1e-5 * np.abs(r).max()\n")
   env = dict(os.environ, **{_cpu_gram.ENV_VAR: "0"})
   subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+@needs_kernel
+def test_first_use_under_transfer_guard_still_uses_kernel():
+  """The kernel's one-off self-test runs on first use, often inside a user's
+  jitted step under ``jax.transfer_guard("disallow")``; it must not fail
+  there (and silently drop to the slower path)."""
+  code = (
+      "import jax, jax.numpy as jnp, numpy as np\n"
+      "import gradcraft_jax as gj\n"
+      "from gradcraft_jax import _cpu_gram\n"
+      "x = jnp.asarray(np.ones((3, 5000), np.float32))\n"
+      "with jax.transfer_guard('disallow'):\n"
+      "  hlo = jax.jit(gj.gram_matrix).lower({'x': x}).as_text()\n"
+      "  k = jax.jit(gj.gram_matrix)({'x': x})\n"
+      "assert _cpu_gram.available()\n"
+      "assert 'gradcraft_jax_gram_f32' in hlo\n"
+      "assert np.allclose(np.asarray(k), 5000.0)\n")
+  env = dict(os.environ)
+  env.pop(_cpu_gram.ENV_VAR, None)
+  subprocess.run([sys.executable, "-c", code], env=env, check=True)
