@@ -33,7 +33,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kChunk = 512;           // columns per float32 partial sum
-constexpr int64_t kMaxParts = 64;         // column parts (tasks) per call
+constexpr int64_t kMaxParts = 64;         // column parts (pool jobs) per call
 constexpr int64_t kPartElems = 1 << 20;   // elements per part, at least
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));

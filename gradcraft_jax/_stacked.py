@@ -159,8 +159,9 @@ def _leaf_gram(leaf: jax.Array, acc_dtype) -> jax.Array:
     themselves, and the SPMD partitioner turns a contraction over a sharded
     axis into local products plus one all-reduce of the ``T x T`` result
     (the blocked loop below would make it all-gather the leaf).
-  * single-device CPU, float32 and bfloat16 leaves: the compiled kernel of
-    :mod:`gradcraft_jax._cpu_gram` when it is built (the usual case);
+  * single-device CPU, float32 and bfloat16 leaves accumulated in float32:
+    the compiled kernel of :mod:`gradcraft_jax._cpu_gram` when it is built
+    (the usual case);
   * other single-device CPU cases: the blocked loop of
     :func:`_leaf_gram_blocked`.
 
@@ -184,10 +185,12 @@ def _leaf_gram(leaf: jax.Array, acc_dtype) -> jax.Array:
                                preferred_element_type=acc_dtype,
                                out_sharding=replicated)
   flat = leaf.reshape(t, -1)
-  if (jax.device_count() == 1 and _cpu_gram.supports(flat.dtype)
-      and _cpu_gram.available()):
-    # The compiled CPU kernel (float32 and bfloat16 leaves): one read of
-    # the leaf, vectorised over parameters, on XLA's intra-op thread pool.
+  if (jax.device_count() == 1 and jnp.dtype(acc_dtype) == jnp.float32
+      and _cpu_gram.supports(flat.dtype) and _cpu_gram.available()):
+    # The compiled CPU kernel (float32 and bfloat16 leaves, float32 result;
+    # a tree with float64 leaves accumulates everything in float64 below):
+    # one read of the leaf, vectorised over parameters, on XLA's intra-op
+    # thread pool.
     return jax.lax.platform_dependent(
         flat, cpu=_cpu_gram.gram,
         default=lambda x: _self_gram(x, acc_dtype))

@@ -157,3 +157,21 @@ def test_first_use_under_transfer_guard_still_uses_kernel():
   env = dict(os.environ)
   env.pop(_cpu_gram.ENV_VAR, None)
   subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+@needs_kernel
+def test_mixed_float32_float64_tree_accumulates_in_float64():
+  """With x64, a tree mixing float32 and float64 leaves accumulates in
+  float64 (``accumulation_dtype``): its float32 leaves must not take the
+  float32-output kernel."""
+  rng = np.random.default_rng(4)
+  a = rng.standard_normal((3, 5000)).astype(np.float32)
+  b = rng.standard_normal((3, 7))
+  with jax.enable_x64(True):
+    tree = {"a": jnp.asarray(a), "b": jnp.asarray(b, jnp.float64)}
+    k = np.asarray(jax.jit(gj.gram_matrix)(tree))
+    hlo = jax.jit(gj.gram_matrix).lower(tree).as_text()
+  want = a.astype(np.float64) @ a.T.astype(np.float64) + b @ b.T
+  assert k.dtype == np.float64
+  assert "gradcraft_jax_gram" not in hlo
+  np.testing.assert_allclose(k, want, rtol=1e-12)
