@@ -5,7 +5,9 @@
     leaves, as a ratio to one jitted streaming pass over the same stacked
     gradients (``tree_map(jnp.sum, g)``, the memory-bandwidth floor of
     anything that reads them once). A Gram-based update reads them twice
-    (Gram, weighted sum) and writes one parameter-sized output.
+    (Gram, weighted sum) and writes one parameter-sized output. Also the
+    Gram matrix alone: ``gram_matrix`` (the compiled CPU kernel when built)
+    and the pure-XLA blocked loop it otherwise uses.
 (b) GradCraft and ``mean`` for ``T`` in {2, 6, 16, 32, 64} at 1M parameters
     per task, and for 1M / 8M / 32M parameters at ``T = 6`` (combinations
     whose stacked gradients exceed ``--max-gb`` are skipped).
@@ -34,6 +36,7 @@ import numpy as np
 import optax
 
 import gradcraft_jax
+from gradcraft_jax import _cpu_gram, _stacked
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOCS = os.path.join(HERE, "..", "docs", "benchmarks")
@@ -137,6 +140,19 @@ def main(argv=None):
                    "yes" if ms / ss <= target else f"no (target {target:g}x)"))
     print(f"{name}: {ms*1e3:.1f} ms, stream {ss*1e3:.1f} ms, "
           f"{ms/ss:.2f}x", flush=True)
+  # The Gram matrix alone: what gram_matrix uses here (the compiled CPU
+  # kernel when it is built) and the pure-XLA blocked loop it falls back to.
+  xla_gram = jax.jit(lambda g: sum(
+      _stacked._leaf_gram_blocked(x, jnp.float32)  # pylint: disable=protected-access
+      for x in jax.tree_util.tree_leaves(g)))
+  kernel = "compiled kernel" if _cpu_gram.available() else "no kernel"
+  rows_gram = []
+  for label, fn in ((f"gram_matrix ({kernel})", jax.jit(
+      gradcraft_jax.gram_matrix)), ("XLA blocked loop", xla_gram)):
+    ms, ss = time_pair(fn, grads, args.repeats)
+    rows_gram.append((label, ms * 1e3, ss * 1e3))
+    print(f"{label}: {ms*1e3:.1f} ms, stream {ss*1e3:.1f} ms, "
+          f"{ms/ss:.2f}x", flush=True)
   del grads
 
   # (b) GradCraft and mean vs T and vs parameters.
@@ -171,6 +187,11 @@ def main(argv=None):
             "target |", "|---|---|---|---|---|"]
   for name, ms, ss, ok in rows_a:
     lines.append(f"| {name} | {ms:.1f} | {ss:.1f} | {ms/ss:.2f}x | {ok} |")
+  lines += ["", "The Gram matrix alone, same gradients, same way:", "",
+            "| Gram matrix | ms | streaming pass ms | ratio |",
+            "|---|---|---|---|"]
+  for label, ms, ss in rows_gram:
+    lines.append(f"| {label} | {ms:.1f} | {ss:.1f} | {ms/ss:.2f}x |")
   lines += ["", f"(b) GradCraft and mean vs T at {d_b:,} parameters per task "
             "and vs parameters at T = 6 (ratio to the streaming pass in the "
             "same block).", "",
