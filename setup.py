@@ -22,14 +22,16 @@ def _extensions():
   include = os.path.join(os.path.dirname(jaxlib.__file__), "include")
   if not os.path.exists(os.path.join(include, "xla", "ffi", "api", "ffi.h")):
     return []
-  return [Extension(
+  return [
+    Extension(
       "gradcraft_jax._gram_cpu",
       sources=["csrc/gram_cpu.cc"],
       include_dirs=[include],
       language="c++",
       extra_compile_args=["-O3", "-std=c++17", "-Wno-psabi"],
       optional=True,
-  )]
+    )
+  ]
 
 
 setup(ext_modules=_extensions())

@@ -45,8 +45,7 @@ def make_grads(t, d, seed=0, leaves=8):
   key = jax.random.PRNGKey(seed)
   tree = {}
   for i, s in enumerate(sizes):
-    shape = (t, int(s)) if i % 2 else (t, int(s) // 4, 4) if s % 4 == 0 \
-        else (t, int(s))
+    shape = (t, int(s)) if i % 2 else (t, int(s) // 4, 4) if s % 4 == 0 else (t, int(s))
     tree[f"w{i}"] = jax.random.normal(jax.random.fold_in(key, i), shape)
   # A few conflicting tasks: flip the sign of a shared direction.
   return tree
@@ -57,15 +56,16 @@ def numpy_gradcraft(g, tau=TAU, eps=EPS):
   t = g.shape[0]
   norms = np.linalg.norm(g, axis=1)
   top = norms.max()
-  hat = np.stack([(tau * top / norms[i] + 1 - tau) * g[i] if norms[i] > 0
-                  else g[i] for i in range(t)])
+  hat = np.stack(
+    [(tau * top / norms[i] + 1 - tau) * g[i] if norms[i] > 0 else g[i] for i in range(t)]
+  )
   hat_norms = np.linalg.norm(hat, axis=1)
   out = np.zeros_like(g[0])
   for i in range(t):
     gi = hat[i]
     conflict = [k for k in range(t) if k != i and gi @ hat[k] < 0]
     if conflict:
-      gc_ = hat[conflict]                       # |C| x d
+      gc_ = hat[conflict]  # |C| x d
       rhs = -gc_ @ gi + eps * hat_norms[i] * hat_norms[conflict]
       w = np.linalg.lstsq(gc_ @ gc_.T, rhs, rcond=None)[0]
       gi = gi + w @ gc_
@@ -107,9 +107,11 @@ def time_interleaved(fns, repeats):
 
 
 def machine():
-  return (f"{platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPU cores, jax {jax.__version__} "
-          f"({jax.default_backend()}, {jax.device_count()} device(s))")
+  return (
+    f"{platform.processor() or platform.machine()}, "
+    f"{os.cpu_count()} CPU cores, jax {jax.__version__} "
+    f"({jax.default_backend()}, {jax.device_count()} device(s))"
+  )
 
 
 def main(argv=None):
@@ -117,11 +119,13 @@ def main(argv=None):
   ap.add_argument("--tasks", type=int, default=6)
   ap.add_argument("--params", type=int, default=8_000_000)
   ap.add_argument("--repeats", type=int, default=9)
-  ap.add_argument("--quick", action="store_true",
-                  help="small sizes, few repeats, no file written")
-  ap.add_argument("--out", default=os.path.join(
-      os.path.dirname(__file__), "..", "docs", "benchmarks",
-      "gradcraft_speed.md"))
+  ap.add_argument("--quick", action="store_true", help="small sizes, few repeats, no file written")
+  ap.add_argument(
+    "--out",
+    default=os.path.join(
+      os.path.dirname(__file__), "..", "docs", "benchmarks", "gradcraft_speed.md"
+    ),
+  )
   args = ap.parse_args(argv)
   if args.quick:
     args.params, args.repeats = 20_000, 3
@@ -133,12 +137,14 @@ def main(argv=None):
 
   update = jax.jit(lambda g: tx.update(g, state)[0])
   stream = jax.jit(lambda g: [jnp.sum(x) for x in jax.tree_util.tree_leaves(g)])
-  flat = np.concatenate([np.asarray(x).reshape(t, -1)
-                         for x in jax.tree_util.tree_leaves(grads)], axis=1)
+  flat = np.concatenate(
+    [np.asarray(x).reshape(t, -1) for x in jax.tree_util.tree_leaves(grads)], axis=1
+  )
 
   # Correctness of the compared implementations against each other.
-  ours = np.concatenate([np.asarray(x).reshape(-1) for x in
-                         jax.tree_util.tree_leaves(update(grads))])
+  ours = np.concatenate(
+    [np.asarray(x).reshape(-1) for x in jax.tree_util.tree_leaves(update(grads))]
+  )
   ref = numpy_gradcraft(flat.astype(np.float64))
   err = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
   if err > 1e-3:
@@ -146,12 +152,13 @@ def main(argv=None):
 
   jax.block_until_ready(stream(grads))
   fns = {
-      "gradcraft (jit)": lambda: jax.block_until_ready(update(grads)),
-      "streaming pass (jit)": lambda: jax.block_until_ready(stream(grads)),
-      "NumPy per-task loop": lambda: numpy_gradcraft(flat),
+    "gradcraft (jit)": lambda: jax.block_until_ready(update(grads)),
+    "streaming pass (jit)": lambda: jax.block_until_ready(stream(grads)),
+    "NumPy per-task loop": lambda: numpy_gradcraft(flat),
   }
   try:
     import torch  # pylint: disable=import-outside-toplevel
+
     tflat = torch.from_numpy(flat)
     fns["PyTorch per-task loop"] = lambda: torch_gradcraft(torch, tflat)
   except ImportError:
@@ -162,33 +169,43 @@ def main(argv=None):
   # before would leave BLAS/OpenMP threads spinning on the shared cores.
   jax_names = ["gradcraft (jit)", "streaming pass (jit)"]
   med = time_interleaved({k: fns[k] for k in jax_names}, args.repeats)
-  med.update(time_interleaved({k: f for k, f in fns.items()
-                               if k not in jax_names},
-                              max(3, args.repeats // 3)))
-  temp = jax.jit(lambda g: tx.update(g, state)[0]).lower(
-      grads).compile().memory_analysis().temp_size_in_bytes
+  med.update(
+    time_interleaved(
+      {k: f for k, f in fns.items() if k not in jax_names}, max(3, args.repeats // 3)
+    )
+  )
+  temp = (
+    jax.jit(lambda g: tx.update(g, state)[0])
+    .lower(grads)
+    .compile()
+    .memory_analysis()
+    .temp_size_in_bytes
+  )
   nbytes = stacked_bytes(grads)
 
   ours_t = med["gradcraft (jit)"]
-  rows = [("GradCraft update (jit), ms", f"{ours_t * 1e3:.1f}"),
-          ("streaming pass (jit), ms", f"{med['streaming pass (jit)'] * 1e3:.1f}"),
-          ("**GradCraft / streaming pass**",
-           f"**{ours_t / med['streaming pass (jit)']:.2f}x**"),
-          ("NumPy per-task loop, ms", f"{med['NumPy per-task loop'] * 1e3:.1f}"),
-          ("GradCraft / NumPy loop",
-           f"{ours_t / med['NumPy per-task loop']:.3f}x")]
+  rows = [
+    ("GradCraft update (jit), ms", f"{ours_t * 1e3:.1f}"),
+    ("streaming pass (jit), ms", f"{med['streaming pass (jit)'] * 1e3:.1f}"),
+    ("**GradCraft / streaming pass**", f"**{ours_t / med['streaming pass (jit)']:.2f}x**"),
+    ("NumPy per-task loop, ms", f"{med['NumPy per-task loop'] * 1e3:.1f}"),
+    ("GradCraft / NumPy loop", f"{ours_t / med['NumPy per-task loop']:.3f}x"),
+  ]
   if "PyTorch per-task loop" in med:
-    rows += [("PyTorch per-task loop, ms",
-              f"{med['PyTorch per-task loop'] * 1e3:.1f}"),
-             ("GradCraft / PyTorch loop",
-              f"{ours_t / med['PyTorch per-task loop']:.3f}x")]
-  rows += [("compiled temp memory / stacked gradient bytes",
-            f"{temp / nbytes:.4f} ({temp / 2**20:.2f} MiB / "
-            f"{nbytes / 2**20:.0f} MiB)"),
-           ("max rel. difference to the NumPy loop (float64)", f"{err:.1e}")]
-  cmd = "python benchmarks/bench_gradcraft.py" + (" --quick" if args.quick
-                                                  else "")
-  lines = [
+    rows += [
+      ("PyTorch per-task loop, ms", f"{med['PyTorch per-task loop'] * 1e3:.1f}"),
+      ("GradCraft / PyTorch loop", f"{ours_t / med['PyTorch per-task loop']:.3f}x"),
+    ]
+  rows += [
+    (
+      "compiled temp memory / stacked gradient bytes",
+      f"{temp / nbytes:.4f} ({temp / 2**20:.2f} MiB / {nbytes / 2**20:.0f} MiB)",
+    ),
+    ("max rel. difference to the NumPy loop (float64)", f"{err:.1e}"),
+  ]
+  cmd = "python benchmarks/bench_gradcraft.py" + (" --quick" if args.quick else "")
+  lines = (
+    [
       "# GradCraft update speed",
       "",
       f"T = {t} tasks, {d:,} float32 parameters per task over "
@@ -200,13 +217,16 @@ def main(argv=None):
       "",
       "| quantity | value |",
       "|---|---|",
-  ] + [f"| {a} | {b} |" for a, b in rows] + [
+    ]
+    + [f"| {a} | {b} |" for a, b in rows]
+    + [
       "",
       f"Command: `{cmd}`  ",
       f"Date: {datetime.date.today().isoformat()}  ",
       f"Machine: {machine()}",
       "",
-  ]
+    ]
+  )
   text = "\n".join(lines)
   print(text)
   if not args.quick:

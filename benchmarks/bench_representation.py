@@ -43,11 +43,12 @@ def main(argv=None):
   if args.quick:
     args.batch, args.repeats = 128, 3
   data = load_census_income(max_rows=max(4 * args.batch, 2000))
-  model = mtl_models.SharedBottom(data.cardinalities, data.num_numeric,
-                                  data.num_tasks, rngs=nnx.Rngs(0))
+  model = mtl_models.SharedBottom(
+    data.cardinalities, data.num_numeric, data.num_tasks, rngs=nnx.Rngs(0)
+  )
   graphdef, params = nnx.split(model)
   loss_fn = mtl_models.make_loss_fn(graphdef)
-  batch = {k: v[:args.batch] for k, v in data.train.as_dict().items()}
+  batch = {k: v[: args.batch] for k, v in data.train.as_dict().items()}
   tx = gradcraft_jax.gradcraft()
   state = tx.init(params)
 
@@ -61,8 +62,7 @@ def main(argv=None):
 
   def heads(p, z, b):
     m = nnx.merge(graphdef, p)
-    return mtl_models.bce_task_losses(
-        lambda cat, num: m.head(z), b)
+    return mtl_models.bce_task_losses(lambda cat, num: m.head(z), b)
 
   rep_fn = gradcraft_jax.representation_value_and_grad(encoder, heads, tx)
 
@@ -71,8 +71,10 @@ def main(argv=None):
     return losses, g
 
   rows = []
-  for name, f in (("full per-task gradients + GradCraft", full),
-                  ("representation-level (MGDA-UB style) + GradCraft", rep)):
+  for name, f in (
+    ("full per-task gradients + GradCraft", full),
+    ("representation-level (MGDA-UB style) + GradCraft", rep),
+  ):
     jf = jax.jit(f)
     mem = jf.lower(params, batch).compile().memory_analysis()
     temp = getattr(mem, "temp_size_in_bytes", float("nan"))
@@ -82,23 +84,31 @@ def main(argv=None):
       t0 = time.perf_counter()
       jax.block_until_ready(jf(params, batch))
       ts.append(time.perf_counter() - t0)
-    rows.append((name, temp / 2 ** 20, float(np.median(ts)) * 1e3))
+    rows.append((name, temp / 2**20, float(np.median(ts)) * 1e3))
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-  lines = ["# Representation-level vs full per-task gradients", "",
-           f"Census SharedBottom ({n_params:,} parameters, T = 3), batch "
-           f"{args.batch}; one jitted gradient computation (median of "
-           f"{args.repeats} runs).", "",
-           "| variant | compiled temp MiB | time ms |", "|---|---|---|"]
+  lines = [
+    "# Representation-level vs full per-task gradients",
+    "",
+    f"Census SharedBottom ({n_params:,} parameters, T = 3), batch "
+    f"{args.batch}; one jitted gradient computation (median of "
+    f"{args.repeats} runs).",
+    "",
+    "| variant | compiled temp MiB | time ms |",
+    "|---|---|---|",
+  ]
   lines += [f"| {n} | {m:.2f} | {t:.2f} |" for n, m, t in rows]
-  lines += ["", "Command: `python benchmarks/bench_representation.py`  ",
-            f"Date: {datetime.date.today().isoformat()}  ",
-            f"Machine: {platform.machine()}, {os.cpu_count()}-core CPU shared "
-            f"with other jobs, jax {jax.__version__}", ""]
+  lines += [
+    "",
+    "Command: `python benchmarks/bench_representation.py`  ",
+    f"Date: {datetime.date.today().isoformat()}  ",
+    f"Machine: {platform.machine()}, {os.cpu_count()}-core CPU shared "
+    f"with other jobs, jax {jax.__version__}",
+    "",
+  ]
   text = "\n".join(lines)
   print(text)
   if not args.quick:
-    with open(os.path.join(HERE, "..", "docs", "benchmarks",
-                           "representation.md"), "w") as fh:
+    with open(os.path.join(HERE, "..", "docs", "benchmarks", "representation.md"), "w") as fh:
       fh.write(text)
 
 

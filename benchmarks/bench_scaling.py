@@ -45,8 +45,7 @@ SKIP = ("from_weighting", "train_prioritized")
 
 def discover(t):
   """``{name: transform}`` for every public transform factory."""
-  fill = {"num_tasks": t, "targets": [0.5] * (t - 1), "lagrange_lr": 0.1,
-          "lagrange_clip": 10.0}
+  fill = {"num_tasks": t, "targets": [0.5] * (t - 1), "lagrange_lr": 0.1, "lagrange_clip": 10.0}
   methods = getattr(gradcraft_jax, "methods", None)
   names = list(gradcraft_jax.__all__)
   names += [n for n in getattr(methods, "__all__", ()) if n not in names]
@@ -60,8 +59,12 @@ def discover(t):
     except (TypeError, ValueError):
       continue
     kwargs = {}
-    if any(p.name not in fill and p.default is p.empty and
-           p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+    if any(
+      p.name not in fill
+      and p.default is p.empty
+      and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+      for p in params
+    ):
       continue
     kwargs = {p.name: fill[p.name] for p in params if p.name in fill}
     try:
@@ -80,8 +83,9 @@ def make_grads(t, d, seed=0, leaves=8):
   sizes = np.maximum((fracs * d).astype(int), 1)
   sizes[0] += d - sizes.sum()
   key = jax.random.PRNGKey(seed)
-  return {f"w{i}": jax.random.normal(jax.random.fold_in(key, i), (t, int(s)))
-          for i, s in enumerate(sizes)}
+  return {
+    f"w{i}": jax.random.normal(jax.random.fold_in(key, i), (t, int(s))) for i, s in enumerate(sizes)
+  }
 
 
 _stream = jax.jit(lambda g: jax.tree_util.tree_map(jnp.sum, g))
@@ -115,11 +119,14 @@ def main(argv=None):
   ap.add_argument("--quick", action="store_true")
   args = ap.parse_args(argv)
   if args.quick:
-    d_a, tasks, d_b, params_list, args.repeats = 20_000, [2, 6], 10_000, \
-        [10_000, 40_000], 3
+    d_a, tasks, d_b, params_list, args.repeats = 20_000, [2, 6], 10_000, [10_000, 40_000], 3
   else:
-    d_a, tasks, d_b, params_list = 8_000_000, [2, 6, 16, 32, 64], \
-        1_000_000, [1_000_000, 8_000_000, 32_000_000]
+    d_a, tasks, d_b, params_list = (
+      8_000_000,
+      [2, 6, 16, 32, 64],
+      1_000_000,
+      [1_000_000, 8_000_000, 32_000_000],
+    )
 
   # (a) every method at T = 6.
   t = 6
@@ -127,8 +134,9 @@ def main(argv=None):
   rows_a = []
   transforms = discover(t)
   if args.quick:  # smoke run: every factory built, a few compiled
-    transforms = {k: v for k, v in transforms.items()
-                  if k in ("gradcraft", "mean", "nmt", "upgrad")}
+    transforms = {
+      k: v for k, v in transforms.items() if k in ("gradcraft", "mean", "nmt", "upgrad")
+    }
   for name, tx in transforms.items():
     try:
       ms, ss = time_pair(jitted_update(tx, t), grads, args.repeats)
@@ -136,31 +144,34 @@ def main(argv=None):
       rows_a.append((name, float("nan"), float("nan"), f"error: {e!r:.80}"))
       continue
     target = 3.0 if name == "gradcraft" else 4.0
-    rows_a.append((name, ms * 1e3, ss * 1e3,
-                   "yes" if ms / ss <= target else f"no (target {target:g}x)"))
-    print(f"{name}: {ms*1e3:.1f} ms, stream {ss*1e3:.1f} ms, "
-          f"{ms/ss:.2f}x", flush=True)
+    rows_a.append(
+      (name, ms * 1e3, ss * 1e3, "yes" if ms / ss <= target else f"no (target {target:g}x)")
+    )
+    print(f"{name}: {ms * 1e3:.1f} ms, stream {ss * 1e3:.1f} ms, {ms / ss:.2f}x", flush=True)
   # The Gram matrix alone: what gram_matrix uses here (the compiled CPU
   # kernel when it is built) and the pure-XLA blocked loop it falls back to.
-  xla_gram = jax.jit(lambda g: sum(
+  xla_gram = jax.jit(
+    lambda g: sum(
       _stacked._leaf_gram_blocked(x, jnp.float32)  # pylint: disable=protected-access
-      for x in jax.tree_util.tree_leaves(g)))
+      for x in jax.tree_util.tree_leaves(g)
+    )
+  )
   kernel = "compiled kernel" if _cpu_gram.available() else "no kernel"
   rows_gram = []
-  for label, fn in ((f"gram_matrix ({kernel})", jax.jit(
-      gradcraft_jax.gram_matrix)), ("XLA blocked loop", xla_gram)):
+  for label, fn in (
+    (f"gram_matrix ({kernel})", jax.jit(gradcraft_jax.gram_matrix)),
+    ("XLA blocked loop", xla_gram),
+  ):
     ms, ss = time_pair(fn, grads, args.repeats)
     rows_gram.append((label, ms * 1e3, ss * 1e3))
-    print(f"{label}: {ms*1e3:.1f} ms, stream {ss*1e3:.1f} ms, "
-          f"{ms/ss:.2f}x", flush=True)
+    print(f"{label}: {ms * 1e3:.1f} ms, stream {ss * 1e3:.1f} ms, {ms / ss:.2f}x", flush=True)
   del grads
 
   # (b) GradCraft and mean vs T and vs parameters.
   rows_b = []
-  combos = [(tt, d_b) for tt in tasks] + [(6, d) for d in params_list
-                                          if d != d_b]
+  combos = [(tt, d_b) for tt in tasks] + [(6, d) for d in params_list if d != d_b]
   for tt, d in combos:
-    if tt * d * 4 > args.max_gb * 2 ** 30:
+    if tt * d * 4 > args.max_gb * 2**30:
       rows_b.append((tt, d, None, None, None))
       continue
     grads = make_grads(tt, d)
@@ -169,45 +180,63 @@ def main(argv=None):
       fac = getattr(gradcraft_jax, name)
       ms, ss = time_pair(jitted_update(fac(), tt), grads, args.repeats)
       res[name] = (ms, ss)
-    rows_b.append((tt, d, res["gradcraft"], res["mean"],
-                   tt * d * 4 / 2 ** 20))
-    print(f"T={tt} d={d}: " + ", ".join(
-        f"{k} {v[0]*1e3:.1f} ms ({v[0]/v[1]:.2f}x)" for k, v in res.items()),
-          flush=True)
+    rows_b.append((tt, d, res["gradcraft"], res["mean"], tt * d * 4 / 2**20))
+    print(
+      f"T={tt} d={d}: "
+      + ", ".join(f"{k} {v[0] * 1e3:.1f} ms ({v[0] / v[1]:.2f}x)" for k, v in res.items()),
+      flush=True,
+    )
     del grads
 
   lines = ["# Scaling with tasks and parameters", ""]
-  lines += [f"(a) Every transform in `gradcraft_jax`, T = {t}, {d_a:,} float32 "
-            "parameters per task over 8 leaves "
-            f"({t * d_a * 4 / 2**20:.0f} MiB of stacked gradients). Each "
-            "method timed in its own block after warm-up, interleaved with a "
-            "jitted streaming pass (`tree_map(jnp.sum, g)`); median of "
-            f"{args.repeats} runs. Targets: GradCraft <= 3x, others <= 4x.",
-            "", "| method | update ms | streaming pass ms | ratio | within "
-            "target |", "|---|---|---|---|---|"]
+  lines += [
+    f"(a) Every transform in `gradcraft_jax`, T = {t}, {d_a:,} float32 "
+    "parameters per task over 8 leaves "
+    f"({t * d_a * 4 / 2**20:.0f} MiB of stacked gradients). Each "
+    "method timed in its own block after warm-up, interleaved with a "
+    "jitted streaming pass (`tree_map(jnp.sum, g)`); median of "
+    f"{args.repeats} runs. Targets: GradCraft <= 3x, others <= 4x.",
+    "",
+    "| method | update ms | streaming pass ms | ratio | within target |",
+    "|---|---|---|---|---|",
+  ]
   for name, ms, ss, ok in rows_a:
-    lines.append(f"| {name} | {ms:.1f} | {ss:.1f} | {ms/ss:.2f}x | {ok} |")
-  lines += ["", "The Gram matrix alone, same gradients, same way:", "",
-            "| Gram matrix | ms | streaming pass ms | ratio |",
-            "|---|---|---|---|"]
+    lines.append(f"| {name} | {ms:.1f} | {ss:.1f} | {ms / ss:.2f}x | {ok} |")
+  lines += [
+    "",
+    "The Gram matrix alone, same gradients, same way:",
+    "",
+    "| Gram matrix | ms | streaming pass ms | ratio |",
+    "|---|---|---|---|",
+  ]
   for label, ms, ss in rows_gram:
-    lines.append(f"| {label} | {ms:.1f} | {ss:.1f} | {ms/ss:.2f}x |")
-  lines += ["", f"(b) GradCraft and mean vs T at {d_b:,} parameters per task "
-            "and vs parameters at T = 6 (ratio to the streaming pass in the "
-            "same block).", "",
-            "| T | params/task | stacked MiB | GradCraft ms | ratio | mean ms "
-            "| ratio |", "|---|---|---|---|---|---|---|"]
+    lines.append(f"| {label} | {ms:.1f} | {ss:.1f} | {ms / ss:.2f}x |")
+  lines += [
+    "",
+    f"(b) GradCraft and mean vs T at {d_b:,} parameters per task "
+    "and vs parameters at T = 6 (ratio to the streaming pass in the "
+    "same block).",
+    "",
+    "| T | params/task | stacked MiB | GradCraft ms | ratio | mean ms | ratio |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for tt, d, g, m, mib in rows_b:
     if g is None:
       lines.append(f"| {tt} | {d:,} | skipped (> {args.max_gb} GB) | | | | |")
       continue
-    lines.append(f"| {tt} | {d:,} | {mib:.0f} | {g[0]*1e3:.1f} | "
-                 f"{g[0]/g[1]:.2f}x | {m[0]*1e3:.1f} | {m[0]/m[1]:.2f}x |")
-  lines += ["", "Command: `python benchmarks/bench_scaling.py`  ",
-            f"Date: {datetime.date.today().isoformat()}  ",
-            f"Machine: {platform.machine()}, {os.cpu_count()}-core CPU, "
-            f"jax {jax.__version__} "
-            f"({jax.default_backend()}, {jax.device_count()} device(s))", ""]
+    lines.append(
+      f"| {tt} | {d:,} | {mib:.0f} | {g[0] * 1e3:.1f} | "
+      f"{g[0] / g[1]:.2f}x | {m[0] * 1e3:.1f} | {m[0] / m[1]:.2f}x |"
+    )
+  lines += [
+    "",
+    "Command: `python benchmarks/bench_scaling.py`  ",
+    f"Date: {datetime.date.today().isoformat()}  ",
+    f"Machine: {platform.machine()}, {os.cpu_count()}-core CPU, "
+    f"jax {jax.__version__} "
+    f"({jax.default_backend()}, {jax.device_count()} device(s))",
+    "",
+  ]
   text = "\n".join(lines)
   print(text)
   if args.quick:
@@ -216,19 +245,22 @@ def main(argv=None):
   with open(os.path.join(DOCS, "scaling.md"), "w") as f:
     f.write(text)
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   vs_t = [r for r in rows_b if r[1] == d_b and r[2] is not None]
   vs_d = [r for r in rows_b if r[0] == 6 and r[2] is not None]
   vs_d.sort(key=lambda r: r[1])
-  for ax, rows, xi, xlabel in ((axes[0], vs_t, 0, "tasks T"),
-                               (axes[1], vs_d, 1, "parameters per task")):
+  for ax, rows, xi, xlabel in (
+    (axes[0], vs_t, 0, "tasks T"),
+    (axes[1], vs_d, 1, "parameters per task"),
+  ):
     x = [r[xi] for r in rows]
     ax.loglog(x, [r[2][0] * 1e3 for r in rows], "o-", label="GradCraft")
     ax.loglog(x, [r[3][0] * 1e3 for r in rows], "s-", label="mean")
-    ax.loglog(x, [r[2][1] * 1e3 for r in rows], "k--",
-              label="streaming pass")
+    ax.loglog(x, [r[2][1] * 1e3 for r in rows], "k--", label="streaming pass")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("time per update (ms)")
     ax.legend()

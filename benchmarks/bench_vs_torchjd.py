@@ -37,31 +37,32 @@ warnings.filterwarnings("ignore")
 def jax_methods():
   """name -> factory(T); only what exists in this checkout."""
   table = {
-      "mean": lambda t: gm.mean(),
-      "mgda": lambda t: gm.mgda(),
-      "imtl_g": lambda t: gm.imtl_g(),
-      "cagrad": lambda t: gm.cagrad(0.4),
-      "upgrad": lambda t: gm.upgrad(),
-      "aligned_mtl": lambda t: gm.aligned_mtl(),
-      "pcgrad": lambda t: gm.pcgrad(seed=0),
-      "gradvac": lambda t: gm.gradvac(0.5, num_tasks=t),
-      "nash_mtl": lambda t: gm.nash_mtl(),
+    "mean": lambda t: gm.mean(),
+    "mgda": lambda t: gm.mgda(),
+    "imtl_g": lambda t: gm.imtl_g(),
+    "cagrad": lambda t: gm.cagrad(0.4),
+    "upgrad": lambda t: gm.upgrad(),
+    "aligned_mtl": lambda t: gm.aligned_mtl(),
+    "pcgrad": lambda t: gm.pcgrad(seed=0),
+    "gradvac": lambda t: gm.gradvac(0.5, num_tasks=t),
+    "nash_mtl": lambda t: gm.nash_mtl(),
   }
   return {k: v for k, v in table.items() if hasattr(gm, k)}
 
 
 def torchjd_methods():
   import torchjd.aggregation as ta  # pylint: disable=import-outside-toplevel
+
   return {
-      "mean": lambda t: ta.Mean(),
-      "mgda": lambda t: ta.MGDA(),
-      "imtl_g": lambda t: ta.IMTLG(),
-      "cagrad": lambda t: ta.CAGrad(c=0.4),
-      "upgrad": lambda t: ta.UPGrad(),
-      "aligned_mtl": lambda t: ta.AlignedMTL(),
-      "pcgrad": lambda t: ta.PCGrad(),
-      "gradvac": lambda t: ta.GradVac(),
-      "nash_mtl": lambda t: ta.NashMTL(n_tasks=t, max_norm=0.0),
+    "mean": lambda t: ta.Mean(),
+    "mgda": lambda t: ta.MGDA(),
+    "imtl_g": lambda t: ta.IMTLG(),
+    "cagrad": lambda t: ta.CAGrad(c=0.4),
+    "upgrad": lambda t: ta.UPGrad(),
+    "aligned_mtl": lambda t: ta.AlignedMTL(),
+    "pcgrad": lambda t: ta.PCGrad(),
+    "gradvac": lambda t: ta.GradVac(),
+    "nash_mtl": lambda t: ta.NashMTL(n_tasks=t, max_norm=0.0),
   }
 
 
@@ -87,20 +88,23 @@ def median_time(fn, repeats, budget_s):
 def machine():
   cpu = platform.processor() or platform.machine()
   try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True,
-                         check=False).stdout
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     for line in out.splitlines():
       if line.startswith("Model name"):
         cpu = line.split(":", 1)[1].strip()
   except OSError:
     pass
   import importlib.metadata  # pylint: disable=import-outside-toplevel
+
   import torch  # pylint: disable=import-outside-toplevel
-  return (f"{cpu}, {os.cpu_count()} CPU cores visible, "
-          f"{platform.system()} {platform.release()}; jax {jax.__version__} "
-          f"({jax.default_backend()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), torchjd "
-          f"{importlib.metadata.version('torchjd')}, Python {platform.python_version()}")
+
+  return (
+    f"{cpu}, {os.cpu_count()} CPU cores visible, "
+    f"{platform.system()} {platform.release()}; jax {jax.__version__} "
+    f"({jax.default_backend()}), torch {torch.__version__} "
+    f"({torch.get_num_threads()} threads), torchjd "
+    f"{importlib.metadata.version('torchjd')}, Python {platform.python_version()}"
+  )
 
 
 def main(argv=None):
@@ -108,13 +112,15 @@ def main(argv=None):
   parser.add_argument("--dim", type=int, default=1_000_000)
   parser.add_argument("--tasks", type=int, nargs="+", default=[2, 6, 16, 32])
   parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--budget", type=float, default=20.0,
-                      help="seconds of timed runs per cell at most")
+  parser.add_argument(
+    "--budget", type=float, default=20.0, help="seconds of timed runs per cell at most"
+  )
   parser.add_argument("--methods", nargs="+", default=None)
   parser.add_argument("--out", default="docs/benchmarks/vs_torchjd.md")
   args = parser.parse_args(argv)
 
   import torch  # pylint: disable=import-outside-toplevel
+
   torch.set_num_threads(2)
   jm, tm = jax_methods(), torchjd_methods()
   names = [n for n in (args.methods or list(jm)) if n in jm and n in tm]
@@ -149,43 +155,47 @@ def main(argv=None):
         print(f"torchjd {name} T={t} failed: {exc!r}", file=sys.stderr)
         t_torch, n_torch = float("nan"), 0
       rows.append((name, t, t_jax, t_torch, n_jax, n_torch))
-      print(f"{name:12s} T={t:3d} jax {1e3 * t_jax:9.2f} ms  torchjd "
-            f"{1e3 * t_torch:9.2f} ms  x{t_torch / t_jax:7.2f}", flush=True)
+      print(
+        f"{name:12s} T={t:3d} jax {1e3 * t_jax:9.2f} ms  torchjd "
+        f"{1e3 * t_torch:9.2f} ms  x{t_torch / t_jax:7.2f}",
+        flush=True,
+      )
 
-  lines = ["| method | T | gradcraft-jax (ms) | torchjd (ms) | speed-up |",
-           "|---|---:|---:|---:|---:|"]
+  lines = [
+    "| method | T | gradcraft-jax (ms) | torchjd (ms) | speed-up |",
+    "|---|---:|---:|---:|---:|",
+  ]
   slower = []
-  for name, t, tj, tt, _, _ in sorted(rows, key=lambda r: (names.index(r[0]),
-                                                           r[1])):
+  for name, t, tj, tt, _, _ in sorted(rows, key=lambda r: (names.index(r[0]), r[1])):
     ratio = tt / tj
     flag = " (slower)" if ratio < 1 else ""
     if ratio < 1:
       slower.append(f"{name} T={t}")
-    lines.append(f"| {name} | {t} | {1e3 * tj:.2f} | {1e3 * tt:.2f} | "
-                 f"{ratio:.2f}x{flag} |")
+    lines.append(f"| {name} | {t} | {1e3 * tj:.2f} | {1e3 * tt:.2f} | {ratio:.2f}x{flag} |")
   table = "\n".join(lines)
   print()
   print(table)
-  cmd = "python " + " ".join([os.path.relpath(__file__)] +
-                             (argv if argv is not None else sys.argv[1:]))
+  cmd = "python " + " ".join(
+    [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])
+  )
   doc = [
-      "# gradcraft-jax vs torchjd: update time",
-      "",
-      f"Command: `{cmd}`  ",
-      f"Date: {datetime.date.today().isoformat()}  ",
-      f"Machine: {machine()}",
-      "",
-      f"One update of a `(T, {args.dim})` float32 gradient matrix: the "
-      "jitted JAX transform (median of runs, `block_until_ready`, "
-      "compilation excluded) next to torchjd's aggregator on the same "
-      "matrix (`torch.set_num_threads(2)`, median of runs, two warm-up "
-      "calls each). Speed-up = torchjd time / JAX time. The machine is "
-      "shared, so absolute times are noisy; the ratios were measured in "
-      "one run. Settings: CAGrad c=0.4, GradVac beta=0.5, NashMTL "
-      "max_norm=0 (torchjd) / default (ours), everything else default.",
-      "",
-      table,
-      "",
+    "# gradcraft-jax vs torchjd: update time",
+    "",
+    f"Command: `{cmd}`  ",
+    f"Date: {datetime.date.today().isoformat()}  ",
+    f"Machine: {machine()}",
+    "",
+    f"One update of a `(T, {args.dim})` float32 gradient matrix: the "
+    "jitted JAX transform (median of runs, `block_until_ready`, "
+    "compilation excluded) next to torchjd's aggregator on the same "
+    "matrix (`torch.set_num_threads(2)`, median of runs, two warm-up "
+    "calls each). Speed-up = torchjd time / JAX time. The machine is "
+    "shared, so absolute times are noisy; the ratios were measured in "
+    "one run. Settings: CAGrad c=0.4, GradVac beta=0.5, NashMTL "
+    "max_norm=0 (torchjd) / default (ours), everything else default.",
+    "",
+    table,
+    "",
   ]
   if slower:
     doc.append("JAX slower in: " + ", ".join(slower) + ".")

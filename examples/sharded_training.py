@@ -37,11 +37,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import gradcraft_jax
 from gradcraft_jax.datasets import load_census_income
@@ -58,8 +58,9 @@ def make_mesh(fsdp: int | None = None) -> jax.sharding.Mesh:
     fsdp = 2 if n % 2 == 0 and n > 1 else 1
   if n % fsdp:
     raise ValueError(f"--fsdp {fsdp} does not divide {n} devices")
-  return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"),
-                       axis_types=(AxisType.Auto, AxisType.Auto))
+  return jax.make_mesh(
+    (n // fsdp, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto)
+  )
 
 
 def param_spec(shape, fsdp_size: int) -> P:
@@ -79,8 +80,7 @@ def shard_batch(batch: dict, mesh) -> dict:
   """Places a (host-local) batch with its leading axis over ``'data'``."""
   sharding = NamedSharding(mesh, P("data"))
   if jax.process_count() > 1:
-    return {k: jax.make_array_from_process_local_data(sharding, v)
-            for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
   return jax.device_put(batch, sharding)
 
 
@@ -92,8 +92,11 @@ def main(argv=None):
   ap.add_argument("--batch-size", type=int, default=1024)
   ap.add_argument("--lr", type=float, default=1e-3)
   ap.add_argument("--fsdp", type=int, default=None)
-  ap.add_argument("--distributed", action="store_true",
-                  help="call jax.distributed.initialize() first (multi-host)")
+  ap.add_argument(
+    "--distributed",
+    action="store_true",
+    help="call jax.distributed.initialize() first (multi-host)",
+  )
   args = ap.parse_args(argv)
   if args.distributed:
     jax.distributed.initialize()
@@ -104,17 +107,17 @@ def main(argv=None):
   mesh = make_mesh(args.fsdp)
   n_data = mesh.shape["data"]
   if args.batch_size % n_data:
-    raise ValueError(f"batch size {args.batch_size} is not divisible by the "
-                     f"data axis ({n_data})")
+    raise ValueError(f"batch size {args.batch_size} is not divisible by the data axis ({n_data})")
   data = load_census_income(max_rows=args.max_rows)
-  model = mtl_models.SharedBottom(data.cardinalities, data.num_numeric,
-                                  data.num_tasks, rngs=nnx.Rngs(0))
+  model = mtl_models.SharedBottom(
+    data.cardinalities, data.num_numeric, data.num_tasks, rngs=nnx.Rngs(0)
+  )
   graphdef, params = nnx.split(model)
   loss_fn = mtl_models.make_loss_fn(graphdef)
 
   p_shardings = jax.tree_util.tree_map(
-      lambda x: NamedSharding(mesh, param_spec(x.shape, mesh.shape["fsdp"])),
-      params)
+    lambda x: NamedSharding(mesh, param_spec(x.shape, mesh.shape["fsdp"])), params
+  )
   params = jax.device_put(params, p_shardings)
   tx = optax.chain(gradcraft_jax.gradcraft(), optax.adam(args.lr))
   opt_state = tx.init(params)
@@ -123,8 +126,7 @@ def main(argv=None):
   @jax.jit
   def step(params, opt_state, batch):
     losses, grads = grad_fn(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params,
-                                   task_losses=losses)
+    updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
     params = optax.apply_updates(params, updates)
     # keep the FSDP layout (the compiler would anyway; this makes it explicit)
     params = jax.lax.with_sharding_constraint(params, p_shardings)
@@ -138,18 +140,19 @@ def main(argv=None):
   start = time.perf_counter()
   for i in range(args.steps):
     rows = rng.choice(n, size=args.batch_size, replace=False)
-    rows = rows[jax.process_index() * local:(jax.process_index() + 1) * local]
+    rows = rows[jax.process_index() * local : (jax.process_index() + 1) * local]
     batch = shard_batch({k: v[rows] for k, v in train.items()}, mesh)
     params, opt_state, losses = step(params, opt_state, batch)
     if i % max(1, args.steps // 5) == 0 or i == args.steps - 1:
-      print(f"step {i:5d}  losses "
-            + " ".join(f"{x:.4f}" for x in np.asarray(losses)))
+      print(f"step {i:5d}  losses " + " ".join(f"{x:.4f}" for x in np.asarray(losses)))
   jax.block_until_ready(params)
   elapsed = time.perf_counter() - start
 
   aucs = mtl_models.evaluate_auc(nnx.merge(graphdef, params), data.val)
-  print(f"mesh: {dict(mesh.shape)} over {jax.device_count()} "
-        f"{jax.default_backend()} device(s), {jax.process_count()} process(es)")
+  print(
+    f"mesh: {dict(mesh.shape)} over {jax.device_count()} "
+    f"{jax.default_backend()} device(s), {jax.process_count()} process(es)"
+  )
   kernel = max(jax.tree_util.tree_leaves(params), key=lambda x: x.size)
   print(f"largest parameter {kernel.shape}: {kernel.sharding.spec}")
   print(f"{args.steps} steps in {elapsed:.1f} s")

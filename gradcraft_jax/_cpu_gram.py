@@ -29,10 +29,10 @@ import numpy as np
 
 __all__ = ["available", "supports", "gram"]
 
-_TARGETS = {jnp.dtype(jnp.float32): ("gradcraft_jax_gram_f32",
-                                      "GradcraftGramF32"),
-            jnp.dtype(jnp.bfloat16): ("gradcraft_jax_gram_bf16",
-                                       "GradcraftGramBf16")}
+_TARGETS = {
+  jnp.dtype(jnp.float32): ("gradcraft_jax_gram_f32", "GradcraftGramF32"),
+  jnp.dtype(jnp.bfloat16): ("gradcraft_jax_gram_bf16", "GradcraftGramBf16"),
+}
 ENV_VAR = "GRADCRAFT_JAX_CPU_KERNEL"
 
 
@@ -47,8 +47,9 @@ def _library_path() -> str | None:
 def _ffi_gram(flat: jax.Array) -> jax.Array:
   t = flat.shape[0]
   name = _TARGETS[jnp.dtype(flat.dtype)][0]
-  return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((t, t), jnp.float32),
-                          vmap_method="sequential")(flat)
+  return jax.ffi.ffi_call(
+    name, jax.ShapeDtypeStruct((t, t), jnp.float32), vmap_method="sequential"
+  )(flat)
 
 
 @jax.custom_jvp
@@ -66,9 +67,13 @@ def gram(flat: jax.Array) -> jax.Array:
 def _gram_jvp(primals, tangents):
   (x,), (dx,) = primals, tangents
   k = gram(x)
-  half = jax.lax.dot_general(dx, x, (((1,), (1,)), ((), ())),
-                             precision=jax.lax.Precision.HIGHEST,
-                             preferred_element_type=jnp.float32)
+  half = jax.lax.dot_general(
+    dx,
+    x,
+    (((1,), (1,)), ((), ())),
+    precision=jax.lax.Precision.HIGHEST,
+    preferred_element_type=jnp.float32,
+  )
   return k, half + half.T
 
 
@@ -94,14 +99,16 @@ def available() -> bool:
   try:
     lib = ctypes.cdll.LoadLibrary(path)
     for name, symbol in _TARGETS.values():
-      jax.ffi.register_ffi_target(
-          name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     x = np.random.default_rng(0).standard_normal((5, 1037)).astype(np.float32)
     # Usually first called while a transform is being traced, possibly under
     # a user's transfer guard: evaluate the self-test eagerly, outside that
     # trace, with its (one-off, host-side) transfers allowed.
-    with jax.ensure_compile_time_eval(), jax.transfer_guard("allow"), \
-        jax.default_device(jax.devices("cpu")[0]):
+    with (
+      jax.ensure_compile_time_eval(),
+      jax.transfer_guard("allow"),
+      jax.default_device(jax.devices("cpu")[0]),
+    ):
       got = np.asarray(jax.jit(_ffi_gram)(x), np.float64)
     want = x.astype(np.float64) @ x.T.astype(np.float64)
     return bool(np.allclose(got, want, rtol=1e-5, atol=1e-5))

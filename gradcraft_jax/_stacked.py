@@ -57,21 +57,24 @@ def num_tasks(stacked: Any) -> int:
   """
   leaves = jax.tree_util.tree_leaves_with_path(stacked)
   if not leaves:
-    raise ValueError("stacked gradients have no leaves; expected a pytree "
-                     "whose leaves have a leading task axis")
+    raise ValueError(
+      "stacked gradients have no leaves; expected a pytree whose leaves have a leading task axis"
+    )
   first_path, first = leaves[0]
   for path, leaf in leaves:
     if jnp.ndim(leaf) == 0:
       raise ValueError(
-          f"leaf {jax.tree_util.keystr(path) or '<root>'} is a scalar; every "
-          "leaf of stacked per-task gradients needs a leading task axis")
+        f"leaf {jax.tree_util.keystr(path) or '<root>'} is a scalar; every "
+        "leaf of stacked per-task gradients needs a leading task axis"
+      )
   t = jnp.shape(first)[0]
   for path, leaf in leaves:
     if jnp.shape(leaf)[0] != t:
       raise ValueError(
-          f"inconsistent task axis: leaf {jax.tree_util.keystr(path)} has "
-          f"leading dimension {jnp.shape(leaf)[0]} but leaf "
-          f"{jax.tree_util.keystr(first_path) or '<root>'} has {t}")
+        f"inconsistent task axis: leaf {jax.tree_util.keystr(path)} has "
+        f"leading dimension {jnp.shape(leaf)[0]} but leaf "
+        f"{jax.tree_util.keystr(first_path) or '<root>'} has {t}"
+      )
   return int(t)
 
 
@@ -101,12 +104,15 @@ def _self_gram(x: jax.Array, acc_dtype) -> jax.Array:
   ``preferred_element_type=acc_dtype`` (float32 products and sums, no
   float32 copy of ``x``); other inputs are cast first (a no-op for float32).
   """
-  if not (jnp.issubdtype(x.dtype, jnp.floating)
-          and jnp.dtype(x.dtype).itemsize == 2):
+  if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 2):
     x = x.astype(acc_dtype)
-  return jax.lax.dot_general(x, x, (((1,), (1,)), ((), ())),
-                             precision=jax.lax.Precision.HIGHEST,
-                             preferred_element_type=acc_dtype)
+  return jax.lax.dot_general(
+    x,
+    x,
+    (((1,), (1,)), ((), ())),
+    precision=jax.lax.Precision.HIGHEST,
+    preferred_element_type=acc_dtype,
+  )
 
 
 def _leaf_gram_blocked(flat: jax.Array, acc_dtype) -> jax.Array:
@@ -124,14 +130,16 @@ def _leaf_gram_blocked(flat: jax.Array, acc_dtype) -> jax.Array:
   nblocks, tail = divmod(n, bs)
   out = jnp.zeros((t, t), acc_dtype)
   if nblocks > 1:
+
     def body(j, acc):
       x = jax.lax.dynamic_slice_in_dim(flat, j * bs, bs, axis=1)
       return acc + _self_gram(x, acc_dtype)
+
     out = jax.lax.fori_loop(0, nblocks, body, out)
   elif nblocks == 1:
     out = _self_gram(flat[:, :bs], acc_dtype)
   if tail:
-    out = out + _self_gram(flat[:, nblocks * bs:], acc_dtype)
+    out = out + _self_gram(flat[:, nblocks * bs :], acc_dtype)
   return out
 
 
@@ -176,33 +184,38 @@ def _leaf_gram(leaf: jax.Array, acc_dtype) -> jax.Array:
     # a replicated ``T x T`` result, i.e. local products plus one
     # all-reduce of ``T x T``.
     x = leaf
-    if not (jnp.issubdtype(x.dtype, jnp.floating)
-            and jnp.dtype(x.dtype).itemsize == 2):
+    if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 2):
       x = x.astype(acc_dtype)
     axes = tuple(range(1, x.ndim))
-    return jax.lax.dot_general(x, x, ((axes, axes), ((), ())),
-                               precision=jax.lax.Precision.HIGHEST,
-                               preferred_element_type=acc_dtype,
-                               out_sharding=replicated)
+    return jax.lax.dot_general(
+      x,
+      x,
+      ((axes, axes), ((), ())),
+      precision=jax.lax.Precision.HIGHEST,
+      preferred_element_type=acc_dtype,
+      out_sharding=replicated,
+    )
   flat = leaf.reshape(t, -1)
-  if (jax.device_count() == 1 and jnp.dtype(acc_dtype) == jnp.float32
-      and _cpu_gram.supports(flat.dtype) and _cpu_gram.available()):
+  if (
+    jax.device_count() == 1
+    and jnp.dtype(acc_dtype) == jnp.float32
+    and _cpu_gram.supports(flat.dtype)
+    and _cpu_gram.available()
+  ):
     # The compiled CPU kernel (float32 and bfloat16 leaves, float32 result;
     # a tree with float64 leaves accumulates everything in float64 below):
     # one read of the leaf, vectorised over parameters, on XLA's intra-op
     # thread pool.
     return jax.lax.platform_dependent(
-        flat, cpu=_cpu_gram.gram,
-        default=lambda x: _self_gram(x, acc_dtype))
-  if (flat.shape[1] <= _block_size(t) or jax.device_count() > 1
-      or flat.dtype != acc_dtype):
+      flat, cpu=_cpu_gram.gram, default=lambda x: _self_gram(x, acc_dtype)
+    )
+  if flat.shape[1] <= _block_size(t) or jax.device_count() > 1 or flat.dtype != acc_dtype:
     # 16-bit leaves: XLA:CPU would widen a 16-bit loop operand to a float32
     # copy of the whole leaf, so they always take the single contraction.
     return _self_gram(flat, acc_dtype)
   return jax.lax.platform_dependent(
-      flat,
-      cpu=lambda x: _leaf_gram_blocked(x, acc_dtype),
-      default=lambda x: _self_gram(x, acc_dtype))
+    flat, cpu=lambda x: _leaf_gram_blocked(x, acc_dtype), default=lambda x: _self_gram(x, acc_dtype)
+  )
 
 
 def gram_matrix(stacked: Any) -> jax.Array:
@@ -265,8 +278,12 @@ def weighted_sum(stacked: Any, weights: jax.Array) -> Any:
         out = out + w[i] * leaf[i].astype(acc)
     else:
       out = jax.lax.dot_general(
-          w, leaf.astype(acc), (((0,), (0,)), ((), ())),
-          precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
+        w,
+        leaf.astype(acc),
+        (((0,), (0,)), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=acc,
+      )
     return out.astype(leaf.dtype)
 
   return jax.tree_util.tree_map(combine, stacked)

@@ -26,8 +26,13 @@ import jax.numpy as jnp
 
 from gradcraft_jax._stacked import gram_matrix
 
-__all__ = ["GradientStats", "gradient_cosines", "cosines_from_gram",
-           "conflict_counts", "gradient_stats"]
+__all__ = [
+  "GradientStats",
+  "gradient_cosines",
+  "cosines_from_gram",
+  "conflict_counts",
+  "gradient_stats",
+]
 
 
 class GradientStats(NamedTuple):
@@ -41,6 +46,7 @@ class GradientStats(NamedTuple):
     total_conflicting_pairs: int32 scalar, number of unordered conflicting
       pairs ``i < j`` (``num_conflicts.sum() / 2``).
   """
+
   norms: jax.Array
   cosines: jax.Array
   num_conflicts: jax.Array
@@ -71,8 +77,7 @@ def cosines_from_gram(gram: jax.Array) -> jax.Array:
   """
   gram = jnp.asarray(gram)
   if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
-    raise ValueError(f"gram must be a square (T, T) matrix, got shape "
-                     f"{gram.shape}")
+    raise ValueError(f"gram must be a square (T, T) matrix, got shape {gram.shape}")
   diag = jnp.diagonal(gram)
   top = jnp.max(diag)
   # ``top == 0`` only when every gradient is zero; NaN/inf pass through.
@@ -84,8 +89,7 @@ def cosines_from_gram(gram: jax.Array) -> jax.Array:
   cos = jnp.where(zero[:, None] | zero[None, :], 0.0, cos)
   eye = jnp.eye(gram.shape[0], dtype=bool)
   # Exact ones on the diagonal of nonzero tasks (NaN stays NaN).
-  cos = jnp.where(eye & ~zero[:, None], jnp.where(jnp.isnan(d), d, 1.0)[:, None],
-                  cos)
+  cos = jnp.where(eye & ~zero[:, None], jnp.where(jnp.isnan(d), d, 1.0)[:, None], cos)
   return jnp.clip(cos, -1.0, 1.0).astype(gram.dtype)
 
 
@@ -142,12 +146,14 @@ def conflict_counts(x: Any, *, is_gram: bool | None = None) -> jax.Array:
   Array([1, 1], dtype=int32)
   """
   if is_gram is None:
-    is_gram = (isinstance(x, (jax.Array,)) or hasattr(x, "__array__")) and \
-        jnp.ndim(x) == 2 and jnp.shape(x)[0] == jnp.shape(x)[1]
+    is_gram = (
+      (isinstance(x, (jax.Array,)) or hasattr(x, "__array__"))
+      and jnp.ndim(x) == 2
+      and jnp.shape(x)[0] == jnp.shape(x)[1]
+    )
   gram = jnp.asarray(x) if is_gram else gram_matrix(x)
   if is_gram and (gram.ndim != 2 or gram.shape[0] != gram.shape[1]):
-    raise ValueError(f"gram must be a square (T, T) matrix, got shape "
-                     f"{gram.shape}")
+    raise ValueError(f"gram must be a square (T, T) matrix, got shape {gram.shape}")
   return _conflicts_from_gram(gram)
 
 
@@ -173,7 +179,9 @@ def gradient_stats(stacked: Any) -> GradientStats:
   gram = gram_matrix(stacked)
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
   counts = _conflicts_from_gram(gram)
-  return GradientStats(norms=norms, cosines=cosines_from_gram(gram),
-                       num_conflicts=counts,
-                       total_conflicting_pairs=(jnp.sum(counts) // 2
-                                                ).astype(jnp.int32))
+  return GradientStats(
+    norms=norms,
+    cosines=cosines_from_gram(gram),
+    num_conflicts=counts,
+    total_conflicting_pairs=(jnp.sum(counts) // 2).astype(jnp.int32),
+  )

@@ -15,18 +15,17 @@ def _split_args(args, argnums):
   nums = (argnums,) if single else tuple(argnums)
   for n in nums:
     if not -len(args) <= n < len(args):
-      raise ValueError(f"argnums {argnums} out of range for {len(args)} "
-                       "positional arguments")
+      raise ValueError(f"argnums {argnums} out of range for {len(args)} positional arguments")
   nums = tuple(n % len(args) for n in nums)
   return single, nums
 
 
 def per_task_value_and_grad(
-    fun: Callable[..., Any],
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
-    *,
-    chunk_size: int | None = None,
+  fun: Callable[..., Any],
+  argnums: int | Sequence[int] = 0,
+  has_aux: bool = False,
+  *,
+  chunk_size: int | None = None,
 ) -> Callable[..., Any]:
   r"""Task losses and their stacked gradients from one forward pass.
 
@@ -60,8 +59,7 @@ def per_task_value_and_grad(
   Array([[3., 4.],
          [2., 4.]], dtype=float32)
   """
-  if chunk_size is not None and (not isinstance(chunk_size, int)
-                                 or chunk_size < 1):
+  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
   def wrapped(*args, **kwargs):
@@ -80,8 +78,9 @@ def per_task_value_and_grad(
       losses, vjp_fn = jax.vjp(f_of_primals, *primals)
     if jnp.ndim(losses) != 1:
       raise ValueError(
-          "per_task_value_and_grad: fun must return a 1-D vector of task "
-          f"losses, got shape {jnp.shape(losses)}")
+        "per_task_value_and_grad: fun must return a 1-D vector of task "
+        f"losses, got shape {jnp.shape(losses)}"
+      )
     t = losses.shape[0]
     eye = jnp.eye(t, dtype=losses.dtype)
     if chunk_size is None or chunk_size >= t:
@@ -93,8 +92,8 @@ def per_task_value_and_grad(
       cot = cot.reshape(nchunks, chunk_size, t)
       grads = jax.lax.map(jax.vmap(vjp_fn), cot)
       grads = jax.tree_util.tree_map(
-          lambda g: g.reshape((nchunks * chunk_size,) + g.shape[2:])[:t],
-          grads)
+        lambda g: g.reshape((nchunks * chunk_size,) + g.shape[2:])[:t], grads
+      )
     grads = grads[0] if single else grads
     value = (losses, aux) if has_aux else losses
     return value, grads

@@ -45,15 +45,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.weighting import task_weights
+from gradcraft_jax.weighting import check_method, task_weights
 
 __all__ = ["representation_value_and_grad"]
 
 
 def representation_value_and_grad(
-    encoder_fn: Callable[..., Any],
-    heads_fn: Callable[..., jax.Array],
-    tx: optax.GradientTransformation,
+  encoder_fn: Callable[..., Any],
+  heads_fn: Callable[..., jax.Array],
+  tx: optax.GradientTransformation,
 ) -> Callable[..., tuple[jax.Array, Any, jax.Array, Any]]:
   r"""Weighted multi-task gradient from representation-level task weights.
 
@@ -62,9 +62,9 @@ def representation_value_and_grad(
       any pytree of arrays, typically ``(B, H)``).
     heads_fn: ``heads_fn(params, z, *args) -> (T,)`` task losses (the
       task-specific part; it may read any entries of ``params``).
-    tx: a multi-task transform built by
-      :func:`gradcraft_jax.from_weighting` (e.g. ``gradcraft()``,
-      ``mgda()``, ``upgrad()``), not an ``optax.chain`` of it; its state is
+    tx: any method transform of the library (e.g. ``gradcraft()``,
+      ``mgda()``, ``mean()``, or one wrapped in ``optax.inject_hyperparams``),
+      not an ``optax.chain`` of it; its state is
       the ``state`` argument below (``tx.init(params)``).
 
   Returns:
@@ -77,7 +77,8 @@ def representation_value_and_grad(
     ``task_losses`` (override with ``task_losses=``). Jittable.
 
   Raises:
-    TypeError: at construction if ``tx`` was not built by ``from_weighting``.
+    TypeError: when called, if ``tx`` is not a method transform of the
+      library (possibly wrapped in ``optax.inject_hyperparams``).
     ValueError: if ``heads_fn`` does not return a 1-D vector of losses.
 
   >>> import jax, jax.numpy as jnp, optax
@@ -91,30 +92,30 @@ def representation_value_and_grad(
   >>> grads["w"].shape, w.shape
   ((2, 2), (2,))
   """
-  if getattr(getattr(tx, "update", None), "weights", None) is None:
-    raise TypeError(
-        "representation_value_and_grad needs a transform built by "
-        "gradcraft_jax.from_weighting (a method factory such as gradcraft() "
-        f"or mgda()), got {type(tx).__name__}; chain the optimizer after, "
-        "on the returned gradient")
+
+  check_method(tx, "representation_value_and_grad")
 
   def fn(params, state, *args, task_losses=None, **extra_args):
     z, encoder_vjp = jax.vjp(lambda p: encoder_fn(p, *args), params)
-    losses, heads_vjp = jax.vjp(lambda p, zz: heads_fn(p, zz, *args),
-                                params, z)
+    losses, heads_vjp = jax.vjp(lambda p, zz: heads_fn(p, zz, *args), params, z)
     if jnp.ndim(losses) != 1:
       raise ValueError(
-          "representation_value_and_grad: heads_fn must return a 1-D vector "
-          f"of task losses, got shape {jnp.shape(losses)}")
+        "representation_value_and_grad: heads_fn must return a 1-D vector "
+        f"of task losses, got shape {jnp.shape(losses)}"
+      )
     t = losses.shape[0]
     # Per-task gradients w.r.t. z only (the unused parameter cotangents of
     # the heads are dead code under jit).
     eye = jnp.eye(t, dtype=losses.dtype)
     z_grads = jax.vmap(lambda c: heads_vjp(c)[1])(eye)
     weights, new_state = task_weights(
-        tx, z_grads, state,
-        task_losses=losses if task_losses is None else task_losses,
-        **extra_args)
+      tx,
+      z_grads,
+      state,
+      task_losses=losses if task_losses is None else task_losses,
+      _caller="representation_value_and_grad",
+      **extra_args,
+    )
     weights = jax.lax.stop_gradient(weights).astype(losses.dtype)
     # One backward pass of sum_i w_i l_i through heads and encoder.
     head_grads, z_cot = heads_vjp(weights)

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
-from gradcraft_jax.nmt import nmt, nmt_loss, nmt_update_multipliers
+from gradcraft_jax.methods._nmt import nmt, nmt_loss, nmt_update_multipliers
 from gradcraft_jax.per_task import per_task_value_and_grad
 
 __all__ = ["train_prioritized", "PrioritizedResult", "StageHistory"]
@@ -41,6 +41,7 @@ class StageHistory(NamedTuple):
     target: the target :math:`l_k^*` recorded for this stage's task.
     params: the parameters at the end of the stage.
   """
+
   task: int
   losses: np.ndarray
   multipliers: np.ndarray
@@ -56,6 +57,7 @@ class PrioritizedResult(NamedTuple):
     targets: ``(num_stages,)`` recorded targets, ``targets[k]`` for task ``k``.
     history: one :class:`StageHistory` per stage.
   """
+
   params: Any
   targets: np.ndarray
   history: list
@@ -66,6 +68,7 @@ def _make_step(loss_fn, k, optimizer, targets, hp, use_nmt_loss):
   (params, state, all_losses, multipliers)``."""
 
   if k == 0:
+
     def init(params):
       return optimizer.init(params)
 
@@ -73,10 +76,10 @@ def _make_step(loss_fn, k, optimizer, targets, hp, use_nmt_loss):
       def objective(p):
         losses = loss_fn(p, batch)
         return losses[0], losses
+
       (_, losses), g = jax.value_and_grad(objective, has_aux=True)(params)
       upd, state = optimizer.update(g, state, params)
-      return (optax.apply_updates(params, upd), state, losses,
-              jnp.zeros((0,), losses.dtype))
+      return (optax.apply_updates(params, upd), state, losses, jnp.zeros((0,), losses.dtype))
 
   elif use_nmt_loss:  # one backward pass: the scalar re-scaled Lagrangian
     tgt = jnp.asarray(targets)
@@ -92,14 +95,17 @@ def _make_step(loss_fn, k, optimizer, targets, hp, use_nmt_loss):
       def objective(p, lam):
         losses = loss_fn(p, batch)
         lam = nmt_update_multipliers(
-            lam, losses[:k + 1], tgt, lagrange_lr=hp["lagrange_lr"],
-            lagrange_clip=hp["lagrange_clip"]).astype(lam.dtype)
-        return nmt_loss(losses[:k + 1], lam, tgt), (losses, lam)
-      (_, (losses, lam)), g = jax.value_and_grad(objective, has_aux=True)(
-          params, lam)
+          lam,
+          losses[: k + 1],
+          tgt,
+          lagrange_lr=hp["lagrange_lr"],
+          lagrange_clip=hp["lagrange_clip"],
+        ).astype(lam.dtype)
+        return nmt_loss(losses[: k + 1], lam, tgt), (losses, lam)
+
+      (_, (losses, lam)), g = jax.value_and_grad(objective, has_aux=True)(params, lam)
       upd, opt_state = optimizer.update(g, opt_state, params)
-      return (optax.apply_updates(params, upd), (lam, opt_state), losses,
-              lam)
+      return (optax.apply_updates(params, upd), (lam, opt_state), losses, lam)
 
   else:  # the transform on stacked per-task gradients (k + 1 backward rows)
     tx = optax.chain(nmt(list(targets), **hp), optimizer)
@@ -108,29 +114,29 @@ def _make_step(loss_fn, k, optimizer, targets, hp, use_nmt_loss):
     def step(params, state, batch):
       def rows(p):
         losses = loss_fn(p, batch)
-        return losses[:k + 1], losses
+        return losses[: k + 1], losses
+
       (sel, losses), g = per_task_value_and_grad(rows, has_aux=True)(params)
       upd, state = tx.update(g, state, params, task_losses=sel)
-      return (optax.apply_updates(params, upd), state, losses,
-              state[0].multipliers)
+      return (optax.apply_updates(params, upd), state, losses, state[0].multipliers)
 
   return init, jax.jit(step)
 
 
 def train_prioritized(
-    loss_fn: Callable[[Any, Any], jax.Array],
-    params: Any,
-    data: Any,
-    *,
-    optimizer: optax.GradientTransformation,
-    steps_per_stage: int | list[int],
-    lagrange_lr: float,
-    lagrange_clip: float,
-    init_multiplier: float = 0.0,
-    num_stages: int | None = None,
-    target_window: int | None = None,
-    eval_fn: Callable[[Any], Any] | None = None,
-    use_nmt_loss: bool = False,
+  loss_fn: Callable[[Any, Any], jax.Array],
+  params: Any,
+  data: Any,
+  *,
+  optimizer: optax.GradientTransformation,
+  steps_per_stage: int | list[int],
+  lagrange_lr: float,
+  lagrange_clip: float,
+  init_multiplier: float = 0.0,
+  num_stages: int | None = None,
+  target_window: int | None = None,
+  eval_fn: Callable[[Any], Any] | None = None,
+  use_nmt_loss: bool = False,
 ) -> PrioritizedResult:
   r"""Trains tasks stage by stage in priority order with NMT constraints.
 
@@ -186,13 +192,15 @@ def train_prioritized(
     num_stages = jax.eval_shape(loss_fn, params, first).shape[0]
   if not isinstance(num_stages, int) or num_stages < 1:
     raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
-  steps = ([steps_per_stage] * num_stages if isinstance(steps_per_stage, int)
-           else list(steps_per_stage))
+  steps = (
+    [steps_per_stage] * num_stages if isinstance(steps_per_stage, int) else list(steps_per_stage)
+  )
   if len(steps) != num_stages or min(steps) < 1:
-    raise ValueError(f"steps_per_stage must be a positive int or one per "
-                     f"stage ({num_stages}), got {steps_per_stage!r}")
-  hp = dict(lagrange_lr=lagrange_lr, lagrange_clip=lagrange_clip,
-            init_multiplier=init_multiplier)
+    raise ValueError(
+      f"steps_per_stage must be a positive int or one per "
+      f"stage ({num_stages}), got {steps_per_stage!r}"
+    )
+  hp = dict(lagrange_lr=lagrange_lr, lagrange_clip=lagrange_clip, init_multiplier=init_multiplier)
   nmt([0.0], **hp)  # validates the hyperparameters (ValueError) up front
   get_batch = data if callable(data) else (lambda stage, step: data)
 
@@ -212,6 +220,5 @@ def train_prioritized(
       window = target_window or max(1, steps[k] // 10)
       target = float(np.mean(losses[-window:, k]))
     targets.append(target)
-    history.append(StageHistory(k, losses, np.asarray(jnp.stack(lams)),
-                                target, params))
+    history.append(StageHistory(k, losses, np.asarray(jnp.stack(lams)), target, params))
   return PrioritizedResult(params, np.asarray(targets), history)

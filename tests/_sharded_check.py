@@ -44,28 +44,29 @@ import sys
 if __name__ == "__main__":
   # Only when run as the script (pytest's doctest collection also imports
   # this module, and must not turn the test process into 8 devices).
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8")
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  )
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import gradcraft_jax
 
 T = 4
 COLLECTIVE = re.compile(
-    r"= (\S+?) (all-reduce|all-gather|reduce-scatter|collective-permute|"
-    r"all-to-all)(?:-start)?\(")
+  r"= (\S+?) (all-reduce|all-gather|reduce-scatter|collective-permute|"
+  r"all-to-all)(?:-start)?\("
+)
 # Values for required factory arguments.
-FILL = {"num_tasks": T, "targets": [0.5] * (T - 1), "lagrange_lr": 0.1,
-        "lagrange_clip": 10.0}
+FILL = {"num_tasks": T, "targets": [0.5] * (T - 1), "lagrange_lr": 0.1, "lagrange_clip": 10.0}
 # Explicit-axes training runs use these (every transform is checked on
 # explicit axes by the ``explicit`` update case; compiles are slow on CPU).
-EXPLICIT_TRAINING = ("gradcraft", "mean", "nmt", "dbmtl", "upgrad",
-                     "uncertainty_weighting")
+EXPLICIT_TRAINING = ("gradcraft", "mean", "nmt", "dbmtl", "upgrad", "uncertainty_weighting")
 
 
 def discover_transforms():
@@ -76,8 +77,12 @@ def discover_transforms():
   out = {}
   for name in names:
     obj = getattr(gradcraft_jax, name, None) or getattr(methods, name, None)
-    if (obj is None or inspect.isclass(obj) or not callable(obj)
-        or name in ("from_weighting", "train_prioritized")):
+    if (
+      obj is None
+      or inspect.isclass(obj)
+      or not callable(obj)
+      or name in ("from_weighting", "train_prioritized")
+    ):
       continue
     try:
       sig = inspect.signature(obj)
@@ -116,19 +121,22 @@ def _elements(shape_str):
 
 
 def _close(a, b, rtol=1e-4, atol=1e-5):
-  return all(np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-             for x, y in zip(jax.tree_util.tree_leaves(a),
-                             jax.tree_util.tree_leaves(b)))
+  return all(
+    np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+  )
 
 
 def check_update(transforms, mesh, label, failures):
   """Transform alone on FSDP-sharded stacked gradients."""
   rng = np.random.default_rng(0)
-  params = {"w": jnp.asarray(rng.normal(size=(64, 24)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(64,)), jnp.float32)}
+  params = {
+    "w": jnp.asarray(rng.normal(size=(64, 24)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(64,)), jnp.float32),
+  }
   grads = jax.tree_util.tree_map(
-      lambda p: jnp.asarray(rng.normal(size=(T,) + p.shape), jnp.float32),
-      params)
+    lambda p: jnp.asarray(rng.normal(size=(T,) + p.shape), jnp.float32), params
+  )
   # A shared direction with conflicting signs so projections are active.
   grads["w"] = grads["w"].at[1].add(-2 * grads["w"][0])
   losses = jnp.asarray(rng.uniform(0.5, 2.0, size=(T,)), jnp.float32)
@@ -137,6 +145,7 @@ def check_update(transforms, mesh, label, failures):
   slosses = jax.device_put(losses, NamedSharding(mesh, P()))
 
   for name, tx in transforms.items():
+
     def step(g, p, l, tx=tx):
       state = tx.init(p)
       upd, _ = tx.update(g, state, p, task_losses=l)
@@ -154,16 +163,13 @@ def check_update(transforms, mesh, label, failures):
       continue
     before = len(failures)
     for k in params:
-      if not np.allclose(np.asarray(out[k]), np.asarray(ref[k]), rtol=1e-4,
-                         atol=1e-5):
+      if not np.allclose(np.asarray(out[k]), np.asarray(ref[k]), rtol=1e-4, atol=1e-5):
         failures.append(f"{tag}: sharded result differs on {k}")
-      if not out[k].sharding.is_equivalent_to(sparams[k].sharding,
-                                              params[k].ndim):
-        failures.append(f"{tag}: output {k} has sharding "
-                        f"{out[k].sharding}, params have "
-                        f"{sparams[k].sharding}")
-    big = [(op, shp) for shp, op in COLLECTIVE.findall(hlo)
-           if _elements(shp) > T * T]
+      if not out[k].sharding.is_equivalent_to(sparams[k].sharding, params[k].ndim):
+        failures.append(
+          f"{tag}: output {k} has sharding {out[k].sharding}, params have {sparams[k].sharding}"
+        )
+    big = [(op, shp) for shp, op in COLLECTIVE.findall(hlo) if _elements(shp) > T * T]
     if big:
       failures.append(f"{tag}: gradient-sized collectives {big}")
     print(f"OK {tag}" if len(failures) == before else f"FAIL {tag}")
@@ -180,7 +186,7 @@ def _gather(w):
 def _model_loss(params, batch):
   """Shared bottom MLP + one linear head per task; (T,) MSE losses."""
   h = jnp.tanh(batch["x"] @ _gather(params["w1"]) + _gather(params["b1"]))
-  preds = h @ _gather(params["heads"])                    # (B, T)
+  preds = h @ _gather(params["heads"])  # (B, T)
   return jnp.mean((preds - batch["y"]) ** 2, axis=0)
 
 
@@ -191,14 +197,16 @@ def check_training(transforms, mesh, label, param_spec, failures, steps=3):
   """Full jitted steps: per-task grads + chain(transform, adam)."""
   rng = np.random.default_rng(1)
   batch_size, d, h = 32, 16, 32
-  params = {"w1": rng.normal(size=(d, h)) / np.sqrt(d),
-            "b1": np.zeros((h,)),
-            "heads": rng.normal(size=(h, T)) / np.sqrt(h)}
-  params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32),
-                                  params)
+  params = {
+    "w1": rng.normal(size=(d, h)) / np.sqrt(d),
+    "b1": np.zeros((h,)),
+    "heads": rng.normal(size=(h, T)) / np.sqrt(h),
+  }
+  params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
   x = rng.normal(size=(batch_size, d))
-  y = np.stack([np.sin(x[:, 0]), -np.sin(x[:, 0]) + 0.1 * x[:, 1],
-                x[:, 2] ** 2, np.cos(x[:, 3])], axis=1)[:, :T]
+  y = np.stack(
+    [np.sin(x[:, 0]), -np.sin(x[:, 0]) + 0.1 * x[:, 1], x[:, 2] ** 2, np.cos(x[:, 3])], axis=1
+  )[:, :T]
   batch = {"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(y, jnp.float32)}
 
   def spec_for(a):
@@ -206,8 +214,7 @@ def check_training(transforms, mesh, label, param_spec, failures, steps=3):
       return P()
     return P(param_spec)
 
-  p_shard = jax.tree_util.tree_map(
-      lambda a: NamedSharding(mesh, spec_for(a)), params)
+  p_shard = jax.tree_util.tree_map(lambda a: NamedSharding(mesh, spec_for(a)), params)
   sparams = jax.device_put(params, p_shard)
   sbatch = jax.device_put(batch, NamedSharding(mesh, P("data")))
   grad_fn = gradcraft_jax.per_task_value_and_grad(_model_loss)
@@ -241,15 +248,14 @@ def check_training(transforms, mesh, label, param_spec, failures, steps=3):
       continue
     before = len(failures)
     if not _close(sl, l):
-      failures.append(f"{tag}: losses differ {np.asarray(sl)} vs "
-                      f"{np.asarray(l)}")
+      failures.append(f"{tag}: losses differ {np.asarray(sl)} vs {np.asarray(l)}")
     if not _close(sp, p, rtol=1e-4, atol=1e-4):
       failures.append(f"{tag}: sharded params differ from single device")
     for k in params:
-      if not sp[k].sharding.is_equivalent_to(sparams[k].sharding,
-                                             params[k].ndim):
-        failures.append(f"{tag}: params {k} changed sharding to "
-                        f"{sp[k].sharding} from {sparams[k].sharding}")
+      if not sp[k].sharding.is_equivalent_to(sparams[k].sharding, params[k].ndim):
+        failures.append(
+          f"{tag}: params {k} changed sharding to {sp[k].sharding} from {sparams[k].sharding}"
+        )
     print(f"OK {tag}" if len(failures) == before else f"FAIL {tag}")
 
 
@@ -257,8 +263,7 @@ def main(cases):
   assert jax.device_count() == 8, jax.devices()
   transforms = discover_transforms()
   print("transforms:", ", ".join(sorted(transforms)))
-  explicit_subset = {k: v for k, v in transforms.items()
-                     if k in EXPLICIT_TRAINING}
+  explicit_subset = {k: v for k, v in transforms.items() if k in EXPLICIT_TRAINING}
   devs = np.array(jax.devices())
   failures = []
   if "fsdp" in cases:
@@ -274,8 +279,7 @@ def main(cases):
     mesh = jax.make_mesh((8,), ("data",))
     check_training(explicit_subset, mesh, "data-explicit", None, failures)
   if "2d" in cases:
-    mesh = Mesh(devs.reshape(2, 4), ("data", "fsdp"),
-                axis_types=(AxisType.Auto,) * 2)
+    mesh = Mesh(devs.reshape(2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     check_training(transforms, mesh, "2d", "fsdp", failures)
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
     check_training(explicit_subset, mesh, "2d-explicit", "fsdp", failures)

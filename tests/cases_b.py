@@ -24,9 +24,9 @@ Non-conflict, stated honestly:
 import gradcraft_jax.methods as m
 
 CASES = [
-    ("cagrad", lambda t: m.cagrad(0.4, num_tasks=t), False, True, False),
-    ("dbmtl", lambda t: m.dbmtl(0.9, 0.5, num_tasks=t), True, True, False),
-    ("nash_mtl", lambda t: m.nash_mtl(num_tasks=t), False, True, False),
-    ("aligned_mtl", lambda t: m.aligned_mtl(num_tasks=t), False, True, False),
-    ("upgrad", lambda t: m.upgrad(num_tasks=t), False, True, True),
+  ("cagrad", lambda t: m.cagrad(0.4, num_tasks=t), False, True, False),
+  ("dbmtl", lambda t: m.dbmtl(0.9, 0.5, num_tasks=t), True, True, False),
+  ("nash_mtl", lambda t: m.nash_mtl(num_tasks=t), False, True, False),
+  ("aligned_mtl", lambda t: m.aligned_mtl(num_tasks=t), False, True, False),
+  ("upgrad", lambda t: m.upgrad(num_tasks=t), False, True, True),
 ]

@@ -36,7 +36,7 @@ def gradcraft_numpy(g, tau, eps, norms=None, pinv=False):
     if not conflicting:
       g_tilde[i] = g_hat[i]
       continue
-    gi = g_hat[conflicting]                      # (n, d)
+    gi = g_hat[conflicting]  # (n, d)
     z = eps * hat_norms[i] * hat_norms[conflicting]
     a = gi @ gi.T
     b = -gi @ g_hat[i] + z

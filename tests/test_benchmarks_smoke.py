@@ -17,7 +17,13 @@ def test_benchmark_quick(script):
   if not os.path.exists(path):
     pytest.skip(f"{script} not present")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, path, "--quick"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, path, "--quick"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "|" in proc.stdout  # printed a Markdown table

@@ -14,8 +14,7 @@ from gradcraft_jax import diagnostics
 def _flat(stacked):
   leaves = jax.tree_util.tree_leaves(stacked)
   t = leaves[0].shape[0]
-  return np.concatenate([np.asarray(x, np.float64).reshape(t, -1)
-                         for x in leaves], axis=1)
+  return np.concatenate([np.asarray(x, np.float64).reshape(t, -1) for x in leaves], axis=1)
 
 
 def _ref(stacked):
@@ -36,8 +35,11 @@ def _ref(stacked):
 
 def _tree(seed, t, scale=1.0, zero_rows=()):
   rng = np.random.default_rng(seed)
-  tree = {"a": rng.normal(size=(t, 4, 3)), "b": rng.normal(size=(t, 5)),
-          "c": {"d": rng.normal(size=(t, 2, 2, 2))}}
+  tree = {
+    "a": rng.normal(size=(t, 4, 3)),
+    "b": rng.normal(size=(t, 5)),
+    "c": {"d": rng.normal(size=(t, 2, 2, 2))},
+  }
   tree = jax.tree_util.tree_map(lambda x: x * scale, tree)
   for r in zero_rows:
     tree = jax.tree_util.tree_map(lambda x: x.copy(), tree)
@@ -47,16 +49,18 @@ def _tree(seed, t, scale=1.0, zero_rows=()):
 
 
 @settings(deadline=None, max_examples=12)
-@given(seed=st.integers(0, 2**31 - 1), t=st.integers(1, 7),
-       log_scale=st.sampled_from([-10.0, -3.0, 0.0, 4.0, 10.0]))
+@given(
+  seed=st.integers(0, 2**31 - 1),
+  t=st.integers(1, 7),
+  log_scale=st.sampled_from([-10.0, -3.0, 0.0, 4.0, 10.0]),
+)
 def test_matches_numpy_loop(seed, t, log_scale):
-  tree = _tree(seed, t, scale=10.0 ** log_scale)
+  tree = _tree(seed, t, scale=10.0**log_scale)
   norms, cos, counts = _ref(tree)
   got = gradcraft_jax.gradient_stats(tree)
   np.testing.assert_allclose(got.norms, norms, rtol=1e-5)
   np.testing.assert_allclose(got.cosines, cos, atol=2e-6)
-  np.testing.assert_allclose(gradcraft_jax.gradient_cosines(tree), cos,
-                             atol=2e-6)
+  np.testing.assert_allclose(gradcraft_jax.gradient_cosines(tree), cos, atol=2e-6)
   np.testing.assert_array_equal(got.num_conflicts, counts)
   np.testing.assert_array_equal(gradcraft_jax.conflict_counts(tree), counts)
   assert int(got.total_conflicting_pairs) == counts.sum() // 2
@@ -66,18 +70,18 @@ def test_matches_numpy_loop(seed, t, log_scale):
 def test_conflict_counts_from_gram_equals_from_stacked():
   tree = _tree(3, 5)
   gram = gradcraft_jax.gram_matrix(tree)
-  np.testing.assert_array_equal(gradcraft_jax.conflict_counts(gram),
-                                gradcraft_jax.conflict_counts(tree))
   np.testing.assert_array_equal(
-      gradcraft_jax.conflict_counts(np.asarray(gram)),
-      gradcraft_jax.conflict_counts(tree))
+    gradcraft_jax.conflict_counts(gram), gradcraft_jax.conflict_counts(tree)
+  )
+  np.testing.assert_array_equal(
+    gradcraft_jax.conflict_counts(np.asarray(gram)), gradcraft_jax.conflict_counts(tree)
+  )
 
 
 def test_square_single_leaf_with_is_gram_false():
   g = jnp.array([[1.0, 0.0], [-1.0, 1.0]])  # two tasks, 2 params: (T, T)
   _, _, counts = _ref({"w": g})
-  np.testing.assert_array_equal(
-      gradcraft_jax.conflict_counts(g, is_gram=False), counts)
+  np.testing.assert_array_equal(gradcraft_jax.conflict_counts(g, is_gram=False), counts)
 
 
 def test_zero_norm_tasks_give_zero_never_nan():
@@ -104,10 +108,8 @@ def test_properties_symmetric_unit_diagonal_bounded():
   assert np.all(np.abs(c) <= 1.0)
   # Cosines do not change under per-task positive rescaling.
   scales = jnp.array([1e-3, 1.0, 7.0, 1e3, 0.5, 2.0])
-  scaled = jax.tree_util.tree_map(
-      lambda x: x * scales.reshape((-1,) + (1,) * (x.ndim - 1)), tree)
-  np.testing.assert_allclose(gradcraft_jax.gradient_cosines(scaled), c,
-                             atol=2e-6)
+  scaled = jax.tree_util.tree_map(lambda x: x * scales.reshape((-1,) + (1,) * (x.ndim - 1)), tree)
+  np.testing.assert_allclose(gradcraft_jax.gradient_cosines(scaled), c, atol=2e-6)
 
 
 def test_non_finite_input_gives_non_finite_output():

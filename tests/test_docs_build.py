@@ -24,18 +24,37 @@ pytest.importorskip("mkdocs_jupyter")
 def test_mkdocs_build_strict(tmp_path):
   env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
   proc = subprocess.run(
-      [sys.executable, "-m", "mkdocs", "build", "--strict",
-       "--config-file", str(ROOT / "mkdocs.yml"), "--site-dir",
-       str(tmp_path / "site")],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  hint = ("" if NOTEBOOK.exists() else
-          f"\n(note: {NOTEBOOK.relative_to(ROOT)} does not exist; the nav "
-          "and the pages link to it)")
-  assert proc.returncode == 0, (
-      f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}{hint}")
+    [
+      sys.executable,
+      "-m",
+      "mkdocs",
+      "build",
+      "--strict",
+      "--config-file",
+      str(ROOT / "mkdocs.yml"),
+      "--site-dir",
+      str(tmp_path / "site"),
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  hint = (
+    ""
+    if NOTEBOOK.exists()
+    else f"\n(note: {NOTEBOOK.relative_to(ROOT)} does not exist; the nav and the pages link to it)"
+  )
+  assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}{hint}"
   site = tmp_path / "site"
-  for page in ("index.html", "getting-started/index.html", "api/index.html",
-               "gradcraft/index.html", "nmt/index.html"):
+  for page in (
+    "index.html",
+    "getting-started/index.html",
+    "api/index.html",
+    "gradcraft/index.html",
+    "nmt/index.html",
+  ):
     assert (site / page).is_file(), page
   api = (site / "api" / "index.html").read_text(encoding="utf-8")
   assert 'id="gradcraft_jax.gradcraft.gradcraft"' in api

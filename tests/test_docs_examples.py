@@ -12,8 +12,7 @@ import re
 import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
-_FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$",
-                    re.MULTILINE | re.DOTALL)
+_FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
 def python_blocks(page: str) -> list[str]:
@@ -25,8 +24,7 @@ def run_page(page: str) -> dict:
   assert blocks, f"docs/{page} has no ```python blocks"
   namespace: dict = {"__name__": f"docs_{page.replace('-', '_')[:-3]}"}
   for i, code in enumerate(blocks):
-    exec(compile(code, f"docs/{page} [python block {i + 1}]", "exec"),
-         namespace)
+    exec(compile(code, f"docs/{page} [python block {i + 1}]", "exec"), namespace)
   return namespace
 
 

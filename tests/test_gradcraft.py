@@ -7,15 +7,14 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_gradcraft import gradcraft_numpy
 
 import gradcraft_jax as gj
-from reference_gradcraft import gradcraft_numpy
 
 LEAF_SHAPES = [(3, 4), (5,), (2, 3, 2), (7,)]  # 36 parameters per task
 
 
-def random_stacked(rng, t, shapes=LEAF_SHAPES, rank=None, dtype=np.float64,
-                   spread=0.0):
+def random_stacked(rng, t, shapes=LEAF_SHAPES, rank=None, dtype=np.float64, spread=0.0):
   """Stacked pytree with T tasks; task norms spread over 10**±spread."""
   d = sum(int(np.prod(s)) for s in shapes)
   if rank is None:
@@ -26,14 +25,15 @@ def random_stacked(rng, t, shapes=LEAF_SHAPES, rank=None, dtype=np.float64,
   leaves, start = {}, 0
   for j, s in enumerate(shapes):
     n = int(np.prod(s))
-    leaves[f"leaf{j}"] = flat[:, start:start + n].reshape((t,) + s).astype(dtype)
+    leaves[f"leaf{j}"] = flat[:, start : start + n].reshape((t,) + s).astype(dtype)
     start += n
   return leaves, flat
 
 
 def flatten_update(tree):
-  return np.concatenate([np.asarray(tree[k], np.float64).ravel()
-                         for k in sorted(tree, key=lambda k: int(k[4:]))])
+  return np.concatenate(
+    [np.asarray(tree[k], np.float64).ravel() for k in sorted(tree, key=lambda k: int(k[4:]))]
+  )
 
 
 def run(tx, stacked, state=None):
@@ -50,15 +50,12 @@ def test_matches_numpy_reference_float64(seed):
   rank = int(rng.integers(2, 6)) if seed % 2 else None
   with jax.enable_x64(True):
     stacked, flat = random_stacked(rng, t, rank=rank, spread=3.0)
-    expected, g_hat, _ = gradcraft_numpy(flat, tau, eps,
-                                         pinv="unit" if rank else False)
-    update, _ = run(gj.gradcraft(tau, eps), jax.tree_util.tree_map(
-        jnp.asarray, stacked))
+    expected, g_hat, _ = gradcraft_numpy(flat, tau, eps, pinv="unit" if rank else False)
+    update, _ = run(gj.gradcraft(tau, eps), jax.tree_util.tree_map(jnp.asarray, stacked))
     got = flatten_update(update)
     assert update["leaf0"].dtype == jnp.float64
   # the update can cancel to ~0: measure the error against the inputs' scale
-  np.testing.assert_allclose(got, expected, rtol=1e-7,
-                             atol=1e-10 * np.abs(g_hat).max())
+  np.testing.assert_allclose(got, expected, rtol=1e-7, atol=1e-10 * np.abs(g_hat).max())
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -72,8 +69,7 @@ def test_matches_numpy_reference_float32(seed):
   update, _ = run(gj.gradcraft(tau, eps), stacked)
   assert update["leaf0"].dtype == jnp.float32
   got = flatten_update(update)
-  np.testing.assert_allclose(got, expected, rtol=2e-3,
-                             atol=1e-4 * np.abs(g_hat).max())
+  np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-4 * np.abs(g_hat).max())
 
 
 @pytest.mark.parametrize("scale", [1e-12, 1e-6, 1.0, 1e6, 1e12])
@@ -85,8 +81,7 @@ def test_scales(scale):
   update, _ = run(gj.gradcraft(0.5, 0.1), stacked)
   got = flatten_update(update)
   assert np.all(np.isfinite(got))
-  np.testing.assert_allclose(got, expected, rtol=5e-3,
-                             atol=5e-4 * np.abs(expected).max())
+  np.testing.assert_allclose(got, expected, rtol=5e-3, atol=5e-4 * np.abs(expected).max())
 
 
 def test_zero_task_stays_zero_and_all_zero_gives_zero():
@@ -97,16 +92,14 @@ def test_zero_task_stays_zero_and_all_zero_gives_zero():
   for v in stacked.values():
     v[2] = 0.0
   with jax.enable_x64(True):
-    s, w = gj.gradcraft_coefficients(gj.gram_matrix(stacked), tau=1.0,
-                                     eps=0.2)
+    s, w = gj.gradcraft_coefficients(gj.gram_matrix(stacked), tau=1.0, eps=0.2)
     assert np.all(np.isfinite(s)) and np.all(np.isfinite(w))
     # the zero task receives no projection and is never used as a direction
     assert np.all(np.asarray(w)[2] == 0) and np.all(np.asarray(w)[:, 2] == 0)
     update, _ = run(gj.gradcraft(1.0, 0.2), stacked)
     expected, _, _ = gradcraft_numpy(flat, 1.0, 0.2)
     np.testing.assert_allclose(flatten_update(update), expected, rtol=1e-9)
-  zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32),
-                                 stacked)
+  zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), stacked)
   update, _ = run(gj.gradcraft(0.5, 0.1), zeros)
   for leaf in jax.tree_util.tree_leaves(update):
     assert np.all(np.asarray(leaf) == 0)
@@ -115,7 +108,7 @@ def test_zero_task_stays_zero_and_all_zero_gives_zero():
 def test_duplicate_tasks_give_minimum_norm_solution():
   rng = np.random.default_rng(11)
   base = rng.standard_normal((3, 20))
-  base[1] = -0.8 * base[0] + 0.3 * base[1]   # make conflicts likely
+  base[1] = -0.8 * base[0] + 0.3 * base[1]  # make conflicts likely
   flat = np.concatenate([base, base[1:2], base[1:2]])  # task 1 three times
   stacked = {"a": flat[:, :12].reshape(5, 3, 4), "b": flat[:, 12:]}
   with jax.enable_x64(True):
@@ -144,15 +137,16 @@ def test_half_precision_inputs(dtype):
   rng = np.random.default_rng(5)
   stacked, flat = random_stacked(rng, 4, rank=3, dtype=np.float32)
   low = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), stacked)
-  flat_low = np.concatenate([np.asarray(low[f"leaf{j}"], np.float64).reshape(4, -1)
-                             for j in range(len(LEAF_SHAPES))], axis=1)
+  flat_low = np.concatenate(
+    [np.asarray(low[f"leaf{j}"], np.float64).reshape(4, -1) for j in range(len(LEAF_SHAPES))],
+    axis=1,
+  )
   expected, _, _ = gradcraft_numpy(flat_low, 0.5, 0.1, pinv="unit")
   update, _ = run(gj.gradcraft(0.5, 0.1), low)
   assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(update))
   got = flatten_update(update)
   assert np.all(np.isfinite(got))
-  np.testing.assert_allclose(got, expected, rtol=3e-2,
-                             atol=2e-2 * np.abs(expected).max())
+  np.testing.assert_allclose(got, expected, rtol=3e-2, atol=2e-2 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -161,11 +155,9 @@ def test_non_finite_input_gives_non_finite_update(bad):
   stacked, _ = random_stacked(rng, 3, dtype=np.float32)
   stacked["leaf1"][1, 2] = bad
   update, _ = run(gj.gradcraft(0.5, 0.1), stacked)
-  assert not all(np.all(np.isfinite(np.asarray(x)))
-                 for x in jax.tree_util.tree_leaves(update))
+  assert not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(update))
   # ... so that an apply_if_finite optimizer after it skips the step
-  tx = optax.chain(gj.gradcraft(0.5, 0.1),
-                   optax.apply_if_finite(optax.sgd(0.1), 3))
+  tx = optax.chain(gj.gradcraft(0.5, 0.1), optax.apply_if_finite(optax.sgd(0.1), 3))
   params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape[1:]), stacked)
   updates, state = tx.update(stacked, tx.init(params), params)
   assert int(state[1].notfinite_count) == 1
@@ -173,14 +165,17 @@ def test_non_finite_input_gives_non_finite_update(bad):
     assert np.all(np.asarray(leaf) == 0)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(tau=-0.1, eps=0.0), "tau"),
     (dict(tau=1.5, eps=0.0), "tau"),
     (dict(tau=0.5, eps=-1e-3), "eps"),
     (dict(tau=float("nan"), eps=0.0), "tau"),
     (dict(tau=0.5, eps=0.0, norm_decay=1.0), "norm_decay"),
     (dict(tau=0.5, eps=0.0, norm_decay=0.9), "num_tasks"),
-])
+  ],
+)
 def test_bad_hyperparameters(kwargs, match):
   with pytest.raises(ValueError, match=match):
     gj.gradcraft(**kwargs)
@@ -214,14 +209,16 @@ def test_inject_hyperparams_and_jit_without_retrace():
 
   upd, state = step(stacked, state)
   expected, _, _ = gradcraft_numpy(flat, 0.5, 0.1, pinv="unit")
-  np.testing.assert_allclose(flatten_update(upd), expected, rtol=2e-3,
-                             atol=1e-4 * np.abs(expected).max())
+  np.testing.assert_allclose(
+    flatten_update(upd), expected, rtol=2e-3, atol=1e-4 * np.abs(expected).max()
+  )
   state.hyperparams["tau"] = jnp.asarray(0.9, jnp.float32)
   state.hyperparams["eps"] = jnp.asarray(0.0, jnp.float32)
   upd, state = step(stacked, state)
   expected, _, _ = gradcraft_numpy(flat, 0.9, 0.0, pinv="unit")
-  np.testing.assert_allclose(flatten_update(upd), expected, rtol=2e-3,
-                             atol=1e-4 * np.abs(expected).max())
+  np.testing.assert_allclose(
+    flatten_update(upd), expected, rtol=2e-3, atol=1e-4 * np.abs(expected).max()
+  )
   assert len(traces) == 1
 
 
@@ -248,16 +245,15 @@ def test_multisteps_accumulates_then_applies():
   params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape[1:]), stacked)
   # MultiSteps accumulates parameter-shaped updates: it goes after gradcraft
   tx = optax.chain(
-      gj.gradcraft(0.5, 0.1),
-      optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2
-                       ).gradient_transformation())
+    gj.gradcraft(0.5, 0.1),
+    optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2).gradient_transformation(),
+  )
   state = tx.init(params)
   upd1, state = tx.update(stacked, state, params)
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree_util.tree_leaves(upd1))
   upd2, state = tx.update(stacked, state, params)
   expected, _, _ = gradcraft_numpy(flat, 0.5, 0.1)
-  np.testing.assert_allclose(-flatten_update(upd2), expected, rtol=2e-3,
-                             atol=1e-5)
+  np.testing.assert_allclose(-flatten_update(upd2), expected, rtol=2e-3, atol=1e-5)
 
 
 # ------------------------------------------------------------------ properties
@@ -268,7 +264,7 @@ _coefficients = jax.jit(gj.gradcraft_coefficients)
 
 @jax.jit
 def _update(stacked, tau, eps):
-  tx = gj.gradcraft(tau, eps)   # traced hyperparameters: compiled once
+  tx = gj.gradcraft(tau, eps)  # traced hyperparameters: compiled once
   return tx.update(stacked, tx.init(None))[0]
 
 
@@ -285,6 +281,7 @@ def conflicting_matrices(min_t=2, max_t=8):
     # zero-pad to a fixed width: inner products are unchanged and the jitted
     # functions compile once per T only
     return np.pad(flat, ((0, 0), (0, PAD_WIDTH - d)))
+
   return build()
 
 
@@ -314,8 +311,7 @@ def test_projection_hits_the_similarity_target(flat, tau, eps):
       continue
     got = g_hat[conflicts] @ g_tilde[i]
     target = eps * hat_norms[i] * hat_norms[conflicts]
-    np.testing.assert_allclose(got, target, rtol=1e-6,
-                               atol=1e-7 * hat_norms[i] * hat_norms.max())
+    np.testing.assert_allclose(got, target, rtol=1e-6, atol=1e-7 * hat_norms[i] * hat_norms.max())
 
 
 @settings(deadline=None, max_examples=60)
@@ -334,7 +330,7 @@ def test_single_conflict_reduces_to_pcgrad(seed, d, tau):
   g0 = rng.standard_normal(d)
   g1 = rng.standard_normal(d)
   if g0 @ g1 >= 0:
-    g1 = g1 - 2 * (g0 @ g1) / (g0 @ g0) * g0   # reflect to force a conflict
+    g1 = g1 - 2 * (g0 @ g1) / (g0 @ g0) * g0  # reflect to force a conflict
   g1 *= 10 ** rng.uniform(-2, 2)
   if abs(g0 @ g1) < 1e-6 * np.linalg.norm(g0) * np.linalg.norm(g1):
     return
@@ -342,15 +338,18 @@ def test_single_conflict_reduces_to_pcgrad(seed, d, tau):
   with jax.enable_x64(True):
     g_hat, g_tilde = tilde_from_coefficients(flat, tau, 0.0)
     update = _update({"g": jnp.asarray(flat)}, tau, 0.0)
-  pc = [g_hat[i] - (g_hat[i] @ g_hat[1 - i]) / (g_hat[1 - i] @ g_hat[1 - i])
-        * g_hat[1 - i] for i in range(2)]
-  np.testing.assert_allclose(g_tilde, np.stack(pc), rtol=1e-8,
-                             atol=1e-10 * np.abs(g_hat).max())
-  np.testing.assert_allclose(np.asarray(update["g"]), np.mean(pc, axis=0),
-                             rtol=1e-8, atol=1e-10 * np.abs(g_hat).max())
+  pc = [
+    g_hat[i] - (g_hat[i] @ g_hat[1 - i]) / (g_hat[1 - i] @ g_hat[1 - i]) * g_hat[1 - i]
+    for i in range(2)
+  ]
+  np.testing.assert_allclose(g_tilde, np.stack(pc), rtol=1e-8, atol=1e-10 * np.abs(g_hat).max())
+  np.testing.assert_allclose(
+    np.asarray(update["g"]), np.mean(pc, axis=0), rtol=1e-8, atol=1e-10 * np.abs(g_hat).max()
+  )
 
 
 # ------------------------------------------------------------------- training
+
 
 def test_jitted_training_improves_every_task():
   """Three regression tasks on shared features, two of them in conflict."""
@@ -359,10 +358,10 @@ def test_jitted_training_improves_every_task():
   w_true = rng.standard_normal((8, 3)).astype(np.float32)
   w_true[:, 1] = -0.7 * w_true[:, 0] + 0.3 * w_true[:, 1]
   y = x @ w_true + 0.05 * rng.standard_normal((256, 3)).astype(np.float32)
-  params = {"shared": jnp.asarray(rng.standard_normal((8, 16)) * 0.3,
-                                  jnp.float32),
-            "heads": jnp.asarray(rng.standard_normal((16, 3)) * 0.3,
-                                 jnp.float32)}
+  params = {
+    "shared": jnp.asarray(rng.standard_normal((8, 16)) * 0.3, jnp.float32),
+    "heads": jnp.asarray(rng.standard_normal((16, 3)) * 0.3, jnp.float32),
+  }
 
   def losses_fn(p, x, y):
     pred = jnp.tanh(x @ p["shared"]) @ p["heads"]

@@ -29,8 +29,7 @@ def reference(x):
 def tolerance(x, rel=2e-6):
   """Entry-wise bound ~ rel * ||x_i|| ||x_j|| (float32 output rounding
   plus float32 partial sums)."""
-  norms = np.linalg.norm(np.asarray(jnp.asarray(x).astype(jnp.float32),
-                                    np.float64), axis=1)
+  norms = np.linalg.norm(np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64), axis=1)
   return rel * np.outer(norms, norms) + 1e-30
 
 
@@ -39,16 +38,16 @@ def test_kernel_is_built_where_it_should_be():
   silent fallback would lose the speed the docs report."""
   if os.environ.get(_cpu_gram.ENV_VAR, "1") == "0":
     pytest.skip("kernel disabled by the environment")
-  if platform.system() != "Linux" or platform.machine() != "x86_64" or \
-      shutil.which("c++") is None:
+  if platform.system() != "Linux" or platform.machine() != "x86_64" or shutil.which("c++") is None:
     pytest.skip("kernel only required on x86-64 Linux with a compiler")
   assert KERNEL
 
 
 @needs_kernel
 @settings(max_examples=60)
-@given(t=st.integers(1, 70), n=st.integers(0, 3000),
-       bf16=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@given(
+  t=st.integers(1, 70), n=st.integers(0, 3000), bf16=st.booleans(), seed=st.integers(0, 2**31 - 1)
+)
 def test_kernel_matches_float64_numpy(t, n, bf16, seed):
   x = np.random.default_rng(seed).standard_normal((t, n)).astype(np.float32)
   x = jnp.asarray(x, jnp.bfloat16 if bf16 else jnp.float32)
@@ -59,14 +58,12 @@ def test_kernel_matches_float64_numpy(t, n, bf16, seed):
 
 
 @needs_kernel
-@pytest.mark.parametrize("t,n", [(3, 400_003), (6, (1 << 20) + 5),
-                                 (40, 70_001)])
+@pytest.mark.parametrize("t,n", [(3, 400_003), (6, (1 << 20) + 5), (40, 70_001)])
 def test_kernel_threaded_parts(t, n):
   """Shapes large enough to be split over the thread pool: accurate, and
   bit-identical from call to call (parts depend on the shape only)."""
   rng = np.random.default_rng(t)
-  x = jnp.asarray(rng.standard_normal((t, n)) * rng.uniform(0.01, 100, (t, 1)),
-                  jnp.float32)
+  x = jnp.asarray(rng.standard_normal((t, n)) * rng.uniform(0.01, 100, (t, 1)), jnp.float32)
   f = jax.jit(_cpu_gram.gram)
   got = np.asarray(f(x))
   assert np.all(np.abs(got - reference(x)) <= tolerance(x))
@@ -77,16 +74,16 @@ def test_kernel_threaded_parts(t, n):
 @needs_kernel
 def test_gram_matrix_uses_kernel_and_agrees_with_xla_paths():
   rng = np.random.default_rng(0)
-  tree = {"w": jnp.asarray(rng.standard_normal((5, 300, 70)), jnp.float32),
-          "b": jnp.asarray(rng.standard_normal((5, 70)), jnp.float32)}
+  tree = {
+    "w": jnp.asarray(rng.standard_normal((5, 300, 70)), jnp.float32),
+    "b": jnp.asarray(rng.standard_normal((5, 70)), jnp.float32),
+  }
   hlo = jax.jit(gj.gram_matrix).lower(tree).as_text()
   assert hlo.count("gradcraft_jax_gram_f32") == 2
   flat = jnp.concatenate([tree["w"].reshape(5, -1), tree["b"]], axis=1)
   k = np.asarray(jax.jit(gj.gram_matrix)(tree))
-  blocked = np.asarray(jax.jit(
-      lambda x: _stacked._leaf_gram_blocked(x, jnp.float32))(flat))
-  plain = np.asarray(jax.jit(
-      lambda x: _stacked._self_gram(x, jnp.float32))(flat))
+  blocked = np.asarray(jax.jit(lambda x: _stacked._leaf_gram_blocked(x, jnp.float32))(flat))
+  plain = np.asarray(jax.jit(lambda x: _stacked._self_gram(x, jnp.float32))(flat))
   tol = tolerance(flat, rel=1e-5)
   assert np.all(np.abs(k - blocked) <= tol)
   assert np.all(np.abs(k - plain) <= tol)
@@ -124,16 +121,17 @@ def test_environment_variable_disables_kernel():
   """GRADCRAFT_JAX_CPU_KERNEL=0 falls back to the pure-XLA path, with the
   same Gram matrix."""
   code = (
-      "import jax, jax.numpy as jnp, numpy as np\n"
-      "import gradcraft_jax as gj\n"
-      "from gradcraft_jax import _cpu_gram\n"
-      "x = np.random.default_rng(3).standard_normal((4, 9000), np.float32)\n"
-      "k = np.asarray(jax.jit(gj.gram_matrix)({'x': jnp.asarray(x)}))\n"
-      "hlo = jax.jit(gj.gram_matrix).lower({'x': jnp.asarray(x)}).as_text()\n"
-      "r = x.astype(np.float64) @ x.T.astype(np.float64)\n"
-      "assert not _cpu_gram.available()\n"
-      "assert 'gradcraft_jax_gram' not in hlo\n"
-      "assert np.abs(k - r).max() <= 1e-5 * np.abs(r).max()\n")
+    "import jax, jax.numpy as jnp, numpy as np\n"
+    "import gradcraft_jax as gj\n"
+    "from gradcraft_jax import _cpu_gram\n"
+    "x = np.random.default_rng(3).standard_normal((4, 9000), np.float32)\n"
+    "k = np.asarray(jax.jit(gj.gram_matrix)({'x': jnp.asarray(x)}))\n"
+    "hlo = jax.jit(gj.gram_matrix).lower({'x': jnp.asarray(x)}).as_text()\n"
+    "r = x.astype(np.float64) @ x.T.astype(np.float64)\n"
+    "assert not _cpu_gram.available()\n"
+    "assert 'gradcraft_jax_gram' not in hlo\n"
+    "assert np.abs(k - r).max() <= 1e-5 * np.abs(r).max()\n"
+  )
   env = dict(os.environ, **{_cpu_gram.ENV_VAR: "0"})
   subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
@@ -144,16 +142,17 @@ def test_first_use_under_transfer_guard_still_uses_kernel():
   jitted step under ``jax.transfer_guard("disallow")``; it must not fail
   there (and silently drop to the slower path)."""
   code = (
-      "import jax, jax.numpy as jnp, numpy as np\n"
-      "import gradcraft_jax as gj\n"
-      "from gradcraft_jax import _cpu_gram\n"
-      "x = jnp.asarray(np.ones((3, 5000), np.float32))\n"
-      "with jax.transfer_guard('disallow'):\n"
-      "  hlo = jax.jit(gj.gram_matrix).lower({'x': x}).as_text()\n"
-      "  k = jax.jit(gj.gram_matrix)({'x': x})\n"
-      "assert _cpu_gram.available()\n"
-      "assert 'gradcraft_jax_gram_f32' in hlo\n"
-      "assert np.allclose(np.asarray(k), 5000.0)\n")
+    "import jax, jax.numpy as jnp, numpy as np\n"
+    "import gradcraft_jax as gj\n"
+    "from gradcraft_jax import _cpu_gram\n"
+    "x = jnp.asarray(np.ones((3, 5000), np.float32))\n"
+    "with jax.transfer_guard('disallow'):\n"
+    "  hlo = jax.jit(gj.gram_matrix).lower({'x': x}).as_text()\n"
+    "  k = jax.jit(gj.gram_matrix)({'x': x})\n"
+    "assert _cpu_gram.available()\n"
+    "assert 'gradcraft_jax_gram_f32' in hlo\n"
+    "assert np.allclose(np.asarray(k), 5000.0)\n"
+  )
   env = dict(os.environ)
   env.pop(_cpu_gram.ENV_VAR, None)
   subprocess.run([sys.executable, "-c", code], env=env, check=True)

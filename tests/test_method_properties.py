@@ -12,21 +12,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cases_a import CASES as CASES_A
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradcraft_jax as gj
-from cases_a import CASES as CASES_A
 
 try:
   from cases_b import CASES as CASES_B
 except ImportError:
   CASES_B = []
 
-CASES = CASES_A + CASES_B + [
-    ("gradcraft", lambda t: gj.gradcraft(0.5, 0.1, num_tasks=t), False, True,
-     False),
-]
+CASES = (
+  CASES_A
+  + CASES_B
+  + [
+    ("gradcraft", lambda t: gj.gradcraft(0.5, 0.1, num_tasks=t), False, True, False),
+  ]
+)
 IDS = [c[0] for c in CASES]
 ORDER_FREE = [c for c in CASES if c[3]]
 # Methods whose fixed-iteration float32 solver has a documented accuracy
@@ -45,13 +48,16 @@ def make_stacked(flat, dtype=jnp.float32):
   """(T, 17) array -> stacked pytree {"a": (T, 3, 4), "b": (T, 5)}."""
   flat = np.asarray(flat)
   t = flat.shape[0]
-  return {"a": jnp.asarray(flat[:, :12].reshape(t, 3, 4), dtype),
-          "b": jnp.asarray(flat[:, 12:], dtype)}
+  return {
+    "a": jnp.asarray(flat[:, :12].reshape(t, 3, 4), dtype),
+    "b": jnp.asarray(flat[:, 12:], dtype),
+  }
 
 
 def flatten(tree):
-  return np.concatenate([np.asarray(tree["a"], np.float64).ravel(),
-                         np.asarray(tree["b"], np.float64).ravel()])
+  return np.concatenate(
+    [np.asarray(tree["a"], np.float64).ravel(), np.asarray(tree["b"], np.float64).ravel()]
+  )
 
 
 def gradients(kind, t, rng):
@@ -90,28 +96,34 @@ def run_steps(case, flats, losses, dtype=jnp.float32, jit=True):
   outs = []
   for flat, loss in zip(flats, losses):
     kw = {"task_losses": jnp.asarray(loss, jnp.float32)} if needs_losses else {}
-    upd, state = update(make_stacked(flat, dtype), state, params_like(dtype),
-                        **kw)
+    upd, state = update(make_stacked(flat, dtype), state, params_like(dtype), **kw)
     outs.append(upd)
   return outs, state
 
 
 def tree_signature(tree):
-  return jax.tree_util.tree_map(lambda x: (jnp.shape(x), jnp.result_type(x)),
-                                tree)
+  return jax.tree_util.tree_map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
 
 
 def all_finite(tree):
-  return all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32))))
-             for x in jax.tree_util.tree_leaves(tree))
+  return all(
+    bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in jax.tree_util.tree_leaves(tree)
+  )
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("kind,dtype", [
-    ("normal", jnp.float32), ("duplicate", jnp.float32),
-    ("opposite", jnp.float32), ("zeros", jnp.float32),
-    ("one_zero", jnp.float32), ("normal", jnp.bfloat16),
-    ("duplicate", jnp.bfloat16)])
+@pytest.mark.parametrize(
+  "kind,dtype",
+  [
+    ("normal", jnp.float32),
+    ("duplicate", jnp.float32),
+    ("opposite", jnp.float32),
+    ("zeros", jnp.float32),
+    ("one_zero", jnp.float32),
+    ("normal", jnp.bfloat16),
+    ("duplicate", jnp.bfloat16),
+  ],
+)
 def test_structure_dtype_finite(case, kind, dtype):
   rng = np.random.default_rng(0)
   t = 4
@@ -150,29 +162,27 @@ def test_extreme_scales_float32(case, scale):
 def test_permutation_equivariance(case, seed, t):
   rng = np.random.default_rng(seed)
   perm = rng.permutation(t)
-  flats = [gradients("normal", t, rng) * rng.uniform(0.2, 5.0, (t, 1))
-           for _ in range(3)]
+  flats = [gradients("normal", t, rng) * rng.uniform(0.2, 5.0, (t, 1)) for _ in range(3)]
   losses = [rng.uniform(0.5, 2.0, t) for _ in range(3)]
   outs, _ = run_steps(case, flats, losses)
-  outs_p, _ = run_steps(case, [f[perm] for f in flats],
-                        [l[perm] for l in losses])
+  outs_p, _ = run_steps(case, [f[perm] for f in flats], [l[perm] for l in losses])
   tol = SOLVER_TOL.get(case[0], 1e-5)
   for u, up, f in zip(outs, outs_p, flats):
     scale = np.abs(f).max() * t
-    np.testing.assert_allclose(flatten(up), flatten(u), rtol=10 * tol,
-                               atol=tol * scale)
+    np.testing.assert_allclose(flatten(up), flatten(u), rtol=10 * tol, atol=tol * scale)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", NONCONFLICTING,
-                         ids=[c[0] for c in NONCONFLICTING])
+@pytest.mark.parametrize("case", NONCONFLICTING, ids=[c[0] for c in NONCONFLICTING])
 @settings(deadline=None, max_examples=15)
-@given(seed=st.integers(0, 2**31 - 1), t=st.integers(2, 6),
-       kind=st.sampled_from(["normal", "duplicate", "opposite", "one_zero"]))
+@given(
+  seed=st.integers(0, 2**31 - 1),
+  t=st.integers(2, 6),
+  kind=st.sampled_from(["normal", "duplicate", "opposite", "one_zero"]),
+)
 def test_nonconflicting(case, seed, t, kind):
   rng = np.random.default_rng(seed)
-  flats = [gradients(kind, t, rng) * rng.uniform(0.1, 10.0, (t, 1))
-           for _ in range(2)]
+  flats = [gradients(kind, t, rng) * rng.uniform(0.1, 10.0, (t, 1)) for _ in range(2)]
   losses = [rng.uniform(0.5, 2.0, t) for _ in range(2)]
   outs, _ = run_steps(case, flats, losses)
   for u, f in zip(outs, flats):
@@ -200,8 +210,11 @@ def test_jit_does_not_retrace(case):
   rng = np.random.default_rng(2)
   state = tx.init(params_like())
   for _ in range(3):
-    _, state = jstep(make_stacked(rng.standard_normal((t, D))), state,
-                     jnp.asarray(rng.uniform(0.5, 2.0, t), jnp.float32))
+    _, state = jstep(
+      make_stacked(rng.standard_normal((t, D))),
+      state,
+      jnp.asarray(rng.uniform(0.5, 2.0, t), jnp.float32),
+    )
   assert len(traces) == 1, name
 
 
@@ -257,8 +270,7 @@ def test_chain_with_adam(case):
     params, state, losses = step(params, state)
     first = losses if first is None else first
   assert all_finite(params) and all_finite(state)
-  assert tree_signature(params) == tree_signature(
-      {"w": jnp.zeros(4), "c": jnp.zeros(())})
+  assert tree_signature(params) == tree_signature({"w": jnp.zeros(4), "c": jnp.zeros(())})
   assert not np.allclose(np.asarray(params["w"]), 0.0)
 
 

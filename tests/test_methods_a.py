@@ -15,24 +15,26 @@ import gradcraft_jax as gj
 import gradcraft_jax.methods as m
 
 # the package re-exports functions named like their modules
-mgda_mod = sys.modules["gradcraft_jax.methods.mgda"]
+mgda_mod = sys.modules["gradcraft_jax.methods._mgda"]
 
 
 def stacked(flat, dtype=jnp.float64):
   flat = np.asarray(flat)
   t = flat.shape[0]
-  return {"a": jnp.asarray(flat[:, :6].reshape(t, 2, 3), dtype),
-          "b": jnp.asarray(flat[:, 6:], dtype)}
+  return {
+    "a": jnp.asarray(flat[:, :6].reshape(t, 2, 3), dtype),
+    "b": jnp.asarray(flat[:, 6:], dtype),
+  }
 
 
 def flat_of(tree):
-  return np.concatenate([np.asarray(tree["a"], np.float64).ravel(),
-                         np.asarray(tree["b"], np.float64).ravel()])
+  return np.concatenate(
+    [np.asarray(tree["a"], np.float64).ravel(), np.asarray(tree["b"], np.float64).ravel()]
+  )
 
 
 def rand_grads(rng, t, d=10, spread=1.0):
-  return rng.standard_normal((t, d)) * 10.0 ** rng.uniform(-spread, spread,
-                                                           (t, 1))
+  return rng.standard_normal((t, d)) * 10.0 ** rng.uniform(-spread, spread, (t, 1))
 
 
 def update_of(tx, flats, losses=None, dtype=jnp.float64):
@@ -42,8 +44,7 @@ def update_of(tx, flats, losses=None, dtype=jnp.float64):
     state = tx.init({"a": jnp.zeros((2, 3), dtype), "b": jnp.zeros(4, dtype)})
     outs = []
     for i, f in enumerate(flats):
-      kw = ({} if losses is None
-            else {"task_losses": jnp.asarray(losses[i], dtype)})
+      kw = {} if losses is None else {"task_losses": jnp.asarray(losses[i], dtype)}
       u, state = jax.jit(tx.update)(stacked(f, dtype), state, **kw)
       outs.append(flat_of(u))
     state = jax.tree_util.tree_map(np.asarray, state)
@@ -72,8 +73,9 @@ def pcgrad_plus_np(g, perms, tau, eps):
   t = len(g)
   norms = np.linalg.norm(g, axis=1)
   top = norms.max()
-  hat = np.array([(tau * top / norms[i] + 1 - tau) * g[i] if norms[i] > 0
-                  else g[i] for i in range(t)])
+  hat = np.array(
+    [(tau * top / norms[i] + 1 - tau) * g[i] if norms[i] > 0 else g[i] for i in range(t)]
+  )
   hn = np.linalg.norm(hat, axis=1)
   out = []
   for i in range(t):
@@ -101,9 +103,13 @@ def gradvac_np(g, phi, perms, beta):
       cos = v @ g[j] / (nv * nj)
       hat = phi[i, j]
       if cos < hat:
-        v = v + nv * (hat * np.sqrt(1 - cos ** 2)
-                      - cos * np.sqrt(1 - hat ** 2)) / (
-                          nj * np.sqrt(1 - hat ** 2)) * g[j]
+        v = (
+          v
+          + nv
+          * (hat * np.sqrt(1 - cos**2) - cos * np.sqrt(1 - hat**2))
+          / (nj * np.sqrt(1 - hat**2))
+          * g[j]
+        )
       phi[i, j] = (1 - beta) * hat + beta * cos
     out.append(v)
   return np.sum(out, axis=0), phi
@@ -152,8 +158,7 @@ def test_uncertainty_weighting_matches_loop():
   t, lr = 3, 0.3
   flats = [rand_grads(rng, t) for _ in range(4)]
   losses = [rng.uniform(0.1, 3.0, t) for _ in range(4)]
-  outs, state = update_of(m.uncertainty_weighting(lr, num_tasks=t), flats,
-                          losses)
+  outs, state = update_of(m.uncertainty_weighting(lr, num_tasks=t), flats, losses)
   s = np.zeros(t)
   for f, l, u in zip(flats, losses, outs):
     np.testing.assert_allclose(u, np.exp(-s) @ f, rtol=1e-10)
@@ -167,8 +172,10 @@ def test_uncertainty_log_var_step_is_the_loss_gradient():
   l = jnp.array([2.0, 0.5], jnp.float32)
   grad = jax.grad(lambda s: jnp.sum(jnp.exp(-s) * l + s))(s)
   np.testing.assert_allclose(
-      sys.modules["gradcraft_jax.methods.uncertainty"]
-      .uncertainty_log_var_step(s, l, 0.1), s - 0.1 * grad, rtol=1e-6)
+    sys.modules["gradcraft_jax.methods._uncertainty"].uncertainty_log_var_step(s, l, 0.1),
+    s - 0.1 * grad,
+    rtol=1e-6,
+  )
 
 
 def test_dwa_matches_loop():
@@ -214,8 +221,7 @@ def test_mgda_hand_checked():
 
 
 @settings(deadline=None, max_examples=25)
-@given(seed=st.integers(0, 2**31 - 1), t=st.integers(2, 8),
-       d=st.integers(2, 10))
+@given(seed=st.integers(0, 2**31 - 1), t=st.integers(2, 8), d=st.integers(2, 10))
 def test_mgda_kkt_float64(seed, t, d):
   """The min-norm point v of the hull satisfies <v, g_i> >= ||v||^2, with
   equality on the support of the weights."""
@@ -252,8 +258,7 @@ def test_mgda_matches_cvxpy():
   for _ in range(5):
     g = rand_grads(rng, 5, 8)
     x = cp.Variable(5)
-    cp.Problem(cp.Minimize(cp.sum_squares(g.T @ x)),
-               [x >= 0, cp.sum(x) == 1]).solve()
+    cp.Problem(cp.Minimize(cp.sum_squares(g.T @ x)), [x >= 0, cp.sum(x) == 1]).solve()
     (u,), _ = update_of(m.mgda(), [g])
     np.testing.assert_allclose(u, g.T @ x.value, atol=1e-5 * np.abs(g).max())
 
@@ -269,8 +274,7 @@ def test_pcgrad_weights_match_reference(seed, t):
   perms = np.stack([rng.permutation(t) for _ in range(t)])
   with jax.enable_x64(True):
     w = np.asarray(m.pcgrad_weights(jnp.asarray(g @ g.T), jnp.asarray(perms)))
-  np.testing.assert_allclose(w @ g, pcgrad_np(g, perms),
-                             atol=1e-10 * np.abs(g).max())
+  np.testing.assert_allclose(w @ g, pcgrad_np(g, perms), atol=1e-10 * np.abs(g).max())
 
 
 def test_pcgrad_update_uses_state_key():
@@ -284,8 +288,7 @@ def test_pcgrad_update_uses_state_key():
   key = jax.random.PRNGKey(7)
   for f, u in zip(flats, outs):
     key, perms = common.task_permutations(key, t)
-    np.testing.assert_allclose(u, pcgrad_np(f, np.asarray(perms)),
-                               atol=1e-10 * np.abs(f).max())
+    np.testing.assert_allclose(u, pcgrad_np(f, np.asarray(perms)), atol=1e-10 * np.abs(f).max())
   np.testing.assert_array_equal(state.key, key)
 
 
@@ -298,18 +301,23 @@ def test_pcgrad_hand_checked():
 
 
 @settings(deadline=None, max_examples=20)
-@given(seed=st.integers(0, 2**31 - 1), t=st.integers(2, 7),
-       tau=st.sampled_from([0.0, 0.3, 1.0]),
-       eps=st.sampled_from([0.0, 0.05, 0.3]))
+@given(
+  seed=st.integers(0, 2**31 - 1),
+  t=st.integers(2, 7),
+  tau=st.sampled_from([0.0, 0.3, 1.0]),
+  eps=st.sampled_from([0.0, 0.05, 0.3]),
+)
 def test_pcgrad_plus_weights_match_reference(seed, t, tau, eps):
   rng = np.random.default_rng(seed)
   g = rand_grads(rng, t)
   perms = np.stack([rng.permutation(t) for _ in range(t)])
   with jax.enable_x64(True):
-    w = np.asarray(m.pcgrad_plus_weights(jnp.asarray(g @ g.T),
-                                         jnp.asarray(perms), tau=tau, eps=eps))
-  np.testing.assert_allclose(w @ g, pcgrad_plus_np(g, perms, tau, eps),
-                             atol=1e-9 * np.abs(g).max() * 10 ** 1)
+    w = np.asarray(
+      m.pcgrad_plus_weights(jnp.asarray(g @ g.T), jnp.asarray(perms), tau=tau, eps=eps)
+    )
+  np.testing.assert_allclose(
+    w @ g, pcgrad_plus_np(g, perms, tau, eps), atol=1e-9 * np.abs(g).max() * 10**1
+  )
 
 
 def test_pcgrad_plus_two_tasks_hits_target():
@@ -321,9 +329,9 @@ def test_pcgrad_plus_two_tasks_hits_target():
   s = tau * norms.max() / norms + 1 - tau
   hat = s[:, None] * g
   with jax.enable_x64(True):
-    w = np.asarray(m.pcgrad_plus_weights(jnp.asarray(g @ g.T),
-                                         jnp.array([[0, 1], [1, 0]]),
-                                         tau=tau, eps=eps))
+    w = np.asarray(
+      m.pcgrad_plus_weights(jnp.asarray(g @ g.T), jnp.array([[0, 1], [1, 0]]), tau=tau, eps=eps)
+    )
   # sum of projected = T * update; solve the two projected rows by hand
   hn = np.linalg.norm(hat, axis=1)
   p0 = hat[0] + (eps * hn[0] * hn[1] - hat[0] @ hat[1]) / hn[1] ** 2 * hat[1]
@@ -340,38 +348,37 @@ def test_pcgrad_plus_reduces_to_pcgrad_over_t():
   with jax.enable_x64(True):
     k = jnp.asarray(g @ g.T)
     np.testing.assert_allclose(
-        m.pcgrad_plus_weights(k, perms, tau=0.0, eps=0.0),
-        m.pcgrad_weights(k, perms) / 4, rtol=1e-12)
+      m.pcgrad_plus_weights(k, perms, tau=0.0, eps=0.0), m.pcgrad_weights(k, perms) / 4, rtol=1e-12
+    )
 
 
 # ---------------------------------------------------------------- GradVac
 
 
 @settings(deadline=None, max_examples=20)
-@given(seed=st.integers(0, 2**31 - 1), t=st.integers(2, 6),
-       beta=st.sampled_from([0.0, 0.3, 1.0]))
+@given(seed=st.integers(0, 2**31 - 1), t=st.integers(2, 6), beta=st.sampled_from([0.0, 0.3, 1.0]))
 def test_gradvac_weights_match_reference(seed, t, beta):
   rng = np.random.default_rng(seed)
   phi = np.clip(rng.uniform(-0.5, 0.9, (t, t)), -1, 1)
   g = rand_grads(rng, t)
   perms = np.stack([rng.permutation(t) for _ in range(t)])
   with jax.enable_x64(True):
-    w, new_phi = m.gradvac_weights(jnp.asarray(g @ g.T), jnp.asarray(phi),
-                                   jnp.asarray(perms), beta=beta)
+    w, new_phi = m.gradvac_weights(
+      jnp.asarray(g @ g.T), jnp.asarray(phi), jnp.asarray(perms), beta=beta
+    )
   expected, expected_phi = gradvac_np(g, phi, perms, beta)
-  np.testing.assert_allclose(np.asarray(w) @ g, expected,
-                             atol=1e-9 * np.abs(g).max())
+  np.testing.assert_allclose(np.asarray(w) @ g, expected, atol=1e-9 * np.abs(g).max())
   off = ~np.eye(t, dtype=bool)
-  np.testing.assert_allclose(np.asarray(new_phi)[off], expected_phi[off],
-                             atol=1e-10)
+  np.testing.assert_allclose(np.asarray(new_phi)[off], expected_phi[off], atol=1e-10)
 
 
 def test_gradvac_reaches_target_for_two_tasks():
   g = np.array([[1.0, 0.0], [-0.5, 1.0]])
   phi = np.array([[0.0, 0.4], [0.4, 0.0]])
   with jax.enable_x64(True):
-    w, _ = m.gradvac_weights(jnp.asarray(g @ g.T), jnp.asarray(phi),
-                             jnp.array([[0, 1], [1, 0]]), beta=0.5)
+    w, _ = m.gradvac_weights(
+      jnp.asarray(g @ g.T), jnp.asarray(phi), jnp.array([[0, 1], [1, 0]]), beta=0.5
+    )
   # row 0 alone: target cosine 0.4 with g_1
   coef = np.asarray(w)
   # cos(g_0', g_1) where g_0' = g_0 + c g_1 and row 1 is unchanged (cos > 0.4?
@@ -383,11 +390,13 @@ def test_gradvac_reaches_target_for_two_tasks():
   nv = g[0].copy()
   cos = nv @ g[1] / np.linalg.norm(nv) / np.linalg.norm(g[1])
   hat = 0.4
-  step = np.linalg.norm(nv) * (hat * np.sqrt(1 - cos ** 2) - cos * np.sqrt(
-      1 - hat ** 2)) / (np.linalg.norm(g[1]) * np.sqrt(1 - hat ** 2))
+  step = (
+    np.linalg.norm(nv)
+    * (hat * np.sqrt(1 - cos**2) - cos * np.sqrt(1 - hat**2))
+    / (np.linalg.norm(g[1]) * np.sqrt(1 - hat**2))
+  )
   nv = nv + step * g[1]
-  np.testing.assert_allclose(
-      nv @ g[1] / np.linalg.norm(nv) / np.linalg.norm(g[1]), hat)
+  np.testing.assert_allclose(nv @ g[1] / np.linalg.norm(nv) / np.linalg.norm(g[1]), hat)
 
 
 def test_gradvac_state_evolves_like_reference():
@@ -442,8 +451,7 @@ def test_imtl_matches_loop():
   s = np.zeros(t)
   for f, l, u in zip(flats, losses, outs):
     expected, _ = imtl_g_np(np.exp(s)[:, None] * f)
-    np.testing.assert_allclose(u, expected, rtol=1e-7,
-                               atol=1e-9 * np.abs(f).max())
+    np.testing.assert_allclose(u, expected, rtol=1e-7, atol=1e-9 * np.abs(f).max())
     s = s - lr * (np.exp(s) * l - 1.0)
   np.testing.assert_allclose(state.log_scales, s, rtol=1e-10)
 
@@ -451,35 +459,54 @@ def test_imtl_matches_loop():
 # ---------------------------------------------------------------- homogeneity
 
 
-@pytest.mark.parametrize("name,factory", [
-    ("mean", lambda: m.mean()), ("mgda", lambda: m.mgda()),
-    ("pcgrad", lambda: m.pcgrad()), ("pcgrad_plus",
-                                     lambda: m.pcgrad_plus(0.5, 0.1)),
-    ("gradvac", lambda: m.gradvac(num_tasks=3)), ("imtl_g", lambda: m.imtl_g())])
+@pytest.mark.parametrize(
+  "name,factory",
+  [
+    ("mean", lambda: m.mean()),
+    ("mgda", lambda: m.mgda()),
+    ("pcgrad", lambda: m.pcgrad()),
+    ("pcgrad_plus", lambda: m.pcgrad_plus(0.5, 0.1)),
+    ("gradvac", lambda: m.gradvac(num_tasks=3)),
+    ("imtl_g", lambda: m.imtl_g()),
+  ],
+)
 def test_positively_homogeneous_float32(name, factory):
   """Scaling all gradients by c scales the update by c (1e-10..1e10)."""
   g = np.random.default_rng(10).standard_normal((3, 10))
   (base,), _ = update_of(factory(), [g], dtype=jnp.float32)
   for c in [1e-10, 1e10]:
     (u,), _ = update_of(factory(), [c * g], dtype=jnp.float32)
-    np.testing.assert_allclose(u / c, base, rtol=2e-4,
-                               atol=1e-5 * np.abs(base).max())
+    np.testing.assert_allclose(u / c, base, rtol=2e-4, atol=1e-5 * np.abs(base).max())
 
 
 def test_hyperparameter_validation():
-  for bad in [lambda: m.pcgrad_plus(tau=1.5), lambda: m.pcgrad_plus(eps=-1),
-              lambda: m.gradvac(beta=2.0, num_tasks=2),
-              lambda: m.dwa(0.0, num_tasks=2), lambda: m.imtl(-1, num_tasks=2),
-              lambda: m.uncertainty_weighting(-1, num_tasks=2),
-              lambda: m.mgda(max_iters=0), lambda: m.dwa(num_tasks=0),
-              lambda: m.gradvac(num_tasks=None)]:
+  for bad in [
+    lambda: m.pcgrad_plus(tau=1.5),
+    lambda: m.pcgrad_plus(eps=-1),
+    lambda: m.gradvac(beta=2.0, num_tasks=2),
+    lambda: m.dwa(0.0, num_tasks=2),
+    lambda: m.imtl(-1, num_tasks=2),
+    lambda: m.uncertainty_weighting(-1, num_tasks=2),
+    lambda: m.mgda(max_iters=0),
+    lambda: m.dwa(num_tasks=0),
+    lambda: m.gradvac(num_tasks=None),
+  ]:
     with pytest.raises(ValueError):
       bad()
 
 
 def test_top_level_exports():
-  for name in ["mean", "uncertainty_weighting", "dwa", "mgda", "pcgrad",
-               "pcgrad_plus", "gradvac", "imtl_g", "imtl"]:
+  for name in [
+    "mean",
+    "uncertainty_weighting",
+    "dwa",
+    "mgda",
+    "pcgrad",
+    "pcgrad_plus",
+    "gradvac",
+    "imtl_g",
+    "imtl",
+  ]:
     assert getattr(gj, name) is getattr(m, name)
 
 
@@ -501,6 +528,7 @@ def test_torchjd_mgda_imtlg_mean(monkeypatch):
   pytest.importorskip("torchjd")
   import torch
   from torchjd import aggregation as agg
+
   rng = np.random.default_rng(11)
   for t in [2, 3, 5]:
     g = rand_grads(rng, t, 10)
@@ -509,8 +537,7 @@ def test_torchjd_mgda_imtlg_mean(monkeypatch):
     (u,), _ = update_of(m.mgda(), [g])
     np.testing.assert_allclose(u, ref_mgda, atol=1e-5 * np.abs(g).max())
     (u,), _ = update_of(m.imtl_g(), [g])
-    np.testing.assert_allclose(u, agg.IMTLG()(j).numpy(), rtol=1e-7,
-                               atol=1e-9 * np.abs(g).max())
+    np.testing.assert_allclose(u, agg.IMTLG()(j).numpy(), rtol=1e-7, atol=1e-9 * np.abs(g).max())
     (u,), _ = update_of(m.mean(), [g])
     np.testing.assert_allclose(u, agg.Mean()(j).numpy(), rtol=1e-12)
 
@@ -523,6 +550,7 @@ def test_torchjd_pcgrad_gradvac_fixed_order(monkeypatch, t):
   pytest.importorskip("torchjd")
   import torch
   from torchjd import aggregation as agg
+
   _identity_randperm(monkeypatch, torch)
   rng = np.random.default_rng(12 + t)
   perms = jnp.tile(jnp.arange(t), (t, 1))
@@ -534,8 +562,8 @@ def test_torchjd_pcgrad_gradvac_fixed_order(monkeypatch, t):
     with jax.enable_x64(True):
       k = jnp.asarray(g @ g.T)
       w = np.asarray(m.pcgrad_weights(k, perms))
-      np.testing.assert_allclose(w @ g, agg.PCGrad()(j).numpy(),
-                                 atol=1e-10 * np.abs(g).max())
+      np.testing.assert_allclose(w @ g, agg.PCGrad()(j).numpy(), atol=1e-10 * np.abs(g).max())
       wv, phi = m.gradvac_weights(k, phi, perms, beta=0.5)
-      np.testing.assert_allclose(np.asarray(wv) @ g, tj_gradvac(j).numpy(),
-                                 atol=1e-9 * np.abs(g).max())
+      np.testing.assert_allclose(
+        np.asarray(wv) @ g, tj_gradvac(j).numpy(), atol=1e-9 * np.abs(g).max()
+      )

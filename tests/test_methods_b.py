@@ -13,9 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradcraft_jax as gj
-from gradcraft_jax.methods import (aligned_mtl_balance, cagrad, dbmtl,
-                                   nash_mtl, nash_mtl_weights, upgrad,
-                                   aligned_mtl)
+from gradcraft_jax.methods import (
+  aligned_mtl,
+  aligned_mtl_balance,
+  cagrad,
+  dbmtl,
+  nash_mtl,
+  nash_mtl_weights,
+  upgrad,
+)
 
 
 def stacked(j, dtype=jnp.float32):
@@ -26,8 +32,9 @@ def stacked(j, dtype=jnp.float32):
 
 
 def flat(tree):
-  return np.concatenate([np.asarray(tree["a"], np.float64).ravel(),
-                         np.asarray(tree["b"], np.float64).ravel()])
+  return np.concatenate(
+    [np.asarray(tree["a"], np.float64).ravel(), np.asarray(tree["b"], np.float64).ravel()]
+  )
 
 
 def apply(tx, j, **kw):
@@ -50,6 +57,7 @@ def cos(a, b):
 
 # ----------------------------------------------------------------- CAGrad --
 
+
 def cagrad_reference(j, c):
   """Liu et al. Alg. 1 on J: min_w g_w.g0 + sqrt(phi)||g_w|| (cvxpy)."""
   cp = pytest.importorskip("cvxpy")
@@ -57,8 +65,9 @@ def cagrad_reference(j, c):
   g0 = j.mean(0)
   sqrt_phi = c * np.linalg.norm(g0)
   w = cp.Variable(t)
-  prob = cp.Problem(cp.Minimize((j @ g0) @ w + sqrt_phi * cp.norm(j.T @ w)),
-                    [w >= 0, cp.sum(w) == 1])
+  prob = cp.Problem(
+    cp.Minimize((j @ g0) @ w + sqrt_phi * cp.norm(j.T @ w)), [w >= 0, cp.sum(w) == 1]
+  )
   prob.solve()
   gw = j.T @ w.value
   return g0 + sqrt_phi / np.linalg.norm(gw) * gw, prob.value, g0, sqrt_phi
@@ -76,12 +85,12 @@ def test_cagrad_hand_checked():
 def test_cagrad_c0_is_mean():
   rng = np.random.default_rng(0)
   j = random_jacobian(rng, 5, 20)
-  np.testing.assert_allclose(apply(cagrad(0.0), j), j.mean(0), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(apply(cagrad(0.0), j), j.mean(0), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("t,c,seed", [(2, 0.4, 0), (3, 0.4, 1), (3, 0.9, 2),
-                                      (2, 2.0, 3), (3, 0.1, 4)])
+@pytest.mark.parametrize(
+  "t,c,seed", [(2, 0.4, 0), (3, 0.4, 1), (3, 0.9, 2), (2, 2.0, 3), (3, 0.1, 4)]
+)
 def test_cagrad_matches_reference_small(t, c, seed):
   rng = np.random.default_rng(seed)
   j = random_jacobian(rng, t, 30, correlated=seed % 2 == 0)
@@ -106,6 +115,7 @@ def test_cagrad_optimal_value(t, c, seed):
 
 # ------------------------------------------------------------------ DB-MTL --
 
+
 def dbmtl_reference(js, losses, beta, beta_sigma, eps=1e-8):
   """Loop over steps and tasks; EMA of log-gradient norms (the O(T) variant
   documented in dbmtl), factors applied to the current log-gradients."""
@@ -113,7 +123,7 @@ def dbmtl_reference(js, losses, beta, beta_sigma, eps=1e-8):
   ema = np.zeros(t)
   outs = []
   for step, (j, l) in enumerate(zip(js, losses), start=1):
-    b = beta / step ** beta_sigma
+    b = beta / step**beta_sigma
     logg = [j[i] / (l[i] + eps) for i in range(t)]
     for i in range(t):
       ema[i] = b * ema[i] + (1 - b) * np.linalg.norm(logg[i])
@@ -133,8 +143,7 @@ def test_dbmtl_matches_reference():
   upd_fn = jax.jit(tx.update)
   for j, l, r in zip(js, ls, ref):
     upd, state = upd_fn(stacked(j), state, task_losses=jnp.asarray(l))
-    np.testing.assert_allclose(flat(upd), r, rtol=2e-5,
-                               atol=1e-5 * np.abs(r).max())
+    np.testing.assert_allclose(flat(upd), r, rtol=2e-5, atol=1e-5 * np.abs(r).max())
   assert int(state.count) == 5
 
 
@@ -149,7 +158,7 @@ def test_dbmtl_equals_full_gradient_ema_for_constant_gradients():
   state = tx.init({"a": jnp.zeros(3), "b": jnp.zeros(7)})
   buf = np.zeros_like(j)
   for step in range(1, 4):
-    b = 0.9 / step ** 0.5
+    b = 0.9 / step**0.5
     buf = b * buf + (1 - b) * j / (l[:, None] + 1e-8)
     n = np.linalg.norm(buf, axis=1)
     paper = ((n.max() / n)[:, None] * buf).sum(0)
@@ -167,8 +176,7 @@ def test_dbmtl_balances_log_gradient_norms():
   out = apply(tx, j, task_losses=jnp.asarray(l))
   logg = j / l[:, None]
   n = np.linalg.norm(logg, axis=1)
-  np.testing.assert_allclose(out, (n.max() * logg / n[:, None]).sum(0),
-                             rtol=1e-5)
+  np.testing.assert_allclose(out, (n.max() * logg / n[:, None]).sum(0), rtol=1e-5)
 
 
 def test_dbmtl_bad_hyperparameters():
@@ -182,11 +190,11 @@ def test_dbmtl_bad_hyperparameters():
 
 # ---------------------------------------------------------------- Nash-MTL --
 
+
 def nash_reference(j):
   """Solve <g_i, J^T alpha> = 1/alpha_i for alpha > 0 with scipy (log
   parametrisation), from J directly."""
   optimize = pytest.importorskip("scipy.optimize")
-  t = j.shape[0]
 
   def resid(x):
     a = np.exp(x)
@@ -201,12 +209,10 @@ def nash_reference(j):
 def test_nash_hand_checked():
   # Orthogonal gradients: alpha_i = 1/||g_i||.
   j = np.array([[2.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 4.0]])
-  np.testing.assert_allclose(apply(nash_mtl(ridge=0.0), j), [1.0, 1.0, 1.0],
-                             rtol=1e-5)
+  np.testing.assert_allclose(apply(nash_mtl(ridge=0.0), j), [1.0, 1.0, 1.0], rtol=1e-5)
   # The default ridge (1e-6 of max K_ii = 16) shifts the small-gradient
   # task by about ridge * 16 / (2 * 0.25) = 3.2e-5, as documented.
-  np.testing.assert_allclose(apply(nash_mtl(), j), [1.0, 1.0, 1.0],
-                             rtol=1e-4)
+  np.testing.assert_allclose(apply(nash_mtl(), j), [1.0, 1.0, 1.0], rtol=1e-4)
 
 
 @settings(deadline=None, max_examples=6)
@@ -214,13 +220,11 @@ def test_nash_hand_checked():
 def test_nash_matches_reference_and_solves_equation(seed, t):
   rng = np.random.default_rng(seed)
   j = random_jacobian(rng, t, 3 * t, correlated=seed % 2 == 0)
-  alpha = np.asarray(nash_mtl_weights(jnp.asarray(j @ j.T, jnp.float32),
-                                      ridge=0.0), np.float64)
+  alpha = np.asarray(nash_mtl_weights(jnp.asarray(j @ j.T, jnp.float32), ridge=0.0), np.float64)
   # K alpha = 1/alpha to float32 accuracy (relative to 1/alpha).
   k = j @ j.T
   cond = np.linalg.cond(k)
-  np.testing.assert_allclose(alpha * (k @ alpha), 1.0,
-                             atol=1e-4 + 1e-7 * cond)
+  np.testing.assert_allclose(alpha * (k @ alpha), 1.0, atol=1e-4 + 1e-7 * cond)
   ref = nash_reference(j)
   np.testing.assert_allclose(alpha, ref, rtol=1e-3 + 1e-7 * cond)
 
@@ -245,10 +249,11 @@ def test_nash_opposite_gradients_finite():
 
 # ------------------------------------------------------------- Aligned-MTL --
 
+
 def aligned_reference(j):
   """Senushkin et al.: J = U S V^T, aligned rows sigma_min U V^T, mean."""
   u, s, vt = np.linalg.svd(j, full_matrices=False)
-  keep = s ** 2 > s[0] ** 2 * j.shape[0] * np.finfo(np.float32).eps
+  keep = s**2 > s[0] ** 2 * j.shape[0] * np.finfo(np.float32).eps
   u, s, vt = u[:, keep], s[keep], vt[keep]
   aligned = s.min() * u @ vt
   return aligned, aligned.mean(0)
@@ -259,8 +264,7 @@ def test_aligned_matches_reference(t, d):
   rng = np.random.default_rng(t * d)
   j = random_jacobian(rng, t, d, correlated=True)
   aligned, ref = aligned_reference(j)
-  np.testing.assert_allclose(apply(aligned_mtl(), j), ref,
-                             atol=1e-4 * np.abs(ref).max())
+  np.testing.assert_allclose(apply(aligned_mtl(), j), ref, atol=1e-4 * np.abs(ref).max())
   b = np.asarray(aligned_mtl_balance(jnp.asarray(j @ j.T, jnp.float32)))
   np.testing.assert_allclose(b @ j, aligned, atol=1e-4 * np.abs(aligned).max())
 
@@ -268,8 +272,7 @@ def test_aligned_matches_reference(t, d):
 def test_aligned_gradients_orthogonal_equal_norms():
   rng = np.random.default_rng(5)
   j = random_jacobian(rng, 4, 20, correlated=True)
-  b = np.asarray(aligned_mtl_balance(jnp.asarray(j @ j.T, jnp.float32)),
-                 np.float64)
+  b = np.asarray(aligned_mtl_balance(jnp.asarray(j @ j.T, jnp.float32)), np.float64)
   a = b @ j
   g = a @ a.T
   lam_min = np.linalg.eigvalsh(j @ j.T).min()
@@ -278,15 +281,17 @@ def test_aligned_gradients_orthogonal_equal_norms():
 
 def test_aligned_hand_checked():
   # Rows (3, 0), (0, 1): aligned rows (1, 0), (0, 1); mean (1/2, 1/2).
-  np.testing.assert_allclose(apply(aligned_mtl(), [[3.0, 0.0], [0.0, 1.0]]),
-                             [0.5, 0.5], atol=1e-6)
+  np.testing.assert_allclose(apply(aligned_mtl(), [[3.0, 0.0], [0.0, 1.0]]), [0.5, 0.5], atol=1e-6)
   # "rmse": sqrt(mean eigenvalue) = sqrt(5): rows (sqrt5, 0), (0, sqrt5).
   np.testing.assert_allclose(
-      apply(aligned_mtl("rmse"), [[3.0, 0.0], [0.0, 1.0]]),
-      [np.sqrt(5) / 2, np.sqrt(5) / 2], rtol=1e-5)
+    apply(aligned_mtl("rmse"), [[3.0, 0.0], [0.0, 1.0]]),
+    [np.sqrt(5) / 2, np.sqrt(5) / 2],
+    rtol=1e-5,
+  )
 
 
 # ------------------------------------------------------------------ UPGrad --
+
 
 def upgrad_reference(j):
   """Mean over i of the Euclidean projection of g_i onto {x : J x >= 0},
@@ -307,8 +312,10 @@ def quadprog_dual_weights(k, reg=0.0):
   pytest.importorskip("quadprog")
   t = k.shape[0]
   kn = k / np.trace(k) + reg * np.eye(t)
-  vs = [qpsolvers.solve_qp(kn, np.zeros(t), -np.eye(t), -np.eye(t)[i] / t,
-                           solver="quadprog") for i in range(t)]
+  vs = [
+    qpsolvers.solve_qp(kn, np.zeros(t), -np.eye(t), -np.eye(t)[i] / t, solver="quadprog")
+    for i in range(t)
+  ]
   return np.sum(vs, axis=0)
 
 
@@ -317,14 +324,12 @@ def test_upgrad_no_conflict_is_mean():
   np.testing.assert_allclose(apply(upgrad(), j), j.mean(0), rtol=1e-5)
 
 
-@pytest.mark.parametrize("t,d,seed", [(2, 5, 0), (3, 8, 1), (5, 20, 2),
-                                      (6, 4, 3)])
+@pytest.mark.parametrize("t,d,seed", [(2, 5, 0), (3, 8, 1), (5, 20, 2), (6, 4, 3)])
 def test_upgrad_matches_primal_projection(t, d, seed):
   rng = np.random.default_rng(seed)
   j = random_jacobian(rng, t, d, correlated=True)
   ref = upgrad_reference(j)
-  np.testing.assert_allclose(apply(upgrad(), j), ref,
-                             atol=1e-4 * np.linalg.norm(j, axis=1).max())
+  np.testing.assert_allclose(apply(upgrad(), j), ref, atol=1e-4 * np.linalg.norm(j, axis=1).max())
 
 
 @pytest.mark.parametrize("t,seed", [(4, 0), (8, 1), (16, 2)])
@@ -337,8 +342,7 @@ def test_upgrad_matches_quadprog(t, seed):
   for reg in (0.0, 1e-4):
     ref = quadprog_dual_weights(k + 1e-12 * np.trace(k) * np.eye(t), reg) @ j
     out = apply(upgrad(reg_eps=reg), j)
-    np.testing.assert_allclose(out, ref,
-                               atol=1e-3 * np.linalg.norm(j, axis=1).max())
+    np.testing.assert_allclose(out, ref, atol=1e-3 * np.linalg.norm(j, axis=1).max())
 
 
 @settings(deadline=None, max_examples=8)
@@ -352,6 +356,7 @@ def test_upgrad_nonconflicting(seed, t):
 
 
 # ------------------------------------------------------------------ torchjd --
+
 
 def _torch_agg(agg, j):
   torch = pytest.importorskip("torch")
@@ -367,8 +372,7 @@ def test_torchjd_upgrad(seed):
   ref = _torch_agg(ta.UPGrad(), j)
   scale = np.linalg.norm(j, axis=1).max()
   # Same QP (torchjd regularises K / tr K by 1e-4 I): tight.
-  np.testing.assert_allclose(apply(upgrad(reg_eps=1e-4), j), ref,
-                             atol=1e-4 * scale)
+  np.testing.assert_allclose(apply(upgrad(reg_eps=1e-4), j), ref, atol=1e-4 * scale)
   # Unregularised (default): close, same direction.
   out = apply(upgrad(), j)
   assert cos(out, ref) > 0.999
@@ -382,8 +386,7 @@ def test_torchjd_aligned_mtl(seed):
   j = random_jacobian(rng, 4, 25, correlated=True)
   for mode in ("min", "median", "rmse"):
     ref = _torch_agg(ta.AlignedMTL(scale_mode=mode), j)
-    np.testing.assert_allclose(apply(aligned_mtl(mode), j), ref,
-                               atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(apply(aligned_mtl(mode), j), ref, atol=1e-4 * np.abs(ref).max())
 
 
 @pytest.mark.torchjd
@@ -393,8 +396,7 @@ def test_torchjd_cagrad(seed, c):
   rng = np.random.default_rng(seed)
   j = random_jacobian(rng, 3, 20, correlated=True)
   ref = _torch_agg(ta.CAGrad(c=c), j)  # no 1/(1+c^2): same convention
-  np.testing.assert_allclose(apply(cagrad(c), j), ref,
-                             atol=2e-3 * np.linalg.norm(ref))
+  np.testing.assert_allclose(apply(cagrad(c), j), ref, atol=2e-3 * np.linalg.norm(ref))
 
 
 @pytest.mark.torchjd
@@ -419,8 +421,7 @@ def test_torchjd_nash_mtl(seed):
     # torchjd's sequence of ECOS problems did not converge here (seed 1:
     # residual ~1e2); nothing to compare.
     return
-  np.testing.assert_allclose(out, ref_alpha @ j,
-                             atol=1e-3 * np.linalg.norm(ref_alpha @ j))
+  np.testing.assert_allclose(out, ref_alpha @ j, atol=1e-3 * np.linalg.norm(ref_alpha @ j))
 
 
 def test_top_level_exports():

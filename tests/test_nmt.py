@@ -11,8 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from gradcraft_jax import per_task_value_and_grad
-from gradcraft_jax.nmt import (NMTState, nmt, nmt_loss,
-                               nmt_update_multipliers, nmt_weights)
+from gradcraft_jax.methods._nmt import NMTState, nmt, nmt_loss, nmt_update_multipliers, nmt_weights
 
 
 def _x64():
@@ -48,13 +47,14 @@ def _ref_run(losses, grads, targets, lr, clip, lam0):
 def _stack(flat, dtype):
   """(T, 10) flat rows -> a two-leaf stacked pytree."""
   t = flat.shape[0]
-  return {"w": jnp.asarray(flat[:, :6].reshape(t, 3, 2), dtype),
-          "b": jnp.asarray(flat[:, 6:], dtype)}
+  return {
+    "w": jnp.asarray(flat[:, :6].reshape(t, 3, 2), dtype),
+    "b": jnp.asarray(flat[:, 6:], dtype),
+  }
 
 
 def _flat(tree):
-  return np.concatenate([np.asarray(tree["w"]).reshape(-1),
-                         np.asarray(tree["b"]).reshape(-1)])
+  return np.concatenate([np.asarray(tree["w"]).reshape(-1), np.asarray(tree["b"]).reshape(-1)])
 
 
 @pytest.mark.parametrize("num_tasks", [2, 3, 4])
@@ -70,8 +70,9 @@ def test_matches_numpy_reference(num_tasks, override, x64):
   drift = np.where(np.arange(steps) < 20, 0.8, -0.8)[:, None]
   drift[40:] = 0.0
   losses = np.concatenate(
-      [base + drift + rng.normal(0.0, 1.0, (steps, num_tasks - 1)),
-       rng.uniform(0, 3, (steps, 1))], axis=1)
+    [base + drift + rng.normal(0.0, 1.0, (steps, num_tasks - 1)), rng.uniform(0, 3, (steps, 1))],
+    axis=1,
+  )
   grads = rng.normal(size=(steps, num_tasks, d))
   if override:
     targets = base + rng.normal(0.0, 0.3, (steps, num_tasks - 1))
@@ -83,20 +84,18 @@ def test_matches_numpy_reference(num_tasks, override, x64):
   ctx = _x64() if x64 else contextlib.nullcontext()
   with ctx:
     dtype = jnp.float64 if x64 else jnp.float32
-    tx = nmt(list(base), lagrange_lr=lr, lagrange_clip=clip,
-             init_multiplier=lam0)
+    tx = nmt(list(base), lagrange_lr=lr, lagrange_clip=clip, init_multiplier=lam0)
     state = tx.init({"w": jnp.zeros((3, 2), dtype), "b": jnp.zeros(4, dtype)})
     assert state.multipliers.dtype == dtype
     update = jax.jit(tx.update)
     for s in range(steps):
       kw = {"targets": jnp.asarray(targets[s], dtype)} if override else {}
-      upd, state = update(_stack(grads[s], dtype), state,
-                          task_losses=jnp.asarray(losses[s], dtype), **kw)
+      upd, state = update(
+        _stack(grads[s], dtype), state, task_losses=jnp.asarray(losses[s], dtype), **kw
+      )
       assert upd["w"].dtype == dtype
-      tol = dict(rtol=1e-12, atol=1e-12) if x64 else dict(rtol=2e-5,
-                                                             atol=2e-5)
-      np.testing.assert_allclose(np.asarray(state.multipliers), ref_lam[s],
-                                 **tol)
+      tol = dict(rtol=1e-12, atol=1e-12) if x64 else dict(rtol=2e-5, atol=2e-5)
+      np.testing.assert_allclose(np.asarray(state.multipliers), ref_lam[s], **tol)
       np.testing.assert_allclose(_flat(upd), ref_upd[s], **tol)
     assert int(state.count) == steps
 
@@ -107,51 +106,54 @@ def test_update_multipliers_and_weights_match_reference():
   losses = rng.normal(size=4) * 2
   targets = rng.normal(size=3)
   want = np.clip(lam + 0.7 * np.clip(losses[:3] - targets, -1, 1), 0, 1.5)
-  got = nmt_update_multipliers(jnp.asarray(lam), jnp.asarray(losses),
-                               jnp.asarray(targets), lagrange_lr=0.7,
-                               lagrange_clip=1.5)
+  got = nmt_update_multipliers(
+    jnp.asarray(lam), jnp.asarray(losses), jnp.asarray(targets), lagrange_lr=0.7, lagrange_clip=1.5
+  )
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
   w = nmt_weights(jnp.asarray(lam))
-  np.testing.assert_allclose(np.asarray(w), np.append(lam, 1) / (1 + lam.sum()),
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(w), np.append(lam, 1) / (1 + lam.sum()), rtol=1e-6)
 
 
 # --------------------------------------------------------------- properties
 
 
 @settings(deadline=None, max_examples=30)
-@given(seed=st.integers(0, 2**31 - 1), t=st.integers(2, 5),
-       lr=st.floats(0.0, 5.0), clip=st.floats(0.0, 10.0),
-       frac=st.floats(0.0, 1.0))
+@given(
+  seed=st.integers(0, 2**31 - 1),
+  t=st.integers(2, 5),
+  lr=st.floats(0.0, 5.0),
+  clip=st.floats(0.0, 10.0),
+  frac=st.floats(0.0, 1.0),
+)
 def test_multipliers_stay_in_range(seed, t, lr, clip, frac):
   rng = np.random.default_rng(seed)
   lam = jnp.full((t - 1,), frac * clip, jnp.float32)
   for _ in range(20):
     losses = jnp.asarray(rng.normal(0, 3, t), jnp.float32)
     targets = jnp.asarray(rng.normal(0, 3, t - 1), jnp.float32)
-    lam = nmt_update_multipliers(lam, losses, targets, lagrange_lr=lr,
-                                 lagrange_clip=clip)
+    lam = nmt_update_multipliers(lam, losses, targets, lagrange_lr=lr, lagrange_clip=clip)
     lam_np = np.asarray(lam)
     assert np.all(lam_np >= 0.0) and np.all(lam_np <= np.float32(clip))
 
 
 @settings(deadline=None, max_examples=25)
-@given(seed=st.integers(0, 2**31 - 1), t=st.integers(2, 4),
-       lr=st.floats(0.05, 2.0), clip=st.floats(0.1, 5.0),
-       margin=st.floats(0.01, 3.0))
-def test_satisfied_constraints_decay_to_objective_gradient(
-    seed, t, lr, clip, margin):
+@given(
+  seed=st.integers(0, 2**31 - 1),
+  t=st.integers(2, 4),
+  lr=st.floats(0.05, 2.0),
+  clip=st.floats(0.1, 5.0),
+  margin=st.floats(0.01, 3.0),
+)
+def test_satisfied_constraints_decay_to_objective_gradient(seed, t, lr, clip, margin):
   rng = np.random.default_rng(seed)
   targets = rng.uniform(0, 2, t - 1)
-  tx = nmt(list(targets), lagrange_lr=lr, lagrange_clip=clip,
-           init_multiplier=clip)
+  tx = nmt(list(targets), lagrange_lr=lr, lagrange_clip=clip, init_multiplier=clip)
   state = tx.init({"w": jnp.zeros(5)})
   # Each step lowers every multiplier by lr * min(margin, 1) at least.
   n = int(np.ceil(clip / (lr * min(margin, 1.0)))) + 1
   prev = np.asarray(state.multipliers)
   for _ in range(n):
-    losses = np.append(targets - margin - rng.uniform(0, 1, t - 1),
-                       rng.uniform(0, 5))
+    losses = np.append(targets - margin - rng.uniform(0, 1, t - 1), rng.uniform(0, 5))
     g = {"w": jnp.asarray(rng.normal(size=(t, 5)), jnp.float32)}
     upd, state = tx.update(g, state, task_losses=jnp.asarray(losses))
     cur = np.asarray(state.multipliers)
@@ -162,10 +164,13 @@ def test_satisfied_constraints_decay_to_objective_gradient(
 
 
 @settings(deadline=None, max_examples=25)
-@given(seed=st.integers(0, 2**31 - 1), lr=st.floats(0.05, 1.0),
-       clip=st.floats(1.0, 20.0), excess=st.floats(0.01, 5.0))
-def test_persistent_violation_grows_multiplier_and_alignment(
-    seed, lr, clip, excess):
+@given(
+  seed=st.integers(0, 2**31 - 1),
+  lr=st.floats(0.05, 1.0),
+  clip=st.floats(1.0, 20.0),
+  excess=st.floats(0.01, 5.0),
+)
+def test_persistent_violation_grows_multiplier_and_alignment(seed, lr, clip, excess):
   rng = np.random.default_rng(seed)
   g = rng.normal(size=(3, 6))
   k = g @ g.T
@@ -201,6 +206,7 @@ def _quadratics(a, b):
   def loss_fn(x, batch=None):
     del batch
     return jnp.stack([jnp.sum((x - a) ** 2), jnp.sum((x - b) ** 2)])
+
   return loss_fn
 
 
@@ -209,7 +215,7 @@ def test_toy_disc_constraint_reaches_closed_form_optimum():
   disc closest to b, a + r (b-a)/||b-a||; the mean of the two gradients
   instead goes to the midpoint, which breaks the constraint."""
   a = jnp.array([0.0, 0.0])
-  b = jnp.array([3.0, 4.0])   # ||b - a|| = 5
+  b = jnp.array([3.0, 4.0])  # ||b - a|| = 5
   r = 1.5
   x_star = np.asarray(a) + r * (np.asarray(b) - np.asarray(a)) / 5.0
   loss_fn = _quadratics(a, b)
@@ -224,32 +230,31 @@ def test_toy_disc_constraint_reaches_closed_form_optimum():
       losses, g = vg(x)
       upd, state = tx.update(g, state, x, task_losses=losses)
       return optax.apply_updates(x, upd), state, losses
+
     for _ in range(steps):
       x, state, _ = step(x, state)
     return x, state
 
-  tx = optax.chain(nmt([r ** 2], lagrange_lr=0.01, lagrange_clip=50.0),
-                   optax.sgd(0.05))
+  tx = optax.chain(nmt([r**2], lagrange_lr=0.01, lagrange_clip=50.0), optax.sgd(0.05))
   x, state = train(tx)
   l1, l2 = np.asarray(loss_fn(x))
-  assert abs(l1 - r ** 2) < 0.02 * r ** 2
+  assert abs(l1 - r**2) < 0.02 * r**2
   np.testing.assert_allclose(np.asarray(x), x_star, atol=0.02)
   # KKT multiplier: x* = (b + lam a)/(1 + lam) => lam* = ||b-a||/r - 1.
-  np.testing.assert_allclose(float(state[0].multipliers[0]), 5 / r - 1,
-                             rtol=0.05)
+  np.testing.assert_allclose(float(state[0].multipliers[0]), 5 / r - 1, rtol=0.05)
   assert l2 < np.sum((np.asarray(a) - np.asarray(b)) ** 2)  # secondary lower
 
   def mean_weighting():
     def update_fn(g, state, params=None, **kw):
       del params, kw
       return jax.tree_util.tree_map(lambda x: jnp.mean(x, 0), g), state
-    return optax.GradientTransformationExtraArgs(
-        lambda p: optax.EmptyState(), update_fn)
+
+    return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update_fn)
 
   x_mean, _ = train(optax.chain(mean_weighting(), optax.sgd(0.05)))
   l1_mean = float(loss_fn(x_mean)[0])
-  np.testing.assert_allclose(l1_mean, 25 / 4, rtol=1e-3)   # the midpoint
-  assert l1_mean > 2 * r ** 2   # the primary target is broken
+  np.testing.assert_allclose(l1_mean, 25 / 4, rtol=1e-3)  # the midpoint
+  assert l1_mean > 2 * r**2  # the primary target is broken
 
 
 # -------------------------------------------------------- the cheap path
@@ -260,8 +265,10 @@ def test_nmt_loss_path_equals_transform_path(num_tasks):
   rng = np.random.default_rng(num_tasks)
   xs = jnp.asarray(rng.normal(size=(32, 5)), jnp.float32)
   ys = jnp.asarray(rng.normal(size=(32, num_tasks)), jnp.float32)
-  params = {"w": jnp.asarray(rng.normal(size=(5, num_tasks)), jnp.float32),
-            "b": jnp.zeros(num_tasks)}
+  params = {
+    "w": jnp.asarray(rng.normal(size=(5, num_tasks)), jnp.float32),
+    "b": jnp.zeros(num_tasks),
+  }
 
   def loss_fn(p, batch):
     x, y = batch
@@ -284,6 +291,7 @@ def test_nmt_loss_path_equals_transform_path(num_tasks):
       losses = loss_fn(p, batch)
       lam = nmt_update_multipliers(lam, losses, targets, **hp)
       return nmt_loss(losses, lam, targets), lam
+
     (_, lam), g = jax.value_and_grad(objective, has_aux=True)(p, lam)
     upd, s = opt.update(g, s, p)
     return optax.apply_updates(p, upd), s, lam
@@ -295,14 +303,12 @@ def test_nmt_loss_path_equals_transform_path(num_tasks):
     return optax.apply_updates(p, upd), s
 
   for i in range(20):
-    batch = (xs[i % 4 * 8:(i % 4 + 1) * 8], ys[i % 4 * 8:(i % 4 + 1) * 8])
+    batch = (xs[i % 4 * 8 : (i % 4 + 1) * 8], ys[i % 4 * 8 : (i % 4 + 1) * 8])
     p1, s1 = tx_step(p1, s1, batch)
     p2, s2, lam = cheap_step(p2, s2, lam, batch)
-    np.testing.assert_allclose(np.asarray(s1[0].multipliers),
-                               np.asarray(lam), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(s1[0].multipliers), np.asarray(lam), rtol=1e-5, atol=1e-6)
     for k in params:
-      np.testing.assert_allclose(np.asarray(p1[k]), np.asarray(p2[k]),
-                                 rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(np.asarray(p1[k]), np.asarray(p2[k]), rtol=1e-4, atol=1e-5)
   assert float(jnp.max(lam)) > 0
 
 
@@ -310,7 +316,8 @@ def test_nmt_loss_gradient_is_weighted_sum():
   x = jnp.array([0.3, -1.2, 2.0])
 
   def losses(x):
-    return jnp.stack([jnp.sum(x ** 2), jnp.sum(jnp.sin(x)), jnp.sum(x)])
+    return jnp.stack([jnp.sum(x**2), jnp.sum(jnp.sin(x)), jnp.sum(x)])
+
   lam = jnp.array([0.7, 1.9])
   targets = jnp.array([0.1, 0.2])
   g = jax.grad(lambda x: nmt_loss(losses(x), lam, targets))(x)
@@ -318,8 +325,7 @@ def test_nmt_loss_gradient_is_weighted_sum():
   want = (jac[2] + 0.7 * jac[0] + 1.9 * jac[1]) / 3.6
   np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5)
   # No gradient flows into multipliers or targets.
-  gl = jax.grad(lambda m, t: nmt_loss(losses(x), m, t), argnums=(0, 1))(
-      lam, targets)
+  gl = jax.grad(lambda m, t: nmt_loss(losses(x), m, t), argnums=(0, 1))(lam, targets)
   assert float(jnp.abs(gl[0]).sum() + jnp.abs(gl[1]).sum()) == 0.0
 
 
@@ -334,6 +340,7 @@ def _toy_problem():
 
   def loss_fn(p):
     return jnp.mean((xs @ p["w"] - ys) ** 2, axis=0)
+
   return params, loss_fn
 
 
@@ -341,8 +348,7 @@ def test_orbax_checkpoint_round_trip(tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")
   params, loss_fn = _toy_problem()
   targets = np.asarray(loss_fn(params))[:2] * 0.3
-  tx = optax.chain(nmt(list(targets), lagrange_lr=0.2, lagrange_clip=4.0),
-                   optax.adam(1e-2))
+  tx = optax.chain(nmt(list(targets), lagrange_lr=0.2, lagrange_clip=4.0), optax.adam(1e-2))
 
   @jax.jit
   def step(p, s):
@@ -362,34 +368,30 @@ def test_orbax_checkpoint_round_trip(tmp_path):
   # Host round trip.
   host = jax.device_get((p, s))
   p_h, s_h = run(*jax.tree_util.tree_map(np.asarray, host), 5)
-  np.testing.assert_allclose(np.asarray(p_h["w"]), np.asarray(p_full["w"]),
-                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(p_h["w"]), np.asarray(p_full["w"]), rtol=1e-6, atol=1e-7)
 
   # Orbax round trip.
   ckpt = ocp.StandardCheckpointer()
   path = tmp_path / "ckpt"
   ckpt.save(path, {"params": p, "opt_state": s})
   ckpt.wait_until_finished()
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                    {"params": p, "opt_state": s})
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {"params": p, "opt_state": s})
   restored = ckpt.restore(path, abstract)
   ckpt.close()
   r_state = restored["opt_state"]
   assert isinstance(r_state[0], NMTState)
-  np.testing.assert_array_equal(np.asarray(r_state[0].multipliers),
-                                np.asarray(s[0].multipliers))
+  np.testing.assert_array_equal(np.asarray(r_state[0].multipliers), np.asarray(s[0].multipliers))
   p_r, s_r = run(restored["params"], r_state, 5)
-  np.testing.assert_allclose(np.asarray(p_r["w"]), np.asarray(p_full["w"]),
-                             rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(np.asarray(s_r[0].multipliers),
-                             np.asarray(s_full[0].multipliers), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(p_r["w"]), np.asarray(p_full["w"]), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    np.asarray(s_r[0].multipliers), np.asarray(s_full[0].multipliers), rtol=1e-6
+  )
   assert int(s_r[0].count) == int(s_full[0].count) == 12
 
 
 def test_jit_does_not_retrace():
   params, loss_fn = _toy_problem()
-  tx = optax.chain(nmt([0.1, 0.2], lagrange_lr=0.2, lagrange_clip=4.0),
-                   optax.adam(1e-2))
+  tx = optax.chain(nmt([0.1, 0.2], lagrange_lr=0.2, lagrange_clip=4.0), optax.adam(1e-2))
   traces = []
 
   @jax.jit
@@ -408,8 +410,9 @@ def test_jit_does_not_retrace():
 
 def test_inject_hyperparams():
   params, loss_fn = _toy_problem()
-  tx = optax.inject_hyperparams(nmt)(targets=jnp.array([0.1, 0.2]),
-                                     lagrange_lr=0.5, lagrange_clip=1.0)
+  tx = optax.inject_hyperparams(nmt)(
+    targets=jnp.array([0.1, 0.2]), lagrange_lr=0.5, lagrange_clip=1.0
+  )
   s = tx.init(params)
   losses, g = per_task_value_and_grad(loss_fn)(params)
   _, s = jax.jit(tx.update)(g, s, task_losses=losses)
@@ -452,11 +455,11 @@ def test_validation_errors():
   with pytest.raises(ValueError, match="task_losses"):
     nmt_loss(jnp.ones(3), jnp.ones(1), jnp.ones(1))
   with pytest.raises(ValueError, match="task_losses"):
-    nmt_update_multipliers(jnp.ones(2), jnp.ones(2), jnp.ones(2),
-                           lagrange_lr=0.1, lagrange_clip=1.0)
+    nmt_update_multipliers(
+      jnp.ones(2), jnp.ones(2), jnp.ones(2), lagrange_lr=0.1, lagrange_clip=1.0
+    )
   # Missing task_losses is also caught inside a chain.
-  chained = optax.chain(nmt([0.1, 0.2], lagrange_lr=0.1, lagrange_clip=1.0),
-                        optax.adam(1e-3))
+  chained = optax.chain(nmt([0.1, 0.2], lagrange_lr=0.1, lagrange_clip=1.0), optax.adam(1e-3))
   with pytest.raises(ValueError, match="task_losses"):
     chained.update(g, chained.init({"w": jnp.zeros(2)}), {"w": jnp.zeros(2)})
 
@@ -464,10 +467,11 @@ def test_validation_errors():
 def test_non_finite_losses_propagate():
   tx = nmt([0.1], lagrange_lr=0.1, lagrange_clip=1.0)
   s = tx.init({"w": jnp.zeros(2)})
-  upd, s = tx.update({"w": jnp.ones((2, 2))}, s,
-                     task_losses=jnp.array([jnp.nan, 1.0]))
+  upd, s = tx.update({"w": jnp.ones((2, 2))}, s, task_losses=jnp.array([jnp.nan, 1.0]))
   assert not np.all(np.isfinite(np.asarray(upd["w"])))
-  upd, _ = tx.update({"w": jnp.array([[1.0, jnp.inf], [1.0, 1.0]])},
-                     tx.init({"w": jnp.zeros(2)}),
-                     task_losses=jnp.array([5.0, 1.0]))
+  upd, _ = tx.update(
+    {"w": jnp.array([[1.0, jnp.inf], [1.0, 1.0]])},
+    tx.init({"w": jnp.zeros(2)}),
+    task_losses=jnp.array([5.0, 1.0]),
+  )
   assert not np.all(np.isfinite(np.asarray(upd["w"])))

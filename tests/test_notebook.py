@@ -15,15 +15,27 @@ def test_quickstart_notebook_runs():
   pytest.importorskip("ipykernel")
   nb = nbformat.read(NOTEBOOK, as_version=4)
   client = nbclient.NotebookClient(
-      nb, timeout=300, kernel_name="python3",
-      resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
+    nb,
+    timeout=300,
+    kernel_name="python3",
+    resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}},
+  )
   client.execute()  # raises CellExecutionError on the first failing cell
   text = "\n".join(
-      o.get("text", "") for c in nb.cells if c.cell_type == "code"
-      for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    o.get("text", "")
+    for c in nb.cells
+    if c.cell_type == "code"
+    for o in c.get("outputs", [])
+    if o.get("output_type") == "stream"
+  )
   assert "test AUC" in text and "gradcraft" in text
-  images = [o for c in nb.cells if c.cell_type == "code"
-            for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+  images = [
+    o
+    for c in nb.cells
+    if c.cell_type == "code"
+    for o in c.get("outputs", [])
+    if "image/png" in o.get("data", {})
+  ]
   assert len(images) >= 2  # training curves and cosine matrix
 
 

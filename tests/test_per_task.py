@@ -10,16 +10,17 @@ from gradcraft_jax import per_task_value_and_grad
 
 def _params(key):
   k1, k2, k3 = jax.random.split(key, 3)
-  return {"dense": {"w": jax.random.normal(k1, (3, 4)),
-                    "b": jax.random.normal(k2, (4,))},
-          "head": [jax.random.normal(k3, (4, 5)), jnp.ones(())]}
+  return {
+    "dense": {"w": jax.random.normal(k1, (3, 4)), "b": jax.random.normal(k2, (4,))},
+    "head": [jax.random.normal(k3, (4, 5)), jnp.ones(())],
+  }
 
 
 def _losses(params, x, t):
   h = jnp.tanh(x @ params["dense"]["w"] + params["dense"]["b"])
-  out = h @ params["head"][0] * params["head"][1]          # (batch, 5)
-  cols = jnp.concatenate([out, out ** 2], axis=1)[:, :t]   # t <= 10 tasks
-  return jnp.mean(cols ** 2 + jnp.sin(cols), axis=0)       # (t,)
+  out = h @ params["head"][0] * params["head"][1]  # (batch, 5)
+  cols = jnp.concatenate([out, out**2], axis=1)[:, :t]  # t <= 10 tasks
+  return jnp.mean(cols**2 + jnp.sin(cols), axis=0)  # (t,)
 
 
 def _assert_tree_close(a, b):
@@ -28,8 +29,7 @@ def _assert_tree_close(a, b):
   assert ta == tb
   for x, y in zip(la, lb):
     assert x.shape == y.shape and x.dtype == y.dtype
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("t", [1, 3, 7])
@@ -37,8 +37,7 @@ def _assert_tree_close(a, b):
 def test_matches_jacrev(t, chunk_size):
   params = _params(jax.random.PRNGKey(0))
   x = jax.random.normal(jax.random.PRNGKey(1), (8, 3))
-  losses, grads = per_task_value_and_grad(_losses, chunk_size=chunk_size)(
-      params, x, t)
+  losses, grads = per_task_value_and_grad(_losses, chunk_size=chunk_size)(params, x, t)
   np.testing.assert_allclose(losses, _losses(params, x, t), rtol=1e-6)
   _assert_tree_close(grads, jax.jacrev(_losses)(params, x, t))
 
@@ -51,10 +50,11 @@ def test_argnums_tuple_and_has_aux(chunk_size):
 
   def f(x, w, b):
     z = x @ w + b
-    return jnp.mean(z ** 2, axis=0), {"z": z}
+    return jnp.mean(z**2, axis=0), {"z": z}
 
   (losses, aux), (gw, gb) = per_task_value_and_grad(
-      f, argnums=(1, 2), has_aux=True, chunk_size=chunk_size)(x, w, b)
+    f, argnums=(1, 2), has_aux=True, chunk_size=chunk_size
+  )(x, w, b)
   jw, jb = jax.jacrev(f, argnums=(1, 2), has_aux=True)(x, w, b)[0]
   np.testing.assert_allclose(losses, f(x, w, b)[0], rtol=1e-6)
   np.testing.assert_allclose(aux["z"], f(x, w, b)[1]["z"], rtol=1e-6)
@@ -74,8 +74,9 @@ def test_argnums_int(argnums):
 def test_jit_and_kwargs():
   params = _params(jax.random.PRNGKey(7))
   x = jax.random.normal(jax.random.PRNGKey(8), (8, 3))
-  fn = jax.jit(per_task_value_and_grad(
-      lambda p, x, *, t: _losses(p, x, t), chunk_size=4), static_argnames="t")
+  fn = jax.jit(
+    per_task_value_and_grad(lambda p, x, *, t: _losses(p, x, t), chunk_size=4), static_argnames="t"
+  )
   _, g = fn(params, x, t=9)
   _assert_tree_close(g, jax.jacrev(_losses)(params, x, 9))
 

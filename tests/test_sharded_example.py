@@ -13,12 +13,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_sharded_training_quick():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      " --xla_force_host_platform_device_count=8")
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "examples", "sharded_training.py"),
-       "--quick"], cwd=ROOT, env=env, capture_output=True, text=True,
-      timeout=600)
+    [sys.executable, os.path.join(ROOT, "examples", "sharded_training.py"), "--quick"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "mesh: {'data': 4, 'fsdp': 2} over 8 cpu" in proc.stdout, proc.stdout
   assert "'fsdp'" in proc.stdout  # the largest parameter is FSDP-sharded

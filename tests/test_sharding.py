@@ -26,12 +26,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.parametrize("case", ["fsdp", "explicit", "data", "2d"])
 def test_sharded(case):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      " --xla_force_host_platform_device_count=8")
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run(
-      [sys.executable, os.path.join(HERE, "_sharded_check.py"), case],
-      env=env, capture_output=True, text=True, timeout=900)
+    [sys.executable, os.path.join(HERE, "_sharded_check.py"), case],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   for name in ("gradcraft", "mean", "nmt"):
     assert f"OK {case} {name}" in proc.stdout, proc.stdout

@@ -26,8 +26,9 @@ import griffe
 _MATH_ROLE = re.compile(r":math:`([^`]*)`", re.DOTALL)
 _MULTI_ARG = re.compile(r"^(\s+)(\*{0,2}\w+(?:,\s*\*{0,2}\w+)+):\s(.*)$")
 _XREF_ROLE = re.compile(
-    r":(?:py:)?(?:func|class|meth|mod|attr|data|obj|exc|const|ref)"
-    r":`~?([^`]*)`")
+  r":(?:py:)?(?:func|class|meth|mod|attr|data|obj|exc|const|ref)"
+  r":`~?([^`]*)`"
+)
 
 
 def _indent(line: str) -> int:
@@ -97,10 +98,9 @@ def rst_to_markdown(text: str) -> str:
       # Markdown continues a list item with 4 spaces (reST: the item's text
       # column, e.g. 3 for "1. "): round the indentation up.
       ind = " " * (-(-len(ind) // 4) * 4)
-      first = stripped[len(".. math::"):].strip()
+      first = stripped[len(".. math::") :].strip()
       end = _block(lines, i + 1, _indent(line))
-      body = ([first] if first else []) + [
-          l.strip() for l in lines[i + 1:end] if l.strip()]
+      body = ([first] if first else []) + [l.strip() for l in lines[i + 1 : end] if l.strip()]
       out += ["", ind + "$$", *(ind + b for b in body), ind + "$$", ""]
       i = end
       continue
@@ -108,29 +108,36 @@ def rst_to_markdown(text: str) -> str:
       j = i
       while j < len(lines) and lines[j].strip():
         j += 1
-      out += [ind + "```pycon",
-              *(l[len(ind):] if l.startswith(ind) else l.strip()
-                for l in lines[i:j]),
-              ind + "```"]
+      out += [
+        ind + "```pycon",
+        *(l[len(ind) :] if l.startswith(ind) else l.strip() for l in lines[i:j]),
+        ind + "```",
+      ]
       i = j
       continue
-    if (stripped.endswith("::") and not stripped.startswith("..")
-        and i + 1 < len(lines) and not lines[i + 1].strip()):
+    if (
+      stripped.endswith("::")
+      and not stripped.startswith("..")
+      and i + 1 < len(lines)
+      and not lines[i + 1].strip()
+    ):
       end = _block(lines, i + 2, _indent(line))
       if end > i + 2:
-        code = lines[i + 2:end]
+        code = lines[i + 2 : end]
         sub = min(_indent(l) for l in code if l.strip())
-        out += [line[:-1] if stripped != "::" else "", "",
-                ind + "```python",
-                *(ind + l[sub:] for l in code),
-                ind + "```"]
+        out += [
+          line[:-1] if stripped != "::" else "",
+          "",
+          ind + "```python",
+          *(ind + l[sub:] for l in code),
+          ind + "```",
+        ]
         i = end
         continue
     out.append(line)
     i += 1
   text = "\n".join(out)
-  text = _MATH_ROLE.sub(lambda m: "$" + " ".join(m.group(1).split()) + "$",
-                        text)
+  text = _MATH_ROLE.sub(lambda m: "$" + " ".join(m.group(1).split()) + "$", text)
   return _XREF_ROLE.sub(lambda m: "`" + m.group(1) + "`", text)
 
 

@@ -39,16 +39,24 @@ def on_files(files, config):
     if os.path.isfile(os.path.join(src_dir, uri)):
       # A real File (not File.generated) so that mkdocs-jupyter's wrapper
       # sees its abs_src_path.
-      files.append(File(uri, src_dir=src_dir, dest_dir=config.site_dir,
-                        use_directory_urls=config.use_directory_urls))
+      files.append(
+        File(
+          uri,
+          src_dir=src_dir,
+          dest_dir=config.site_dir,
+          use_directory_urls=config.use_directory_urls,
+        )
+      )
     else:
       log.info("notebook %s/%s not found", folder, uri)
   return files
 
 
 def _missing_note(what: str) -> str:
-  return (f'!!! warning "Not yet generated"\n    `{what}` does not exist yet: '
-          "run the benchmark command of this section to produce it.\n")
+  return (
+    f'!!! warning "Not yet generated"\n    `{what}` does not exist yet: '
+    "run the benchmark command of this section to produce it.\n"
+  )
 
 
 def on_page_markdown(markdown, page, config, files):
@@ -58,12 +66,10 @@ def on_page_markdown(markdown, page, config, files):
     indent, path = m.group(1), m.group(2)
     if os.path.isfile(os.path.join(docs, path)):
       return m.group(0)
-    return "\n".join(indent + l for l in _missing_note(
-        "docs/" + path).splitlines())
+    return "\n".join(indent + l for l in _missing_note("docs/" + path).splitlines())
 
   def image(m):
-    path = os.path.normpath(
-        os.path.join(os.path.dirname(page.file.src_path), m.group(2)))
+    path = os.path.normpath(os.path.join(os.path.dirname(page.file.src_path), m.group(2)))
     if os.path.isfile(os.path.join(docs, path)):
       return m.group(0)
     return f"*(figure `docs/{path}` not yet generated)*"
@@ -82,7 +88,6 @@ def on_page_markdown(markdown, page, config, files):
 # an earlier marker on the page is skipped.
 
 
-
 _API = re.compile(r"^<!-- api: ([\w.]+) -->$", re.MULTILINE)
 
 
@@ -97,7 +102,8 @@ def _public_api(root: str, package: str) -> list[tuple[str, list[str]]]:
       for alias in node.names:
         source[alias.asname or alias.name] = f"{node.module}.{alias.name}"
     elif isinstance(node, ast.Assign) and any(
-        isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+      isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+    ):
       names = list(ast.literal_eval(node.value))
   groups: dict[str, list[str]] = {}
   for name in names:
@@ -105,8 +111,9 @@ def _public_api(root: str, package: str) -> list[tuple[str, list[str]]]:
     if path is not None:
       path = _defining_path(root, path)
     if path is None:
-      log.warning("%s.__all__ lists %r but no 'from ... import %s' line "
-                  "defines it", package, name, name)
+      log.warning(
+        "%s.__all__ lists %r but no 'from ... import %s' line defines it", package, name, name
+      )
       path = f"{package}.{name}"
     groups.setdefault(path.rsplit(".", 1)[0], []).append(path)
   return list(groups.items())
@@ -143,8 +150,7 @@ def _defining_path(root: str, path: str) -> str:
 
 def _module_summary(root: str, module: str) -> str:
   base = os.path.join(root, *module.split("."))
-  path = base + ".py" if os.path.isfile(base + ".py") else os.path.join(
-      base, "__init__.py")
+  path = base + ".py" if os.path.isfile(base + ".py") else os.path.join(base, "__init__.py")
   try:
     with open(path, encoding="utf-8") as f:
       doc = ast.get_docstring(ast.parse(f.read())) or ""

@@ -1,41 +1,112 @@
-"""Multi-task gradient methods GradCraft is compared with.
+"""Every multi-task method of the library, one private module each.
 
-Every method is a factory returning an optax transformation over stacked
-per-task gradients, with the same contract as :func:`gradcraft_jax.gradcraft`.
+Each method is a :class:`~gradcraft_jax.Weighting` (Gram matrix or losses ->
+one weight per task) turned into an optax transform by
+:func:`~gradcraft_jax.from_weighting`; its factory (``gradcraft(...)``,
+``mgda()``, ...) returns that transform. GradCraft and NMT, the library's
+two headline methods, follow the same rule as the methods they are compared
+with (``_gradcraft.py``, ``_nmt.py``); the package namespace re-exports them
+all.
+
+Each module also exports the method's weighting as a pure function,
+``<method>_weights``, with one rule for their signatures: the first
+positional argument is what the weighting reads (the ``(T, T)`` Gram matrix
+for every method that reads it; the losses or the method's state arrays for
+loss-only methods; the task count for :func:`mean_weights`), everything else
+is keyword-only or the method's state arrays, and the result is the ``(T,)``
+weights ``w`` with update ``sum_i w_i g_i``.
 """
 
-# Part A.
-from gradcraft_jax.methods.dwa import DWAState, dwa, dwa_weights
-from gradcraft_jax.methods.gradvac import GradVacState, gradvac, gradvac_weights
-from gradcraft_jax.methods.imtl import (IMTLState, imtl, imtl_g,
-                                        imtl_g_weights, imtl_weights)
-from gradcraft_jax.methods.mean import mean, mean_weights
-from gradcraft_jax.methods.mgda import mgda, mgda_weights
-from gradcraft_jax.methods.pcgrad import (PCGradState, pcgrad, pcgrad_plus,
-                                          pcgrad_plus_weights, pcgrad_weights)
-from gradcraft_jax.methods.uncertainty import (UncertaintyWeightingState,
-                                               uncertainty_weighting,
-                                               uncertainty_weights)
-# Part B.
-from gradcraft_jax.methods.aligned_mtl import (aligned_mtl,
-                                               aligned_mtl_balance,
-                                               aligned_mtl_weights)
-from gradcraft_jax.methods.cagrad import cagrad, cagrad_weights
-from gradcraft_jax.methods.dbmtl import DBMTLState, dbmtl, dbmtl_weights
-from gradcraft_jax.methods.nash_mtl import nash_mtl, nash_mtl_weights
-from gradcraft_jax.methods.upgrad import (dual_cone_weights, upgrad,
-                                          upgrad_weights)
+from gradcraft_jax.methods._aligned_mtl import (
+  aligned_mtl,
+  aligned_mtl_balance,
+  aligned_mtl_weights,
+)
+from gradcraft_jax.methods._cagrad import cagrad, cagrad_weights
+from gradcraft_jax.methods._dbmtl import DBMTLState, dbmtl, dbmtl_weights
+from gradcraft_jax.methods._dwa import DWAState, dwa, dwa_weights
+from gradcraft_jax.methods._gradcraft import (
+  GradCraftState,
+  gradcraft,
+  gradcraft_coefficients,
+  gradcraft_weights,
+)
+from gradcraft_jax.methods._gradvac import GradVacState, gradvac, gradvac_weights
+from gradcraft_jax.methods._imtl import (
+  IMTLState,
+  imtl,
+  imtl_g,
+  imtl_g_weights,
+  imtl_weights,
+)
+from gradcraft_jax.methods._mean import mean, mean_weights
+from gradcraft_jax.methods._mgda import mgda, mgda_weights
+from gradcraft_jax.methods._nash_mtl import nash_mtl, nash_mtl_weights
+from gradcraft_jax.methods._nmt import (
+  NMTState,
+  nmt,
+  nmt_loss,
+  nmt_update_multipliers,
+  nmt_weights,
+)
+from gradcraft_jax.methods._pcgrad import (
+  PCGradState,
+  pcgrad,
+  pcgrad_plus,
+  pcgrad_plus_weights,
+  pcgrad_weights,
+)
+from gradcraft_jax.methods._uncertainty import (
+  UncertaintyWeightingState,
+  uncertainty_weighting,
+  uncertainty_weights,
+)
+from gradcraft_jax.methods._upgrad import dual_cone_weights, upgrad, upgrad_weights
 
 __all__ = [
-    # Part A.
-    "DWAState", "GradVacState", "IMTLState", "PCGradState",
-    "UncertaintyWeightingState", "dwa", "dwa_weights", "gradvac",
-    "gradvac_weights", "imtl", "imtl_g", "imtl_g_weights", "imtl_weights",
-    "mean", "mean_weights", "mgda", "mgda_weights", "pcgrad", "pcgrad_plus",
-    "pcgrad_plus_weights", "pcgrad_weights", "uncertainty_weighting",
-    "uncertainty_weights",
-    # Part B.
-    "DBMTLState", "aligned_mtl", "aligned_mtl_balance", "aligned_mtl_weights",
-    "cagrad", "cagrad_weights", "dbmtl", "dbmtl_weights", "dual_cone_weights",
-    "nash_mtl", "nash_mtl_weights", "upgrad", "upgrad_weights",
+  "DBMTLState",
+  "DWAState",
+  "GradCraftState",
+  "GradVacState",
+  "IMTLState",
+  "NMTState",
+  "PCGradState",
+  "UncertaintyWeightingState",
+  "aligned_mtl",
+  "aligned_mtl_balance",
+  "aligned_mtl_weights",
+  "cagrad",
+  "cagrad_weights",
+  "dbmtl",
+  "dbmtl_weights",
+  "dual_cone_weights",
+  "dwa",
+  "dwa_weights",
+  "gradcraft",
+  "gradcraft_coefficients",
+  "gradcraft_weights",
+  "gradvac",
+  "gradvac_weights",
+  "imtl",
+  "imtl_g",
+  "imtl_g_weights",
+  "imtl_weights",
+  "mean",
+  "mean_weights",
+  "mgda",
+  "mgda_weights",
+  "nash_mtl",
+  "nash_mtl_weights",
+  "nmt",
+  "nmt_loss",
+  "nmt_update_multipliers",
+  "nmt_weights",
+  "pcgrad",
+  "pcgrad_plus",
+  "pcgrad_plus_weights",
+  "pcgrad_weights",
+  "uncertainty_weighting",
+  "uncertainty_weights",
+  "upgrad",
+  "upgrad_weights",
 ]

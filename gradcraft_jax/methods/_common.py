@@ -1,24 +1,41 @@
-"""Helpers shared by the comparison methods."""
+"""Helpers shared by the methods: validation, Gram normalisation, linear
+algebra (internal; ``pinv_psd`` is re-exported by the package)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradcraft_jax._stacked import is_concrete_number
 
 
-def check_num_tasks(num_tasks: Any, method: str, *,
-                    required: bool = False) -> None:
-  """Validates the ``num_tasks`` factory argument."""
+def check_num_tasks(num_tasks: Any, method: str, *, required: bool = False) -> None:
+  """Validates a ``num_tasks`` factory argument: a positive int.
+
+  Python and NumPy integers and concrete 0-d integer arrays (what
+  ``optax.inject_hyperparams`` passes to the factory) are accepted; bools,
+  floats and non-positive values raise ``ValueError``. Traced values (inside
+  an injected ``update``) cannot be checked and are let through.
+  """
   if num_tasks is None:
     if required:
-      raise ValueError(f"{method}: the state holds per-task arrays; pass "
-                       "num_tasks=T")
+      raise ValueError(f"{method}: the state holds per-task arrays; pass num_tasks=T")
     return
-  if (not isinstance(num_tasks, int) or isinstance(num_tasks, bool)
-      or num_tasks < 1):
-    raise ValueError(f"{method}: num_tasks must be a positive int, got "
-                     f"{num_tasks!r}")
+  if isinstance(num_tasks, jax.core.Tracer):
+    return
+  bad = ValueError(f"{method}: num_tasks must be a positive int, got {num_tasks!r}")
+  if isinstance(num_tasks, (bool, np.bool_)):
+    raise bad
+  if isinstance(num_tasks, (np.ndarray, jax.Array)):
+    if num_tasks.ndim != 0 or not jnp.issubdtype(num_tasks.dtype, jnp.integer):
+      raise bad
+    num_tasks = int(num_tasks)
+  if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
+    raise bad
 
 
 def task_permutations(key: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
@@ -32,3 +49,72 @@ def task_permutations(key: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
   keys = jax.random.split(sub, t)
   perms = jax.vmap(lambda k: jax.random.permutation(k, t))(keys)
   return key, perms
+
+
+def check_hyperparameter(
+  name: str,
+  value: Any,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  low_open: bool = False,
+  high_open: bool = False,
+  method: str = "",
+) -> None:
+  """Raises ``ValueError`` when a concrete hyperparameter is out of range.
+
+  Arrays and tracers (for instance from ``optax.inject_hyperparams``) are not
+  checked: their values are not known at construction.
+  """
+  if not is_concrete_number(value):
+    return
+  v = float(value)
+  prefix = f"{method}: " if method else ""
+  if not np.isfinite(v):
+    raise ValueError(f"{prefix}{name} must be finite, got {value!r}")
+  if low is not None and (v < low or (low_open and v == low)):
+    rel = ">" if low_open else ">="
+    raise ValueError(f"{prefix}{name} must be {rel} {low}, got {value!r}")
+  if high is not None and (v > high or (high_open and v == high)):
+    rel = "<" if high_open else "<="
+    raise ValueError(f"{prefix}{name} must be {rel} {high}, got {value!r}")
+
+
+def gram_scale(gram: jax.Array) -> jax.Array:
+  """``max_i K_ii``, or 1 when the diagonal is all zero."""
+  top = jnp.max(jnp.clip(jnp.diagonal(gram), 0.0))
+  return jnp.where(top > 0, top, 1.0)
+
+
+def normalize_gram(gram: jax.Array) -> jax.Array:
+  """``K / max_i K_ii`` (unchanged when the diagonal is all zero).
+
+  For weightings that are invariant to a global scale of the gradients this
+  keeps float32 arithmetic in range for gradients from 1e-10 to 1e10. A
+  non-finite Gram stays non-finite.
+  """
+  return gram / gram_scale(gram)
+
+
+def pinv_psd(a: jax.Array, rcond: float | None = None) -> jax.Array:
+  """Moore-Penrose pseudo-inverse of a symmetric PSD matrix via ``eigh``.
+
+  Eigenvalues below ``rcond * max|eigenvalue|`` (default ``10 * n * eps``)
+  are treated as zero, which gives the minimum-norm solution of singular
+  systems and maps all-zero rows/columns (masked-out tasks) to zero.
+  Works on batches with ``jax.vmap``.
+  """
+  n = a.shape[-1]
+  if rcond is None:
+    rcond = 10 * n * float(jnp.finfo(a.dtype).eps)
+  evals, evecs = jnp.linalg.eigh(0.5 * (a + a.T))
+  cutoff = rcond * jnp.max(jnp.abs(evals))
+  keep = evals > cutoff
+  inv = jnp.where(keep, 1.0 / jnp.where(keep, evals, 1.0), 0.0)
+  return (evecs * inv) @ evecs.T
+
+
+def empty_init(params: Any) -> optax.EmptyState:
+  """``init_fn`` of stateless methods."""
+  del params
+  return optax.EmptyState()

@@ -10,9 +10,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import check_num_tasks
-from gradcraft_jax.weighting import (check_hyperparameter, empty_init,
-                                     from_weighting, pinv_psd)
+from gradcraft_jax.methods._common import (
+  check_hyperparameter,
+  check_num_tasks,
+  empty_init,
+  pinv_psd,
+)
+from gradcraft_jax.weighting import Weighting, from_weighting
 
 __all__ = ["upgrad", "upgrad_weights", "dual_cone_weights"]
 
@@ -80,8 +84,9 @@ def _box_qp(k: jax.Array, u: jax.Array, num_iter: int) -> jax.Array:
   return jnp.where(feasible, jnp.clip(w_pol, 0.0), w)
 
 
-def dual_cone_weights(gram: jax.Array, u: jax.Array, *, num_iter: int = 20,
-                      reg_eps: float = 0.0) -> jax.Array:
+def dual_cone_weights(
+  gram: jax.Array, u: jax.Array, *, num_iter: int = 20, reg_eps: float = 0.0
+) -> jax.Array:
   r"""Weights ``v`` of the projection of ``J^T u`` onto the dual cone.
 
   The dual cone of the rows of ``J`` is :math:`\{x : Jx \ge 0\}`. By
@@ -110,8 +115,9 @@ def dual_cone_weights(gram: jax.Array, u: jax.Array, *, num_iter: int = 20,
   return u + _box_qp(k, u, num_iter)
 
 
-def upgrad_weights(gram: jax.Array, *, pref: jax.Array | None = None,
-                   num_iter: int = 20, reg_eps: float = 0.0) -> jax.Array:
+def upgrad_weights(
+  gram: jax.Array, *, pref: jax.Array | None = None, num_iter: int = 20, reg_eps: float = 0.0
+) -> jax.Array:
   r"""UPGrad weights: ``sum_i v^{(i)}`` with ``v^{(i)}`` the dual-cone
   projection weights of ``p_i g_i`` (:func:`dual_cone_weights` with
   ``u = p_i e_i``), all ``T`` QPs solved at once with ``vmap``.
@@ -133,14 +139,13 @@ def upgrad_weights(gram: jax.Array, *, pref: jax.Array | None = None,
   # Solve for u = e_i (better scaled), then multiply by p_i: v is linear
   # in u for u = p_i e_i, p_i >= 0.
   eye = jnp.eye(t, dtype=dtype)
-  v = jax.vmap(lambda e: dual_cone_weights(gram, e, num_iter=num_iter,
-                                           reg_eps=reg_eps))(eye)
+  v = jax.vmap(lambda e: dual_cone_weights(gram, e, num_iter=num_iter, reg_eps=reg_eps))(eye)
   return pref @ v
 
 
-def upgrad(*, num_iter: int = 20, reg_eps: float = 0.0,
-           num_tasks: int | None = None
-           ) -> optax.GradientTransformationExtraArgs:
+def upgrad(
+  *, num_iter: int = 20, reg_eps: float = 0.0, num_tasks: int | None = None
+) -> optax.GradientTransformationExtraArgs:
   r"""UPGrad (Quinton and Rey, 2024, arXiv:2406.16232).
 
   The update is the mean of the projections of the task gradients onto the
@@ -181,14 +186,12 @@ def upgrad(*, num_iter: int = 20, reg_eps: float = 0.0,
   [0.25, 0.75]
   """
   if not isinstance(num_iter, int) or num_iter < 1:
-    raise ValueError(f"upgrad: num_iter must be a positive int, got "
-                     f"{num_iter!r}")
+    raise ValueError(f"upgrad: num_iter must be a positive int, got {num_iter!r}")
   check_hyperparameter("reg_eps", reg_eps, low=0.0, method="upgrad")
   check_num_tasks(num_tasks, "upgrad")
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
     return upgrad_weights(gram, num_iter=num_iter, reg_eps=reg_eps), state
 
-  return from_weighting(empty_init, weights_fn, name="upgrad",
-                        expected_tasks=num_tasks)
+  return from_weighting(Weighting(empty_init, weights_fn, name="upgrad", num_tasks=num_tasks))

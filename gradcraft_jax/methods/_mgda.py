@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import check_num_tasks
-from gradcraft_jax.weighting import empty_init, from_weighting, normalize_gram
+from gradcraft_jax.methods._common import check_num_tasks, empty_init, normalize_gram
+from gradcraft_jax.weighting import Weighting, from_weighting
 
 __all__ = ["mgda", "mgda_weights"]
 
@@ -42,8 +42,7 @@ def _affine_min_norm(k: jax.Array, support: jax.Array) -> jax.Array:
   return x[:t] * m
 
 
-def _pairwise_frank_wolfe(k: jax.Array, w: jax.Array, iters: int
-                          ) -> jax.Array:
+def _pairwise_frank_wolfe(k: jax.Array, w: jax.Array, iters: int) -> jax.Array:
   """Pairwise Frank-Wolfe steps (Lacoste-Julien and Jaggi, NeurIPS 2015).
 
   Moves mass from the worst used vertex ``s = argmax_{w_k > 0} (Kw)_k`` to
@@ -65,8 +64,9 @@ def _pairwise_frank_wolfe(k: jax.Array, w: jax.Array, iters: int
   return jax.lax.fori_loop(0, iters, body, w)
 
 
-def mgda_weights(gram: jax.Array, *, max_iters: int | None = None,
-                 polish_iters: int = 200) -> jax.Array:
+def mgda_weights(
+  gram: jax.Array, *, max_iters: int | None = None, polish_iters: int = 200
+) -> jax.Array:
   r"""Weights on the simplex of the min-norm point of the convex hull.
 
   Solves :math:`\min_{w \in \Delta} w^\top K w` (:math:`\Delta` the
@@ -141,8 +141,9 @@ def mgda_weights(gram: jax.Array, *, max_iters: int | None = None,
   return _pairwise_frank_wolfe(k, w, polish_iters)
 
 
-def mgda(max_iters: int | None = None, *, num_tasks: int | None = None
-         ) -> optax.GradientTransformationExtraArgs:
+def mgda(
+  max_iters: int | None = None, *, num_tasks: int | None = None
+) -> optax.GradientTransformationExtraArgs:
   r"""MGDA: the min-norm convex combination of task gradients.
 
   The update is :math:`d = \sum_i w_i g_i` with
@@ -169,15 +170,12 @@ def mgda(max_iters: int | None = None, *, num_tasks: int | None = None
   >>> [round(float(x), 5) for x in upd["w"]]
   [0.5, 0.5]
   """
-  if max_iters is not None and (not isinstance(max_iters, int)
-                                or max_iters < 1):
-    raise ValueError(f"mgda: max_iters must be a positive int, got "
-                     f"{max_iters!r}")
+  if max_iters is not None and (not isinstance(max_iters, int) or max_iters < 1):
+    raise ValueError(f"mgda: max_iters must be a positive int, got {max_iters!r}")
   check_num_tasks(num_tasks, "mgda")
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
     return mgda_weights(gram, max_iters=max_iters), state
 
-  return from_weighting(empty_init, weights_fn, name="mgda",
-                        expected_tasks=num_tasks)
+  return from_weighting(Weighting(empty_init, weights_fn, name="mgda", num_tasks=num_tasks))

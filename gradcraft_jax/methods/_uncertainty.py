@@ -9,11 +9,15 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
-from gradcraft_jax.methods._common import check_num_tasks
-from gradcraft_jax.weighting import check_hyperparameter, from_weighting
+from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
+from gradcraft_jax.weighting import Weighting, from_weighting
 
-__all__ = ["uncertainty_weighting", "uncertainty_weights",
-           "uncertainty_log_var_step", "UncertaintyWeightingState"]
+__all__ = [
+  "uncertainty_weighting",
+  "uncertainty_weights",
+  "uncertainty_log_var_step",
+  "UncertaintyWeightingState",
+]
 
 
 class UncertaintyWeightingState(NamedTuple):
@@ -22,6 +26,7 @@ class UncertaintyWeightingState(NamedTuple):
   Attributes:
     log_vars: ``(T,)`` learnable log-variances ``s_i`` (start at 0).
   """
+
   log_vars: jax.Array
 
 
@@ -30,8 +35,7 @@ def uncertainty_weights(log_vars: jax.Array) -> jax.Array:
   return jnp.exp(-log_vars)
 
 
-def uncertainty_log_var_step(log_vars: jax.Array, task_losses: jax.Array,
-                             lr) -> jax.Array:
+def uncertainty_log_var_step(log_vars: jax.Array, task_losses: jax.Array, lr) -> jax.Array:
   r"""One SGD step on ``s`` for :math:`\sum_i e^{-s_i} l_i + s_i`.
 
   :math:`s_i \leftarrow s_i - \mathrm{lr}\,(1 - e^{-s_i} l_i)`.
@@ -39,8 +43,9 @@ def uncertainty_log_var_step(log_vars: jax.Array, task_losses: jax.Array,
   return log_vars - lr * (1.0 - jnp.exp(-log_vars) * task_losses)
 
 
-def uncertainty_weighting(lr: float = 1e-2, *, num_tasks: int
-                          ) -> optax.GradientTransformationExtraArgs:
+def uncertainty_weighting(
+  lr: float = 1e-2, *, num_tasks: int
+) -> optax.GradientTransformationExtraArgs:
   r"""Uncertainty weighting with learnable homoscedastic log-variances.
 
   Kendall, Gal, Cipolla, "Multi-Task Learning Using Uncertainty to Weigh
@@ -90,17 +95,22 @@ def uncertainty_weighting(lr: float = 1e-2, *, num_tasks: int
   check_num_tasks(num_tasks, "uncertainty_weighting", required=True)
 
   def init_fn(params):
-    return UncertaintyWeightingState(
-        log_vars=jnp.zeros((num_tasks,), accumulation_dtype(params)))
+    return UncertaintyWeightingState(log_vars=jnp.zeros((num_tasks,), accumulation_dtype(params)))
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del gram, extra_args
     s = state.log_vars.astype(losses.dtype)
     w = uncertainty_weights(s)
     new_s = uncertainty_log_var_step(s, losses, lr)
-    return w, UncertaintyWeightingState(
-        log_vars=new_s.astype(state.log_vars.dtype))
+    return w, UncertaintyWeightingState(log_vars=new_s.astype(state.log_vars.dtype))
 
-  return from_weighting(init_fn, weights_fn, name="uncertainty_weighting",
-                        needs_losses=True, needs_gram=False,
-                        expected_tasks=num_tasks)
+  return from_weighting(
+    Weighting(
+      init_fn,
+      weights_fn,
+      name="uncertainty_weighting",
+      needs_losses=True,
+      needs_gram=False,
+      num_tasks=num_tasks,
+    )
+  )

@@ -10,19 +10,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import check_num_tasks
-from gradcraft_jax.weighting import (check_hyperparameter, empty_init,
-                                     from_weighting, normalize_gram,
-                                     pinv_psd)
+from gradcraft_jax.methods._common import (
+  check_hyperparameter,
+  check_num_tasks,
+  empty_init,
+  normalize_gram,
+  pinv_psd,
+)
+from gradcraft_jax.weighting import Weighting, from_weighting
 
 __all__ = ["cagrad", "cagrad_weights", "cagrad_simplex_solve"]
 
 _GROWTH = 4.0
 
 
-def cagrad_simplex_solve(k: jax.Array, a: jax.Array, rho: jax.Array, *,
-                         outer: int = 8, inner: int = 5,
-                         growth: float = 8.0) -> jax.Array:
+def cagrad_simplex_solve(
+  k: jax.Array, a: jax.Array, rho: jax.Array, *, outer: int = 8, inner: int = 5, growth: float = 8.0
+) -> jax.Array:
   r"""``argmin_{w in simplex} a^T w + rho sqrt(w^T K w)`` by a barrier method.
 
   The problem is written as the second-order-cone program
@@ -62,8 +66,7 @@ def cagrad_simplex_solve(k: jax.Array, a: jax.Array, rho: jax.Array, *,
     tb = growth ** (i // inner).astype(dtype)
     kw = k @ w
     r = s * s - w @ kw
-    grad = jnp.concatenate([tb * a - 1.0 / w + 2.0 * kw / r,
-                            (tb * rho - 2.0 * s / r)[None]])
+    grad = jnp.concatenate([tb * a - 1.0 / w + 2.0 * kw / r, (tb * rho - 2.0 * s / r)[None]])
     dr = jnp.concatenate([-2.0 * kw, (2.0 * s)[None]])
     hess = jnp.outer(dr, dr) / (r * r)
     hess = hess.at[:-1, :-1].add(2.0 * k / r + jnp.diag(1.0 / (w * w)))
@@ -82,8 +85,7 @@ def cagrad_simplex_solve(k: jax.Array, a: jax.Array, rho: jax.Array, *,
     alpha = jnp.where(lam < 0.25, 1.0, 1.0 / (1.0 + lam))
     new = x * (1.0 + alpha * ds)
     nw, ns = new[:-1], new[-1]
-    ok = (jnp.all(nw > 0) & (ns * ns - nw @ k @ nw > 0)
-          & jnp.all(jnp.isfinite(new)))
+    ok = jnp.all(nw > 0) & (ns * ns - nw @ k @ nw > 0) & jnp.all(jnp.isfinite(new))
     # Re-project onto sum(w) = 1 against rounding drift.
     nw = nw / jnp.sum(nw)
     return jnp.where(ok, jnp.concatenate([nw, ns[None]]), x)
@@ -131,20 +133,28 @@ def _polish(k, a, rho, w_barrier):
   grad = a + lam * (k @ w)  # = nu on S, >= nu off S at the optimum
   tol = 1e2 * jnp.finfo(dtype).eps * (1.0 + jnp.max(jnp.abs(grad)))
   tol_w = 1e2 * jnp.finfo(dtype).eps * (1.0 + jnp.max(jnp.abs(w)))
-  ok = ((lam2 > 0) & (big_p > 0)
-        & jnp.all(w >= -tol_w)
-        & jnp.all(jnp.where(m > 0, jnp.abs(grad - nu), 0.0) <= 1e2 * tol)
-        & jnp.all(jnp.where(m > 0, 0.0, nu - grad) <= tol)
-        & (jnp.abs(jnp.sum(w) - 1.0) <= 1e2 * tol_w)
-        # lambda = rho / ||g_w|| (fails if K_SS was singular in the way)
-        & (jnp.abs(lam * jnp.sqrt(jnp.clip(w @ k @ w, 0.0)) - rho)
-           <= 1e3 * jnp.finfo(dtype).eps * rho))
+  ok = (
+    (lam2 > 0)
+    & (big_p > 0)
+    & jnp.all(w >= -tol_w)
+    & jnp.all(jnp.where(m > 0, jnp.abs(grad - nu), 0.0) <= 1e2 * tol)
+    & jnp.all(jnp.where(m > 0, 0.0, nu - grad) <= tol)
+    & (jnp.abs(jnp.sum(w) - 1.0) <= 1e2 * tol_w)
+    # lambda = rho / ||g_w|| (fails if K_SS was singular in the way)
+    & (jnp.abs(lam * jnp.sqrt(jnp.clip(w @ k @ w, 0.0)) - rho) <= 1e3 * jnp.finfo(dtype).eps * rho)
+  )
   return jnp.clip(w, 0.0), lam, ok
 
 
-def cagrad_weights(gram: jax.Array, *, c, rescale: bool = False,
-                   norm_eps: float = 1e-4, outer: int = 12, inner: int = 6
-                   ) -> jax.Array:
+def cagrad_weights(
+  gram: jax.Array,
+  *,
+  c,
+  rescale: bool = False,
+  norm_eps: float = 1e-4,
+  outer: int = 12,
+  inner: int = 6,
+) -> jax.Array:
   r"""CAGrad's update as weights on the raw gradients.
 
   With :math:`g_0 = \frac1T\sum_i g_i`, :math:`\sqrt\phi = c\|g_0\|` and
@@ -180,25 +190,29 @@ def cagrad_weights(gram: jax.Array, *, c, rescale: bool = False,
   rho = c * jnp.sqrt(jnp.clip(mean @ a, 0.0))
   use_mean = ~(rho > 0)
   safe_rho = jnp.where(use_mean, 1.0, rho)
-  w = cagrad_simplex_solve(k, a, safe_rho, outer=outer, inner=inner,
-                           growth=_GROWTH)
+  w = cagrad_simplex_solve(k, a, safe_rho, outer=outer, inner=inner, growth=_GROWTH)
   w_pol, _, ok = _polish(k, a, safe_rho, w)
   w = jnp.where(ok, w_pol, w)
   gw = jnp.sqrt(jnp.clip(w @ k @ w, 0.0))
   tr = jnp.trace(k)
-  stationary = gw * gw < norm_eps ** 2 * tr
+  stationary = gw * gw < norm_eps**2 * tr
   coef = rho / jnp.where(stationary, 1.0, gw)
-  weights = jnp.where(use_mean, mean,
-                      jnp.where(stationary, 0.0, mean + coef * w))
+  weights = jnp.where(use_mean, mean, jnp.where(stationary, 0.0, mean + coef * w))
   if rescale:
     weights = weights / (1.0 + c * c)
   # Keep non-finite input non-finite (the solver's guards would hide it).
   return jnp.where(jnp.all(jnp.isfinite(gram)), weights, jnp.nan)
 
 
-def cagrad(c: float = 0.4, *, rescale: bool = False, norm_eps: float = 1e-4,
-           outer: int = 12, inner: int = 6, num_tasks: int | None = None
-           ) -> optax.GradientTransformationExtraArgs:
+def cagrad(
+  c: float = 0.4,
+  *,
+  rescale: bool = False,
+  norm_eps: float = 1e-4,
+  outer: int = 12,
+  inner: int = 6,
+  num_tasks: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""CAGrad (Liu et al., NeurIPS 2021, arXiv:2110.14048).
 
   Maximises the worst local improvement :math:`\min_i \langle g_i, d\rangle`
@@ -253,10 +267,10 @@ def cagrad(c: float = 0.4, *, rescale: bool = False, norm_eps: float = 1e-4,
       raise ValueError(f"cagrad: {name} must be a positive int, got {val!r}")
   check_num_tasks(num_tasks, "cagrad")
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
-    return cagrad_weights(gram, c=c, rescale=rescale, norm_eps=norm_eps,
-                          outer=outer, inner=inner), state
+    return cagrad_weights(
+      gram, c=c, rescale=rescale, norm_eps=norm_eps, outer=outer, inner=inner
+    ), state
 
-  return from_weighting(empty_init, weights_fn, name="cagrad",
-                        expected_tasks=num_tasks)
+  return from_weighting(Weighting(empty_init, weights_fn, name="cagrad", num_tasks=num_tasks))

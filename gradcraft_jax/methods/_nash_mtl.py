@@ -10,9 +10,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import check_num_tasks
-from gradcraft_jax.weighting import (check_hyperparameter, empty_init,
-                                     from_weighting, gram_scale)
+from gradcraft_jax.methods._common import (
+  check_hyperparameter,
+  check_num_tasks,
+  empty_init,
+  gram_scale,
+)
+from gradcraft_jax.weighting import Weighting, from_weighting
 
 __all__ = ["nash_mtl", "nash_mtl_weights"]
 
@@ -55,9 +59,9 @@ def _newton_solve(k: jax.Array, max_iter: int) -> jax.Array:
   return jax.lax.fori_loop(0, max_iter, body, a0)
 
 
-def nash_mtl_weights(gram: jax.Array, *, max_iter: int = 20,
-                     ridge: float = 1e-6, max_norm: float = 0.0
-                     ) -> jax.Array:
+def nash_mtl_weights(
+  gram: jax.Array, *, max_iter: int = 20, ridge: float = 1e-6, max_norm: float = 0.0
+) -> jax.Array:
   r"""Nash bargaining weights: the ``alpha > 0`` with ``K alpha = 1/alpha``.
 
   The Nash bargaining solution of Navon et al. is the update
@@ -106,9 +110,9 @@ def nash_mtl_weights(gram: jax.Array, *, max_iter: int = 20,
   return jnp.where(clip, alpha * max_norm / jnp.where(clip, norm, 1.0), alpha)
 
 
-def nash_mtl(max_iter: int = 20, *, ridge: float = 1e-6,
-             max_norm: float = 0.0, num_tasks: int | None = None
-             ) -> optax.GradientTransformationExtraArgs:
+def nash_mtl(
+  max_iter: int = 20, *, ridge: float = 1e-6, max_norm: float = 0.0, num_tasks: int | None = None
+) -> optax.GradientTransformationExtraArgs:
   r"""Nash-MTL (Navon et al., ICML 2022, arXiv:2202.01017).
 
   The update is :math:`d = \sum_i \alpha_i g_i` with :math:`\alpha > 0`
@@ -145,16 +149,13 @@ def nash_mtl(max_iter: int = 20, *, ridge: float = 1e-6,
   [1.0, 1.0]
   """
   if not isinstance(max_iter, int) or max_iter < 1:
-    raise ValueError(f"nash_mtl: max_iter must be a positive int, got "
-                     f"{max_iter!r}")
+    raise ValueError(f"nash_mtl: max_iter must be a positive int, got {max_iter!r}")
   check_hyperparameter("ridge", ridge, low=0.0, method="nash_mtl")
   check_hyperparameter("max_norm", max_norm, low=0.0, method="nash_mtl")
   check_num_tasks(num_tasks, "nash_mtl")
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
-    return nash_mtl_weights(gram, max_iter=max_iter, ridge=ridge,
-                            max_norm=max_norm), state
+    return nash_mtl_weights(gram, max_iter=max_iter, ridge=ridge, max_norm=max_norm), state
 
-  return from_weighting(empty_init, weights_fn, name="nash_mtl",
-                        expected_tasks=num_tasks)
+  return from_weighting(Weighting(empty_init, weights_fn, name="nash_mtl", num_tasks=num_tasks))

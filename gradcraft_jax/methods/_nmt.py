@@ -26,10 +26,10 @@ import numpy as np
 import optax
 
 from gradcraft_jax._stacked import accumulation_dtype, is_concrete_number
-from gradcraft_jax.weighting import check_hyperparameter, from_weighting
+from gradcraft_jax.methods._common import check_hyperparameter
+from gradcraft_jax.weighting import Weighting, from_weighting
 
-__all__ = ["nmt", "NMTState", "nmt_loss", "nmt_update_multipliers",
-           "nmt_weights"]
+__all__ = ["nmt", "NMTState", "nmt_loss", "nmt_update_multipliers", "nmt_weights"]
 
 
 class NMTState(NamedTuple):
@@ -40,13 +40,14 @@ class NMTState(NamedTuple):
       (higher-priority) task, each in ``[0, lagrange_clip]``.
     count: int32 scalar, the number of updates applied.
   """
+
   multipliers: jax.Array
   count: jax.Array
 
 
-def nmt_update_multipliers(multipliers: jax.Array, task_losses: jax.Array,
-                           targets: jax.Array, *, lagrange_lr,
-                           lagrange_clip) -> jax.Array:
+def nmt_update_multipliers(
+  multipliers: jax.Array, task_losses: jax.Array, targets: jax.Array, *, lagrange_lr, lagrange_clip
+) -> jax.Array:
   r"""Advances the Lagrange multipliers by one clipped ascent step.
 
   For every constrained task ``i`` (rows ``0..T-2``):
@@ -83,13 +84,13 @@ def nmt_update_multipliers(multipliers: jax.Array, task_losses: jax.Array,
   k = multipliers.shape[0] if multipliers.ndim == 1 else None
   if k is None or task_losses.shape != (k + 1,) or targets.shape != (k,):
     raise ValueError(
-        "nmt_update_multipliers: expected multipliers (T-1,), task_losses "
-        f"(T,) and targets (T-1,), got {multipliers.shape}, "
-        f"{task_losses.shape} and {targets.shape}")
+      "nmt_update_multipliers: expected multipliers (T-1,), task_losses "
+      f"(T,) and targets (T-1,), got {multipliers.shape}, "
+      f"{task_losses.shape} and {targets.shape}"
+    )
   dtype = jnp.result_type(jnp.float32, multipliers.dtype, task_losses.dtype)
   lam = jax.lax.stop_gradient(multipliers).astype(dtype)
-  viol = jax.lax.stop_gradient(task_losses[:-1].astype(dtype)
-                               - targets.astype(dtype))
+  viol = jax.lax.stop_gradient(task_losses[:-1].astype(dtype) - targets.astype(dtype))
   lam = lam + jnp.asarray(lagrange_lr, dtype) * jnp.clip(viol, -1.0, 1.0)
   return jnp.clip(lam, 0.0, jnp.asarray(lagrange_clip, dtype))
 
@@ -119,8 +120,7 @@ def nmt_weights(multipliers: jax.Array) -> jax.Array:
   return num / (1.0 + jnp.sum(lam))
 
 
-def nmt_loss(task_losses: jax.Array, multipliers: jax.Array,
-             targets: jax.Array) -> jax.Array:
+def nmt_loss(task_losses: jax.Array, multipliers: jax.Array, targets: jax.Array) -> jax.Array:
   r"""The NMT objective as one scalar loss (one backward pass).
 
   .. math:: L = \frac{l_T + \sum_i \lambda_i (l_i - l_i^*)}
@@ -155,22 +155,26 @@ def nmt_loss(task_losses: jax.Array, multipliers: jax.Array,
   task_losses = jnp.asarray(task_losses)
   lam = jax.lax.stop_gradient(jnp.asarray(multipliers))
   targets = jax.lax.stop_gradient(jnp.asarray(targets))
-  if (task_losses.ndim != 1 or task_losses.shape[0] < 2
-      or lam.shape != (task_losses.shape[0] - 1,)
-      or targets.shape != lam.shape):
+  if (
+    task_losses.ndim != 1
+    or task_losses.shape[0] < 2
+    or lam.shape != (task_losses.shape[0] - 1,)
+    or targets.shape != lam.shape
+  ):
     raise ValueError(
-        "nmt_loss: expected task_losses (T,) with T >= 2, multipliers "
-        f"(T-1,) and targets (T-1,), got {task_losses.shape}, {lam.shape} "
-        f"and {targets.shape}")
+      "nmt_loss: expected task_losses (T,) with T >= 2, multipliers "
+      f"(T-1,) and targets (T-1,), got {task_losses.shape}, {lam.shape} "
+      f"and {targets.shape}"
+    )
   dtype = task_losses.dtype
   lam = lam.astype(dtype)
   penalty = jnp.sum(lam * (task_losses[:-1] - targets.astype(dtype)))
   return (task_losses[-1] + penalty) / (1.0 + jnp.sum(lam))
 
 
-def nmt(targets: Sequence[float] | jax.Array, *, lagrange_lr,
-        lagrange_clip, init_multiplier=0.0
-        ) -> optax.GradientTransformationExtraArgs:
+def nmt(
+  targets: Sequence[float] | jax.Array, *, lagrange_lr, lagrange_clip, init_multiplier=0.0
+) -> optax.GradientTransformationExtraArgs:
   r"""NMT (Cheng et al., AAAI 2025): one prioritised stage as an optax transform.
 
   The stacked gradients have ``T = len(targets) + 1`` rows in priority
@@ -225,34 +229,34 @@ def nmt(targets: Sequence[float] | jax.Array, *, lagrange_lr,
   if isinstance(targets, jax.Array):  # possibly traced: check shape only
     default_targets = targets
     if targets.ndim != 1 or targets.shape[0] < 1:
-      raise ValueError(f"nmt: targets must be a non-empty 1-D sequence, got "
-                       f"shape {jnp.shape(targets)}")
+      raise ValueError(
+        f"nmt: targets must be a non-empty 1-D sequence, got shape {jnp.shape(targets)}"
+      )
   else:
     default_targets = np.asarray(targets)
     if default_targets.ndim != 1 or default_targets.shape[0] < 1:
-      raise ValueError("nmt: targets must be a non-empty 1-D sequence (one "
-                       "target per constrained task), got shape "
-                       f"{default_targets.shape}")
+      raise ValueError(
+        "nmt: targets must be a non-empty 1-D sequence (one "
+        "target per constrained task), got shape "
+        f"{default_targets.shape}"
+      )
     if not np.issubdtype(default_targets.dtype, np.number):
-      raise ValueError(f"nmt: targets must be numbers, got dtype "
-                       f"{default_targets.dtype}")
+      raise ValueError(f"nmt: targets must be numbers, got dtype {default_targets.dtype}")
     if not np.all(np.isfinite(default_targets)):
       raise ValueError(f"nmt: targets must be finite, got {default_targets}")
   n_con = int(jnp.shape(default_targets)[0])
   t = n_con + 1
   check_hyperparameter("lagrange_lr", lagrange_lr, low=0.0, method="nmt")
   check_hyperparameter("lagrange_clip", lagrange_clip, low=0.0, method="nmt")
-  high = (float(lagrange_clip) if is_concrete_number(lagrange_clip)
-          else None)
-  check_hyperparameter("init_multiplier", init_multiplier, low=0.0,
-                       high=high, method="nmt")
+  high = float(lagrange_clip) if is_concrete_number(lagrange_clip) else None
+  check_hyperparameter("init_multiplier", init_multiplier, low=0.0, high=high, method="nmt")
 
   def init_fn(params):
     dtype = accumulation_dtype(params)
     lam = jnp.full((n_con,), init_multiplier, dtype)
     return NMTState(multipliers=lam, count=jnp.zeros([], jnp.int32))
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del gram
     override = extra_args.get("targets")
     if override is None:
@@ -260,17 +264,24 @@ def nmt(targets: Sequence[float] | jax.Array, *, lagrange_lr,
     else:
       if jnp.shape(override) != (n_con,):
         raise ValueError(
-            f"nmt: the targets= override has shape {jnp.shape(override)}, "
-            f"expected ({n_con},), one per constrained task")
+          f"nmt: the targets= override has shape {jnp.shape(override)}, "
+          f"expected ({n_con},), one per constrained task"
+        )
       tgt = override
     dtype = losses.dtype
     tgt = jnp.asarray(tgt).astype(dtype)
     lam = nmt_update_multipliers(
-        state.multipliers.astype(dtype), losses, tgt,
-        lagrange_lr=lagrange_lr, lagrange_clip=lagrange_clip)
-    new_state = NMTState(multipliers=lam.astype(state.multipliers.dtype),
-                         count=optax.safe_increment(state.count))
+      state.multipliers.astype(dtype),
+      losses,
+      tgt,
+      lagrange_lr=lagrange_lr,
+      lagrange_clip=lagrange_clip,
+    )
+    new_state = NMTState(
+      multipliers=lam.astype(state.multipliers.dtype), count=optax.safe_increment(state.count)
+    )
     return nmt_weights(lam), new_state
 
-  return from_weighting(init_fn, weights_fn, name="nmt", needs_losses=True,
-                        needs_gram=False, expected_tasks=t)
+  return from_weighting(
+    Weighting(init_fn, weights_fn, name="nmt", needs_losses=True, needs_gram=False, num_tasks=t)
+  )

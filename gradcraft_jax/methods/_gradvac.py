@@ -9,9 +9,13 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
-from gradcraft_jax.methods._common import check_num_tasks, task_permutations
-from gradcraft_jax.weighting import (check_hyperparameter, from_weighting,
-                                     normalize_gram)
+from gradcraft_jax.methods._common import (
+  check_hyperparameter,
+  check_num_tasks,
+  normalize_gram,
+  task_permutations,
+)
+from gradcraft_jax.weighting import Weighting, from_weighting
 
 __all__ = ["gradvac", "gradvac_weights", "GradVacState"]
 
@@ -24,12 +28,14 @@ class GradVacState(NamedTuple):
       0; the diagonal is unused).
     key: ``uint32[2]`` PRNG key for the visiting orders.
   """
+
   phi: jax.Array
   key: jax.Array
 
 
-def gradvac_weights(gram: jax.Array, phi: jax.Array, perms: jax.Array, *,
-                    beta) -> tuple[jax.Array, jax.Array]:
+def gradvac_weights(
+  gram: jax.Array, phi: jax.Array, perms: jax.Array, *, beta
+) -> tuple[jax.Array, jax.Array]:
   r"""GradVac's update as weights on the raw gradients, and the new targets.
 
   For each task ``i`` (``vmap``): :math:`g_i' = g_i`; for each
@@ -73,7 +79,7 @@ def gradvac_weights(gram: jax.Array, phi: jax.Array, perms: jax.Array, *,
     def body(pos, carry):
       c, phi_row = carry
       j = perm[pos]
-      cg = k @ c                   # <g_i', g_m> for every m
+      cg = k @ c  # <g_i', g_m> for every m
       ni = jnp.sqrt(jnp.clip(c @ cg, 0.0))
       nj = norms[j]
       den = ni * nj
@@ -96,8 +102,9 @@ def gradvac_weights(gram: jax.Array, phi: jax.Array, perms: jax.Array, *,
   return jnp.sum(coef, axis=0), new_phi
 
 
-def gradvac(beta: float = 0.5, seed: int = 0, *, num_tasks: int
-            ) -> optax.GradientTransformationExtraArgs:
+def gradvac(
+  beta: float = 0.5, seed: int = 0, *, num_tasks: int
+) -> optax.GradientTransformationExtraArgs:
   r"""Gradient Vaccine over stacked per-task gradients.
 
   Wang, Tsvetkov, Firat, Cao, "Gradient Vaccine: Investigating and Improving
@@ -137,14 +144,14 @@ def gradvac(beta: float = 0.5, seed: int = 0, *, num_tasks: int
 
   def init_fn(params):
     return GradVacState(
-        phi=jnp.zeros((num_tasks, num_tasks), accumulation_dtype(params)),
-        key=jax.random.PRNGKey(seed))
+      phi=jnp.zeros((num_tasks, num_tasks), accumulation_dtype(params)),
+      key=jax.random.PRNGKey(seed),
+    )
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
     key, perms = task_permutations(state.key, gram.shape[0])
     w, phi = gradvac_weights(gram, state.phi, perms, beta=beta)
     return w, GradVacState(phi=phi.astype(state.phi.dtype), key=key)
 
-  return from_weighting(init_fn, weights_fn, name="gradvac",
-                        expected_tasks=num_tasks)
+  return from_weighting(Weighting(init_fn, weights_fn, name="gradvac", num_tasks=num_tasks))

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
-from gradcraft_jax.methods._common import check_num_tasks
-from gradcraft_jax.weighting import check_hyperparameter, from_weighting
+from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
+from gradcraft_jax.weighting import Weighting, from_weighting
 
 __all__ = ["dwa", "dwa_weights", "DWAState"]
 
@@ -23,13 +23,13 @@ class DWAState(NamedTuple):
     last_losses: ``(T,)`` losses of the previous step, ``L(t-1)``.
     prior_losses: ``(T,)`` losses of the step before, ``L(t-2)``.
   """
+
   count: jax.Array
   last_losses: jax.Array
   prior_losses: jax.Array
 
 
-def dwa_weights(last_losses: jax.Array, prior_losses: jax.Array,
-                temperature, count=2) -> jax.Array:
+def dwa_weights(last_losses: jax.Array, prior_losses: jax.Array, temperature, count=2) -> jax.Array:
   r"""DWA weights :math:`w = T\,\mathrm{softmax}(r / \text{temperature})`.
 
   :math:`r_i = L_i(t-1) / L_i(t-2)` (taken as 1 where :math:`L_i(t-2) = 0`).
@@ -45,16 +45,14 @@ def dwa_weights(last_losses: jax.Array, prior_losses: jax.Array,
     ``(T,)`` weights summing to ``T``.
   """
   t = last_losses.shape[0]
-  ratio = jnp.where(prior_losses != 0,
-                    last_losses / jnp.where(prior_losses != 0, prior_losses,
-                                            1.0),
-                    1.0)
+  ratio = jnp.where(
+    prior_losses != 0, last_losses / jnp.where(prior_losses != 0, prior_losses, 1.0), 1.0
+  )
   w = t * jax.nn.softmax(ratio / temperature)
   return jnp.where(jnp.asarray(count) >= 2, w, jnp.ones_like(w))
 
 
-def dwa(temperature: float = 2.0, *, num_tasks: int
-        ) -> optax.GradientTransformationExtraArgs:
+def dwa(temperature: float = 2.0, *, num_tasks: int) -> optax.GradientTransformationExtraArgs:
   r"""Dynamic Weight Average over stacked per-task gradients.
 
   Liu, Johns, Davison, "End-to-End Multi-Task Learning with Attention",
@@ -92,26 +90,34 @@ def dwa(temperature: float = 2.0, *, num_tasks: int
   >>> [round(float(x), 4) for x in upd["w"]]  # 2 * softmax([1, 2] / 2)
   [0.7551, 1.2449]
   """
-  check_hyperparameter("temperature", temperature, low=0.0, low_open=True,
-                       method="dwa")
+  check_hyperparameter("temperature", temperature, low=0.0, low_open=True, method="dwa")
   check_num_tasks(num_tasks, "dwa", required=True)
 
   def init_fn(params):
     dtype = accumulation_dtype(params)
-    return DWAState(count=jnp.zeros((), jnp.int32),
-                    last_losses=jnp.zeros((num_tasks,), dtype),
-                    prior_losses=jnp.zeros((num_tasks,), dtype))
+    return DWAState(
+      count=jnp.zeros((), jnp.int32),
+      last_losses=jnp.zeros((num_tasks,), dtype),
+      prior_losses=jnp.zeros((num_tasks,), dtype),
+    )
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del gram, extra_args
-    w = dwa_weights(state.last_losses.astype(losses.dtype),
-                    state.prior_losses.astype(losses.dtype),
-                    jnp.asarray(temperature, losses.dtype), state.count)
+    w = dwa_weights(
+      state.last_losses.astype(losses.dtype),
+      state.prior_losses.astype(losses.dtype),
+      jnp.asarray(temperature, losses.dtype),
+      state.count,
+    )
     new_state = DWAState(
-        count=jnp.minimum(state.count + 1, 2).astype(jnp.int32),
-        last_losses=losses.astype(state.last_losses.dtype),
-        prior_losses=state.last_losses)
+      count=jnp.minimum(state.count + 1, 2).astype(jnp.int32),
+      last_losses=losses.astype(state.last_losses.dtype),
+      prior_losses=state.last_losses,
+    )
     return w, new_state
 
-  return from_weighting(init_fn, weights_fn, name="dwa", needs_losses=True,
-                        needs_gram=False, expected_tasks=num_tasks)
+  return from_weighting(
+    Weighting(
+      init_fn, weights_fn, name="dwa", needs_losses=True, needs_gram=False, num_tasks=num_tasks
+    )
+  )

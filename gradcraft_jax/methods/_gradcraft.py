@@ -13,11 +13,15 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax._stacked import accumulation_dtype, is_concrete_number
-from gradcraft_jax.weighting import (check_hyperparameter, from_weighting,
-                                     normalize_gram, pinv_psd)
+from gradcraft_jax.methods._common import (
+  check_hyperparameter,
+  check_num_tasks,
+  normalize_gram,
+  pinv_psd,
+)
+from gradcraft_jax.weighting import Weighting, from_weighting
 
-__all__ = ["gradcraft", "gradcraft_weights", "gradcraft_coefficients",
-           "GradCraftState"]
+__all__ = ["gradcraft", "gradcraft_weights", "gradcraft_coefficients", "GradCraftState"]
 
 
 class GradCraftState(NamedTuple):
@@ -27,6 +31,7 @@ class GradCraftState(NamedTuple):
     norm_ema: ``(T,)`` exponential moving average of the task-gradient norms,
       ``n <- b * n + (1 - b) * ||g||``, starting from zero.
   """
+
   norm_ema: jax.Array
 
 
@@ -42,9 +47,9 @@ def _safe_scale(norms: jax.Array, tau) -> jax.Array:
   return jnp.where(pos, tau * ratio + (1.0 - tau), 1.0)
 
 
-def gradcraft_coefficients(gram: jax.Array, *, tau, eps,
-                           norms: jax.Array | None = None
-                           ) -> tuple[jax.Array, jax.Array]:
+def gradcraft_coefficients(
+  gram: jax.Array, *, tau, eps, norms: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   r"""GradCraft's magnitude factors and projection coefficients.
 
   With magnitude factors :math:`s_i = \tau \max_j n_j / n_i + 1 - \tau`
@@ -93,8 +98,7 @@ def gradcraft_coefficients(gram: jax.Array, *, tau, eps,
 
   # Jacobi scaling: solve in the basis of unit conflicting gradients, so the
   # conditioning depends on their angles only, not on their norms.
-  inv_norms = jnp.where(hat_norms > 0, 1.0 / jnp.where(hat_norms > 0,
-                                                        hat_norms, 1.0), 0.0)
+  inv_norms = jnp.where(hat_norms > 0, 1.0 / jnp.where(hat_norms > 0, hat_norms, 1.0), 0.0)
 
   def solve_one(mask_i, h_col_i, hat_norm_i):
     r = mask_i.astype(dtype) * inv_norms
@@ -106,8 +110,7 @@ def gradcraft_coefficients(gram: jax.Array, *, tau, eps,
   return s, w
 
 
-def gradcraft_weights(gram: jax.Array, *, tau, eps,
-                      norms: jax.Array | None = None) -> jax.Array:
+def gradcraft_weights(gram: jax.Array, *, tau, eps, norms: jax.Array | None = None) -> jax.Array:
   r"""GradCraft's update as task weights on the raw gradients.
 
   The update :math:`\frac1T \sum_i \tilde g_i` (see
@@ -137,9 +140,9 @@ def gradcraft_weights(gram: jax.Array, *, tau, eps,
   return s * (1.0 + jnp.sum(w, axis=0)) / gram.shape[0]
 
 
-def gradcraft(tau: float = 0.5, eps: float = 0.0, norm_decay: float = 0.0, *,
-              num_tasks: int | None = None
-              ) -> optax.GradientTransformationExtraArgs:
+def gradcraft(
+  tau: float = 0.5, eps: float = 0.0, norm_decay: float = 0.0, *, num_tasks: int | None = None
+) -> optax.GradientTransformationExtraArgs:
   r"""GradCraft (Bai et al., KDD 2024) over stacked per-task gradients.
 
   1. Magnitude adjustment towards the largest norm:
@@ -187,40 +190,39 @@ def gradcraft(tau: float = 0.5, eps: float = 0.0, norm_decay: float = 0.0, *,
   """
   check_hyperparameter("tau", tau, low=0.0, high=1.0, method="gradcraft")
   check_hyperparameter("eps", eps, low=0.0, method="gradcraft")
-  check_hyperparameter("norm_decay", norm_decay, low=0.0, high=1.0,
-                       high_open=True, method="gradcraft")
-  if num_tasks is not None:
-    check_hyperparameter("num_tasks", num_tasks, low=1, method="gradcraft")
+  check_hyperparameter(
+    "norm_decay", norm_decay, low=0.0, high=1.0, high_open=True, method="gradcraft"
+  )
+  check_num_tasks(num_tasks, "gradcraft")
   # The state's structure is decided in init, where every hyperparameter is
   # concrete (also under optax.inject_hyperparams); update follows the state.
   averaged = not (is_concrete_number(norm_decay) and float(norm_decay) == 0)
   if averaged and is_concrete_number(norm_decay) and num_tasks is None:
-    raise ValueError("gradcraft: norm_decay > 0 keeps T averaged norms in "
-                     "the state; pass num_tasks=T")
+    raise ValueError(
+      "gradcraft: norm_decay > 0 keeps T averaged norms in the state; pass num_tasks=T"
+    )
 
   def init_fn(params):
     if not averaged:
       return optax.EmptyState()
     if not is_concrete_number(num_tasks):
-      raise ValueError("gradcraft: norm_decay > 0 needs a concrete "
-                       f"num_tasks, got {num_tasks!r}")
+      raise ValueError(f"gradcraft: norm_decay > 0 needs a concrete num_tasks, got {num_tasks!r}")
     dtype = accumulation_dtype(params)
     return GradCraftState(norm_ema=jnp.zeros((int(num_tasks),), dtype))
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
     if not isinstance(state, GradCraftState):
       return gradcraft_weights(gram, tau=tau, eps=eps), state
     if state.norm_ema.shape[0] != gram.shape[0]:
       raise ValueError(
-          f"gradcraft: built for num_tasks={state.norm_ema.shape[0]} but the "
-          f"stacked gradients have {gram.shape[0]} tasks on their leading "
-          "axis")
+        f"gradcraft: built for num_tasks={state.norm_ema.shape[0]} but the "
+        f"stacked gradients have {gram.shape[0]} tasks on their leading "
+        "axis"
+      )
     norms = jnp.sqrt(jnp.clip(jnp.diagonal(gram), 0.0))
-    ema = (norm_decay * state.norm_ema.astype(gram.dtype)
-           + (1.0 - norm_decay) * norms)
+    ema = norm_decay * state.norm_ema.astype(gram.dtype) + (1.0 - norm_decay) * norms
     w = gradcraft_weights(gram, tau=tau, eps=eps, norms=ema)
     return w, GradCraftState(norm_ema=ema.astype(state.norm_ema.dtype))
 
-  return from_weighting(init_fn, weights_fn, name="gradcraft",
-                        expected_tasks=num_tasks)
+  return from_weighting(Weighting(init_fn, weights_fn, name="gradcraft", num_tasks=num_tasks))

@@ -10,16 +10,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import check_num_tasks
-from gradcraft_jax.weighting import empty_init, from_weighting, normalize_gram
+from gradcraft_jax.methods._common import check_num_tasks, empty_init, normalize_gram
+from gradcraft_jax.weighting import Weighting, from_weighting
 
 __all__ = ["aligned_mtl", "aligned_mtl_weights", "aligned_mtl_balance"]
 
 _SCALE_MODES = ("min", "median", "rmse")
 
 
-def aligned_mtl_balance(gram: jax.Array, scale_mode: str = "min"
-                        ) -> jax.Array:
+def aligned_mtl_balance(gram: jax.Array, scale_mode: str = "min") -> jax.Array:
   r"""The balance matrix ``B`` with ``B J`` the aligned gradients.
 
   With :math:`K = V \operatorname{diag}(\lambda) V^\top` (eigenvalues above
@@ -61,8 +60,7 @@ def aligned_mtl_balance(gram: jax.Array, scale_mode: str = "min"
   elif scale_mode == "rmse":
     star = jnp.sum(jnp.where(keep, lam, 0.0)) / jnp.maximum(rank, 1)
   else:
-    raise ValueError(f"aligned_mtl: scale_mode must be one of {_SCALE_MODES},"
-                     f" got {scale_mode!r}")
+    raise ValueError(f"aligned_mtl: scale_mode must be one of {_SCALE_MODES}, got {scale_mode!r}")
   inv_sqrt = jnp.where(keep, jax.lax.rsqrt(safe), 0.0)
   b = jnp.sqrt(jnp.clip(star, 0.0)) * (vec * inv_sqrt) @ vec.T
   b = jnp.where(rank > 0, b, jnp.eye(t, dtype=dtype))
@@ -70,8 +68,9 @@ def aligned_mtl_balance(gram: jax.Array, scale_mode: str = "min"
   return jnp.where(jnp.all(jnp.isfinite(gram)), b, jnp.nan)
 
 
-def aligned_mtl_weights(gram: jax.Array, scale_mode: str = "min",
-                        pref: jax.Array | None = None) -> jax.Array:
+def aligned_mtl_weights(
+  gram: jax.Array, scale_mode: str = "min", pref: jax.Array | None = None
+) -> jax.Array:
   r"""Aligned-MTL weights on the raw gradients: ``B^T p`` (``B`` symmetric).
 
   The update is :math:`\sum_i p_i \hat g_i` with the aligned gradients
@@ -84,8 +83,9 @@ def aligned_mtl_weights(gram: jax.Array, scale_mode: str = "min",
   return aligned_mtl_balance(gram, scale_mode) @ jnp.asarray(pref, gram.dtype)
 
 
-def aligned_mtl(scale_mode: str = "min", *, num_tasks: int | None = None
-                ) -> optax.GradientTransformationExtraArgs:
+def aligned_mtl(
+  scale_mode: str = "min", *, num_tasks: int | None = None
+) -> optax.GradientTransformationExtraArgs:
   r"""Aligned-MTL (Senushkin et al., CVPR 2023, arXiv:2305.19000).
 
   Aligns the principal components of the gradient matrix: with
@@ -123,13 +123,11 @@ def aligned_mtl(scale_mode: str = "min", *, num_tasks: int | None = None
   [0.5, 0.5]
   """
   if scale_mode not in _SCALE_MODES:
-    raise ValueError(f"aligned_mtl: scale_mode must be one of {_SCALE_MODES},"
-                     f" got {scale_mode!r}")
+    raise ValueError(f"aligned_mtl: scale_mode must be one of {_SCALE_MODES}, got {scale_mode!r}")
   check_num_tasks(num_tasks, "aligned_mtl")
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
     return aligned_mtl_weights(gram, scale_mode), state
 
-  return from_weighting(empty_init, weights_fn, name="aligned_mtl",
-                        expected_tasks=num_tasks)
+  return from_weighting(Weighting(empty_init, weights_fn, name="aligned_mtl", num_tasks=num_tasks))

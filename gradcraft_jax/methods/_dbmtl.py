@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
-from gradcraft_jax.methods._common import check_num_tasks
-from gradcraft_jax.weighting import check_hyperparameter, from_weighting
+from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
+from gradcraft_jax.weighting import Weighting, from_weighting
 
 __all__ = ["dbmtl", "dbmtl_weights", "DBMTLState"]
 
@@ -27,13 +27,21 @@ class DBMTLState(NamedTuple):
     norm_ema: ``(T,)`` moving average of the log-loss gradient norms
       ``||g_i|| / (l_i + eps)``, starting from zero.
   """
+
   count: jax.Array
   norm_ema: jax.Array
 
 
-def dbmtl_weights(gram: jax.Array, task_losses: jax.Array,
-                  norm_ema: jax.Array, count: jax.Array, *, beta, beta_sigma,
-                  eps: float = 1e-8) -> tuple[jax.Array, jax.Array]:
+def dbmtl_weights(
+  gram: jax.Array,
+  task_losses: jax.Array,
+  norm_ema: jax.Array,
+  count: jax.Array,
+  *,
+  beta,
+  beta_sigma,
+  eps: float = 1e-8,
+) -> tuple[jax.Array, jax.Array]:
   r"""One DB-MTL step in Gram space.
 
   Args:
@@ -52,8 +60,7 @@ def dbmtl_weights(gram: jax.Array, task_losses: jax.Array,
   dtype = gram.dtype
   inv_l = 1.0 / (task_losses.astype(dtype) + eps)
   norms = jnp.sqrt(jnp.clip(jnp.diagonal(gram), 0.0)) * inv_l
-  decay = (jnp.asarray(beta, dtype)
-           / jnp.asarray(count, dtype) ** jnp.asarray(beta_sigma, dtype))
+  decay = jnp.asarray(beta, dtype) / jnp.asarray(count, dtype) ** jnp.asarray(beta_sigma, dtype)
   ema = decay * norm_ema.astype(dtype) + (1.0 - decay) * norms
   top = jnp.max(ema)
   pos = ema > 0
@@ -61,8 +68,9 @@ def dbmtl_weights(gram: jax.Array, task_losses: jax.Array,
   return alpha * inv_l, ema
 
 
-def dbmtl(beta: float = 0.9, beta_sigma: float = 0.5, *, num_tasks: int,
-          eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
+def dbmtl(
+  beta: float = 0.9, beta_sigma: float = 0.5, *, num_tasks: int, eps: float = 1e-8
+) -> optax.GradientTransformationExtraArgs:
   r"""DB-MTL (Lin et al., 2023, arXiv:2308.12029) with averaged norms.
 
   1. *Loss-scale balancing*: every task is trained on
@@ -106,23 +114,24 @@ def dbmtl(beta: float = 0.9, beta_sigma: float = 0.5, *, num_tasks: int,
   >>> [round(float(x), 4) for x in upd["w"]]  # both log-gradients -> norm 2
   [2.0, 2.0]
   """
-  check_hyperparameter("beta", beta, low=0.0, high=1.0, high_open=True,
-                       method="dbmtl")
+  check_hyperparameter("beta", beta, low=0.0, high=1.0, high_open=True, method="dbmtl")
   check_hyperparameter("beta_sigma", beta_sigma, low=0.0, method="dbmtl")
   check_hyperparameter("eps", eps, low=0.0, method="dbmtl")
   check_num_tasks(num_tasks, "dbmtl", required=True)
 
   def init_fn(params):
-    return DBMTLState(count=jnp.zeros((), jnp.int32),
-                      norm_ema=jnp.zeros((num_tasks,), accumulation_dtype(params)))
+    return DBMTLState(
+      count=jnp.zeros((), jnp.int32), norm_ema=jnp.zeros((num_tasks,), accumulation_dtype(params))
+    )
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del extra_args
     count = state.count + 1
-    w, ema = dbmtl_weights(gram, losses, state.norm_ema, count, beta=beta,
-                           beta_sigma=beta_sigma, eps=eps)
-    return w, DBMTLState(count=count,
-                         norm_ema=ema.astype(state.norm_ema.dtype))
+    w, ema = dbmtl_weights(
+      gram, losses, state.norm_ema, count, beta=beta, beta_sigma=beta_sigma, eps=eps
+    )
+    return w, DBMTLState(count=count, norm_ema=ema.astype(state.norm_ema.dtype))
 
-  return from_weighting(init_fn, weights_fn, name="dbmtl", needs_losses=True,
-                        expected_tasks=num_tasks)
+  return from_weighting(
+    Weighting(init_fn, weights_fn, name="dbmtl", needs_losses=True, num_tasks=num_tasks)
+  )

@@ -8,13 +8,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.gradcraft import _safe_scale
-from gradcraft_jax.methods._common import check_num_tasks, task_permutations
-from gradcraft_jax.weighting import (check_hyperparameter, from_weighting,
-                                     normalize_gram)
+from gradcraft_jax.methods._common import (
+  check_hyperparameter,
+  check_num_tasks,
+  normalize_gram,
+  task_permutations,
+)
+from gradcraft_jax.methods._gradcraft import _safe_scale
+from gradcraft_jax.weighting import Weighting, from_weighting
 
-__all__ = ["pcgrad", "pcgrad_weights", "pcgrad_plus", "pcgrad_plus_weights",
-           "PCGradState", "sequential_projection"]
+__all__ = [
+  "pcgrad",
+  "pcgrad_weights",
+  "pcgrad_plus",
+  "pcgrad_plus_weights",
+  "PCGradState",
+  "sequential_projection",
+]
 
 
 class PCGradState(NamedTuple):
@@ -23,11 +33,13 @@ class PCGradState(NamedTuple):
   Attributes:
     key: ``uint32[2]`` PRNG key, split at every update to draw the orders.
   """
+
   key: jax.Array
 
 
-def sequential_projection(gram: jax.Array, perms: jax.Array,
-                          target: jax.Array | None = None) -> jax.Array:
+def sequential_projection(
+  gram: jax.Array, perms: jax.Array, target: jax.Array | None = None
+) -> jax.Array:
   r"""Coefficients of PCGrad-style sequential projections, in Gram space.
 
   For every task ``i`` (``vmap``), start from :math:`v = g_i` and visit
@@ -88,8 +100,7 @@ def pcgrad_weights(gram: jax.Array, perms: jax.Array) -> jax.Array:
   return jnp.sum(sequential_projection(normalize_gram(gram), perms), axis=0)
 
 
-def pcgrad_plus_weights(gram: jax.Array, perms: jax.Array, *, tau,
-                        eps) -> jax.Array:
+def pcgrad_plus_weights(gram: jax.Array, perms: jax.Array, *, tau, eps) -> jax.Array:
   r"""PCGrad+ as weights on the raw gradients (see :func:`pcgrad_plus`).
 
   Args:
@@ -118,17 +129,15 @@ def _random_order_transform(name, weights_of, seed, num_tasks):
     del params
     return PCGradState(key=jax.random.PRNGKey(seed))
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
     key, perms = task_permutations(state.key, gram.shape[0])
     return weights_of(gram, perms), PCGradState(key=key)
 
-  return from_weighting(init_fn, weights_fn, name=name,
-                        expected_tasks=num_tasks)
+  return from_weighting(Weighting(init_fn, weights_fn, name=name, num_tasks=num_tasks))
 
 
-def pcgrad(seed: int = 0, *, num_tasks: int | None = None
-           ) -> optax.GradientTransformationExtraArgs:
+def pcgrad(seed: int = 0, *, num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
   r"""PCGrad ("gradient surgery") over stacked per-task gradients.
 
   Yu, Kumar, Gupta, Levine, Hausman, Finn, "Gradient Surgery for Multi-Task
@@ -166,9 +175,9 @@ def pcgrad(seed: int = 0, *, num_tasks: int | None = None
   return _random_order_transform("pcgrad", pcgrad_weights, seed, num_tasks)
 
 
-def pcgrad_plus(tau: float = 0.5, eps: float = 0.0, seed: int = 0, *,
-                num_tasks: int | None = None
-                ) -> optax.GradientTransformationExtraArgs:
+def pcgrad_plus(
+  tau: float = 0.5, eps: float = 0.0, seed: int = 0, *, num_tasks: int | None = None
+) -> optax.GradientTransformationExtraArgs:
   r"""PCGrad+: GradCraft's magnitude alignment, then PCGrad-style projections.
 
   The "PCGrad+" ablation of Bai et al., "GradCraft: Elevating Multi-task

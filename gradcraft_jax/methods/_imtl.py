@@ -9,13 +9,16 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
-from gradcraft_jax.methods._common import check_num_tasks
-from gradcraft_jax.weighting import (check_hyperparameter, empty_init,
-                                     from_weighting, normalize_gram,
-                                     pinv_psd)
+from gradcraft_jax.methods._common import (
+  check_hyperparameter,
+  check_num_tasks,
+  empty_init,
+  normalize_gram,
+  pinv_psd,
+)
+from gradcraft_jax.weighting import Weighting, from_weighting
 
-__all__ = ["imtl_g", "imtl_g_weights", "imtl", "imtl_weights",
-           "imtl_log_scale_step", "IMTLState"]
+__all__ = ["imtl_g", "imtl_g_weights", "imtl", "imtl_weights", "imtl_log_scale_step", "IMTLState"]
 
 # |1^T K^+ n| below this (K normalised to unit largest diagonal) means that
 # no combination with weights summing to 1 has equal projections: weights 0.
@@ -28,6 +31,7 @@ class IMTLState(NamedTuple):
   Attributes:
     log_scales: ``(T,)`` learnable IMTL-L loss scales ``s_i`` (start at 0).
   """
+
   log_scales: jax.Array
 
 
@@ -69,8 +73,7 @@ def imtl_g_weights(gram: jax.Array) -> jax.Array:
   return jnp.where(degenerate, 0.0, v / jnp.where(degenerate, 1.0, total))
 
 
-def imtl_g(*, num_tasks: int | None = None
-           ) -> optax.GradientTransformationExtraArgs:
+def imtl_g(*, num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
   r"""IMTL-G: the combination with equal projections on all task directions.
 
   Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, "Towards Impartial
@@ -93,12 +96,11 @@ def imtl_g(*, num_tasks: int | None = None
   """
   check_num_tasks(num_tasks, "imtl_g")
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
     return imtl_g_weights(gram), state
 
-  return from_weighting(empty_init, weights_fn, name="imtl_g",
-                        expected_tasks=num_tasks)
+  return from_weighting(Weighting(empty_init, weights_fn, name="imtl_g", num_tasks=num_tasks))
 
 
 def imtl_weights(gram: jax.Array, log_scales: jax.Array) -> jax.Array:
@@ -113,15 +115,13 @@ def imtl_weights(gram: jax.Array, log_scales: jax.Array) -> jax.Array:
   return alpha * scale
 
 
-def imtl_log_scale_step(log_scales: jax.Array, task_losses: jax.Array,
-                        lr) -> jax.Array:
+def imtl_log_scale_step(log_scales: jax.Array, task_losses: jax.Array, lr) -> jax.Array:
   r"""One SGD step of IMTL-L on :math:`\sum_i e^{s_i} l_i - s_i`:
   :math:`s_i \leftarrow s_i - \mathrm{lr}\,(e^{s_i} l_i - 1)`."""
   return log_scales - lr * (jnp.exp(log_scales) * task_losses - 1.0)
 
 
-def imtl(lr: float = 1e-2, *, num_tasks: int
-         ) -> optax.GradientTransformationExtraArgs:
+def imtl(lr: float = 1e-2, *, num_tasks: int) -> optax.GradientTransformationExtraArgs:
   r"""IMTL (hybrid): IMTL-L loss scales followed by IMTL-G.
 
   Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021.
@@ -162,12 +162,13 @@ def imtl(lr: float = 1e-2, *, num_tasks: int
   def init_fn(params):
     return IMTLState(log_scales=jnp.zeros((num_tasks,), accumulation_dtype(params)))
 
-  def weights_fn(gram, state, losses, extra_args):
+  def weights_fn(gram, state, losses, **extra_args):
     del extra_args
     s = state.log_scales.astype(gram.dtype)
     w = imtl_weights(gram, s)
     new_s = imtl_log_scale_step(s, losses, lr)
     return w, IMTLState(log_scales=new_s.astype(state.log_scales.dtype))
 
-  return from_weighting(init_fn, weights_fn, name="imtl", needs_losses=True,
-                        expected_tasks=num_tasks)
+  return from_weighting(
+    Weighting(init_fn, weights_fn, name="imtl", needs_losses=True, num_tasks=num_tasks)
+  )
