@@ -12,33 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from cases_a import CASES as CASES_A
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from method_cases import CASES, IDS
 
 import gradcraft_jax as gj
 
-try:
-  from cases_b import CASES as CASES_B
-except ImportError:
-  CASES_B = []
-
-CASES = (
-  CASES_A
-  + CASES_B
-  + [
-    ("gradcraft", lambda t: gj.gradcraft(0.5, 0.1, num_tasks=t), False, True, False),
-  ]
-)
-IDS = [c[0] for c in CASES]
-ORDER_FREE = [c for c in CASES if c[3]]
+ORDER_FREE = [c for c in CASES if c.order_free]
 # Methods whose fixed-iteration float32 solver has a documented accuracy
 # coarser than the default tolerances (see the method's docstring): CAGrad's
 # barrier method is accurate to ~1e-3 relative when the support of its
 # simplex weights is not identified exactly.
 SOLVER_TOL = {"cagrad": 5e-3}
-NONCONFLICTING = [c for c in CASES if c[4]]
-WITH_LOSSES = [c for c in CASES if c[2]]
+NONCONFLICTING = [c for c in CASES if c.nonconflicting]
+WITH_LOSSES = [c for c in CASES if c.needs_losses]
 
 SHAPES = {"a": (3, 4), "b": (5,)}
 D = 17
@@ -88,7 +75,7 @@ def params_like(dtype=jnp.float32):
 def run_steps(case, flats, losses, dtype=jnp.float32, jit=True):
   """Runs one transform over a sequence of (T, D) gradients; returns the
   updates and the final state."""
-  _, factory, needs_losses, _, _ = case
+  _, factory, needs_losses = case.name, case.make, case.needs_losses
   t = flats[0].shape[0]
   tx = factory(t)
   state = tx.init(params_like(dtype))
@@ -129,7 +116,7 @@ def test_structure_dtype_finite(case, kind, dtype):
   t = 4
   flats = [gradients(kind, t, rng) for _ in range(3)]
   losses = [rng.uniform(0.5, 2.0, t) for _ in range(3)]
-  _, factory, needs_losses, _, _ = case
+  factory = case.make
   tx = factory(t)
   state0 = tx.init(params_like(dtype))
   outs, state = run_steps(case, flats, losses, dtype)
@@ -156,7 +143,7 @@ def test_extreme_scales_float32(case, scale):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ORDER_FREE, ids=[c[0] for c in ORDER_FREE])
+@pytest.mark.parametrize("case", ORDER_FREE, ids=[c.name for c in ORDER_FREE])
 @settings(deadline=None, max_examples=8)
 @given(seed=st.integers(0, 2**31 - 1), t=st.integers(2, 5))
 def test_permutation_equivariance(case, seed, t):
@@ -166,14 +153,14 @@ def test_permutation_equivariance(case, seed, t):
   losses = [rng.uniform(0.5, 2.0, t) for _ in range(3)]
   outs, _ = run_steps(case, flats, losses)
   outs_p, _ = run_steps(case, [f[perm] for f in flats], [l[perm] for l in losses])
-  tol = SOLVER_TOL.get(case[0], 1e-5)
+  tol = SOLVER_TOL.get(case.name, 1e-5)
   for u, up, f in zip(outs, outs_p, flats):
     scale = np.abs(f).max() * t
     np.testing.assert_allclose(flatten(up), flatten(u), rtol=10 * tol, atol=tol * scale)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", NONCONFLICTING, ids=[c[0] for c in NONCONFLICTING])
+@pytest.mark.parametrize("case", NONCONFLICTING, ids=[c.name for c in NONCONFLICTING])
 @settings(deadline=None, max_examples=15)
 @given(
   seed=st.integers(0, 2**31 - 1),
@@ -196,7 +183,7 @@ def test_nonconflicting(case, seed, t, kind):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_jit_does_not_retrace(case):
-  name, factory, needs_losses, _, _ = case
+  name, factory, needs_losses = case.name, case.make, case.needs_losses
   t = 3
   tx = factory(t)
   traces = []
@@ -220,7 +207,7 @@ def test_jit_does_not_retrace(case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_task_count_mismatch_raises(case):
-  name, factory, needs_losses, _, _ = case
+  factory, needs_losses = case.make, case.needs_losses
   tx = factory(3)
   state = tx.init(params_like())
   kw = {"task_losses": jnp.ones(4)} if needs_losses else {}
@@ -228,9 +215,9 @@ def test_task_count_mismatch_raises(case):
     tx.update(make_stacked(np.ones((4, D))), state, **kw)
 
 
-@pytest.mark.parametrize("case", WITH_LOSSES, ids=[c[0] for c in WITH_LOSSES])
+@pytest.mark.parametrize("case", WITH_LOSSES, ids=[c.name for c in WITH_LOSSES])
 def test_missing_or_misshaped_losses_raise(case):
-  _, factory, _, _, _ = case
+  _, factory, _ = case.name, case.make, case.needs_losses
   tx = factory(3)
   state = tx.init(params_like())
   g = make_stacked(np.ones((3, D)))
@@ -243,7 +230,7 @@ def test_missing_or_misshaped_losses_raise(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_chain_with_adam(case):
   """Trains a toy 3-task least-squares problem with chain(method, adam)."""
-  _, factory, needs_losses, _, _ = case
+  _, factory, needs_losses = case.name, case.make, case.needs_losses
   rng = np.random.default_rng(3)
   t = 3
   a = jnp.asarray(rng.standard_normal((t, 6, 4)), jnp.float32)

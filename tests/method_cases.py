@@ -1,0 +1,76 @@
+"""The registry of every method of the library, for the shared test suites.
+
+One :class:`MethodCase` per method. The property suite
+(``test_method_properties.py``), the compatibility matrix, the sharding
+checks and the lean-path equivalence tests are parametrised over ``CASES``,
+so a method added here is tested everywhere.
+
+Non-conflict (``nonconflicting``), stated honestly:
+
+* MGDA and UPGrad: yes (min-norm point of the convex hull; every UPGrad
+  projection lies in the dual cone ``{x : <g_j, x> >= 0 for all j}``, a
+  convex cone, so their mean does too, exactly for ``reg_eps=0``).
+* Nash-MTL: ``<g_i, d> = 1/alpha_i > 0`` at an exact solution of
+  ``K alpha = 1/alpha``, which only exists when no positive combination of
+  the gradients vanishes; with dependent/opposite gradients the ridged
+  solution may give a slightly negative product. Not claimed.
+* CAGrad (any ``c``): maximises ``min_i <g_i, d>`` over a ball around the
+  mean; that maximum is negative whenever the ball holds no improving
+  direction. Not claimed.
+* Aligned-MTL: ``<g_i, d> = sqrt(lambda_min)/T (V Lambda^(1/2) V^T 1)_i``
+  can be negative. Not claimed.
+* DB-MTL: a positive reweighting of the raw gradients. Not claimed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import gradcraft_jax as gj
+import gradcraft_jax.methods as m
+
+
+class MethodCase(NamedTuple):
+  """One method under test.
+
+  Attributes:
+    name: the method's name (test ids).
+    make: ``make(num_tasks) -> transform``.
+    needs_losses: whether ``update`` needs ``task_losses``.
+    order_free: permuting the tasks (and losses) permutes nothing in the
+      update (same update).
+    nonconflicting: the update never has a negative inner product with a
+      task gradient.
+    extra: extra keyword arguments every update needs, as
+      ``extra(num_tasks, rng) -> dict`` (e.g. a second batch), or ``None``.
+  """
+
+  name: str
+  make: Callable[[int], Any]
+  needs_losses: bool = False
+  order_free: bool = True
+  nonconflicting: bool = False
+  extra: Callable[[int, Any], dict] | None = None
+
+
+CASES = [
+  MethodCase("mean", lambda t: m.mean(num_tasks=t)),
+  MethodCase("uncertainty_weighting", lambda t: m.uncertainty_weighting(0.1, num_tasks=t), True),
+  MethodCase("dwa", lambda t: m.dwa(2.0, num_tasks=t), True),
+  MethodCase("mgda", lambda t: m.mgda(num_tasks=t), nonconflicting=True),
+  MethodCase("pcgrad", lambda t: m.pcgrad(seed=1, num_tasks=t), order_free=False),
+  MethodCase(
+    "pcgrad_plus", lambda t: m.pcgrad_plus(0.5, 0.1, seed=1, num_tasks=t), order_free=False
+  ),
+  MethodCase("gradvac", lambda t: m.gradvac(0.5, num_tasks=t), order_free=False),
+  MethodCase("imtl_g", lambda t: m.imtl_g(num_tasks=t)),
+  MethodCase("imtl", lambda t: m.imtl(0.1, num_tasks=t), True),
+  MethodCase("cagrad", lambda t: m.cagrad(0.4, num_tasks=t)),
+  MethodCase("dbmtl", lambda t: m.dbmtl(0.9, 0.5, num_tasks=t), True),
+  MethodCase("nash_mtl", lambda t: m.nash_mtl(num_tasks=t)),
+  MethodCase("aligned_mtl", lambda t: m.aligned_mtl(num_tasks=t)),
+  MethodCase("upgrad", lambda t: m.upgrad(num_tasks=t), nonconflicting=True),
+  MethodCase("gradcraft", lambda t: gj.gradcraft(0.5, 0.1, num_tasks=t)),
+  # New methods are appended below (one line each).
+]
+IDS = [c.name for c in CASES]
