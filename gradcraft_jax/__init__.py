@@ -35,6 +35,9 @@ from gradcraft_jax.diagnostics import (
   gradient_stats,
 )
 
+# Per-task gradients and the training-step helpers built on the core.
+from gradcraft_jax.lean import combined_value_and_grad
+
 # Every method, each a Weighting turned into an optax transform.
 from gradcraft_jax.methods import (
   GradCraftState,
@@ -62,14 +65,24 @@ from gradcraft_jax.methods import (
   upgrad,
 )
 from gradcraft_jax.methods._common import pinv_psd
-
-# Per-task gradients and the training-step helpers built on the core.
 from gradcraft_jax.per_task import per_task_value_and_grad
 from gradcraft_jax.representation import representation_value_and_grad
 from gradcraft_jax.stages import PrioritizedResult, StageHistory, train_prioritized
 
 # Step 2 of the core: the weighting object and the transform built from it.
 from gradcraft_jax.weighting import Weighting, WeightsQuery, from_weighting, task_weights
+
+# Wrappers: shared-only crafting, skipping non-finite steps, accumulation.
+from gradcraft_jax.wrappers import (
+  ApplyIfFiniteState,
+  MultiSteps,
+  MultiStepsState,
+  SharedOnlyState,
+  apply_if_finite,
+  label_by_path,
+  shared_only,
+  task_sum,
+)
 
 __version__ = "0.1.0"
 
@@ -83,7 +96,17 @@ __all__ = [
   "pinv_psd",
   "task_weights",
   "weighted_sum",
+  # wrappers
+  "ApplyIfFiniteState",
+  "MultiSteps",
+  "MultiStepsState",
+  "SharedOnlyState",
+  "apply_if_finite",
+  "label_by_path",
+  "shared_only",
+  "task_sum",
   # gradients and diagnostics
+  "combined_value_and_grad",
   "per_task_value_and_grad",
   "representation_value_and_grad",
   "GradientStats",
