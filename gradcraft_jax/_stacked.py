@@ -26,7 +26,7 @@ import numpy as np
 
 from gradcraft_jax import _cpu_gram
 
-__all__ = ["num_tasks", "gram_matrix", "weighted_sum", "accumulation_dtype"]
+__all__ = ["num_tasks", "gram_matrix", "weighted_sum", "accumulation_dtype", "select_leaves"]
 
 # Elements (T * columns) per block of the blocked CPU Gram contraction: a
 # (T, B) float32 block of ~192 KiB stays in L2 cache while it is multiplied
@@ -36,6 +36,16 @@ _GRAM_BLOCK_MIN = 1024
 _GRAM_BLOCK_MAX = 16384
 # Up to this many tasks the weighted sum is one fused elementwise pass.
 _UNROLL_MAX_TASKS = 64
+
+
+_NO_TASK_AXIS_HINT = (
+  ". The method was probably given parameter-shaped arrays instead of stacked "
+  "per-task gradients (leaves of shape (T, *param_shape)): optax.MultiSteps and "
+  "optax.apply_if_finite call their inner chain on parameter-shaped zeros, so they "
+  "cannot wrap a chain that starts with a method; use gradcraft_jax.MultiSteps("
+  "chain, k, num_tasks=T) and gradcraft_jax.apply_if_finite(chain, n) instead, or "
+  "check that the gradients come from gradcraft_jax.per_task_value_and_grad"
+)
 
 
 def num_tasks(stacked: Any) -> int:
@@ -65,7 +75,7 @@ def num_tasks(stacked: Any) -> int:
     if jnp.ndim(leaf) == 0:
       raise ValueError(
         f"leaf {jax.tree_util.keystr(path) or '<root>'} is a scalar; every "
-        "leaf of stacked per-task gradients needs a leading task axis"
+        "leaf of stacked per-task gradients needs a leading task axis" + _NO_TASK_AXIS_HINT
       )
   t = jnp.shape(first)[0]
   for path, leaf in leaves:
@@ -73,7 +83,7 @@ def num_tasks(stacked: Any) -> int:
       raise ValueError(
         f"inconsistent task axis: leaf {jax.tree_util.keystr(path)} has "
         f"leading dimension {jnp.shape(leaf)[0]} but leaf "
-        f"{jax.tree_util.keystr(first_path) or '<root>'} has {t}"
+        f"{jax.tree_util.keystr(first_path) or '<root>'} has {t}" + _NO_TASK_AXIS_HINT
       )
   return int(t)
 
@@ -242,6 +252,31 @@ def gram_matrix(stacked: Any) -> jax.Array:
   grams = [_leaf_gram(x, acc) for x in jax.tree_util.tree_leaves(stacked)]
   k = sum(grams[1:], grams[0])
   return 0.5 * (k + k.T)
+
+
+def select_leaves(stacked: Any, predicate, name: str = "method") -> list:
+  """The leaves of ``stacked`` whose key path (``jax.tree_util.keystr``,
+  e.g. ``"['shared']['kernel']"``) satisfies ``predicate``; all leaves when
+  ``predicate`` is ``None``.
+
+  Raises:
+    ValueError: if no leaf is selected (the message lists the key paths).
+
+  >>> import jax.numpy as jnp
+  >>> g = {"head": jnp.ones((2, 3)), "shared": jnp.ones((2, 4))}
+  >>> [x.shape for x in select_leaves(g, lambda path: "shared" in path)]
+  [(2, 4)]
+  """
+  pairs = jax.tree_util.tree_leaves_with_path(stacked)
+  if predicate is None:
+    return [leaf for _, leaf in pairs]
+  chosen = [leaf for path, leaf in pairs if predicate(jax.tree_util.keystr(path))]
+  if not chosen:
+    paths = [jax.tree_util.keystr(path) for path, _ in pairs]
+    raise ValueError(
+      f"{name}: the leaf selection matches none of the gradient leaves; their key paths are {paths}"
+    )
+  return chosen
 
 
 def weighted_sum(stacked: Any, weights: jax.Array) -> Any:
