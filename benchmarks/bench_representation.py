@@ -30,7 +30,7 @@ import gradcraft_jax
 from gradcraft_jax.datasets import load_census_income
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+sys.path.insert(0, HERE)
 import mtl_models  # noqa: E402  pylint: disable=g-import-not-at-top
 
 

@@ -28,8 +28,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mtl_models  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import mtl_models  # noqa: E402  (benchmarks/mtl_models.py)
 
 import gradcraft_jax  # noqa: E402
 from gradcraft_jax.datasets import load_census_income  # noqa: E402

@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 import gradcraft_jax
 from gradcraft_jax.datasets import load_census_income
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 import mtl_models  # noqa: E402  pylint: disable=g-import-not-at-top
 
 

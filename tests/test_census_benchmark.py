@@ -1,4 +1,4 @@
-"""End-to-end smoke test of examples/census_benchmark.py --quick."""
+"""End-to-end smoke test of benchmarks/census_benchmark.py --quick."""
 
 import csv
 import json
@@ -9,8 +9,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "examples", "census_benchmark.py")
-sys.path.insert(0, os.path.join(ROOT, "examples"))
+SCRIPT = os.path.join(ROOT, "benchmarks", "census_benchmark.py")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Tests of examples/mtl_models.py (NNX multi-task models, losses, AUC)."""
+"""Tests of benchmarks/mtl_models.py (NNX multi-task models, losses, AUC)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 nnx = pytest.importorskip("flax.nnx")
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import mtl_models  # noqa: E402
 
 CARDS = (5, 7, 3, 11)

@@ -47,8 +47,8 @@ Outputs in ``--out``: ``table.md``, ``table.csv``, ``results.json``,
 
 Run from the repository root::
 
-    python examples/census_benchmark.py --out out/census           # default
-    python examples/census_benchmark.py --quick --out /tmp/census  # < 1 min
+    python benchmarks/census_benchmark.py --out out/census           # default
+    python benchmarks/census_benchmark.py --quick --out /tmp/census  # < 1 min
 """
 
 from __future__ import annotations

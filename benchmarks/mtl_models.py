@@ -23,8 +23,9 @@ norm), so ``graphdef, params = nnx.split(model)`` and
 Also here: :func:`bce_task_losses`, :func:`auc` (ROC AUC via ranks) and
 :func:`evaluate_auc`.
 
-This is a plain module used by the examples and tests (``sys.path`` must
-include ``examples/``); it is not part of the ``gradcraft_jax`` package.
+This is a plain module used by the benchmarks, the examples and the tests
+(``sys.path`` must include ``benchmarks/``); it is not part of the
+``gradcraft_jax`` package.
 """
 
 from __future__ import annotations
