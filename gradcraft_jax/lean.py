@@ -1,0 +1,160 @@
+r"""The lean training step: the combined gradient without stacked gradients.
+
+Every method of the library updates with :math:`\sum_i w_i g_i`, where the
+weights ``w`` depend on the per-task gradients ``g_i`` only through their
+``T x T`` Gram matrix :math:`K = J J^\top` (``J`` the ``T x P`` Jacobian of
+the task losses) and on the losses. So the combined gradient is the pullback
+of one cotangent through the loss function:
+
+.. math:: \sum_i w_i g_i = J^\top w = \operatorname{vjp}(w),
+
+and the stacked gradients ``J`` (``T`` copies of the parameters) are never
+needed as a whole. :func:`combined_value_and_grad`
+
+1. runs ``fun`` forward once and keeps its VJP (``jax.vjp``);
+2. if the method reads the Gram matrix, pulls back the ``T`` one-hot
+   cotangents (batched with ``jax.vmap``) and reduces every parameter leaf's
+   ``(T, ...)`` gradient to its ``(T, T)`` Gram block as soon as it is
+   produced: XLA frees each leaf's per-task gradients after its block, so
+   the peak holds one or a few leaves' ``T`` copies, never all ``T x P``;
+3. asks the method for its weights (:func:`gradcraft_jax.task_weights`'
+   protocol, also through ``optax.inject_hyperparams``); methods that read
+   only the losses (``mean``, uncertainty weighting, DWA, NMT) skip step 2,
+   so their step costs one forward and one backward pass, like a plain step;
+4. pulls back ``w`` once: the combined gradient, shaped like the parameters.
+
+The result equals ``method.update(stacked, state, params, task_losses=losses,
+**extra_args)`` on the stacked per-task gradients of
+:func:`gradcraft_jax.per_task_value_and_grad`, to floating-point rounding
+(the weighted sum is formed by the backward pass instead of by
+:func:`gradcraft_jax.weighted_sum`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradcraft_jax._stacked import gram_matrix
+from gradcraft_jax.per_task import _split_args
+from gradcraft_jax.weighting import check_method, query_weights
+
+__all__ = ["combined_value_and_grad"]
+
+
+def combined_value_and_grad(
+  fun: Callable[..., Any],
+  method: optax.GradientTransformation,
+  argnums: int | Sequence[int] = 0,
+  has_aux: bool = False,
+) -> Callable[..., Any]:
+  r"""Task losses and a method's combined gradient, without stacked gradients.
+
+  Args:
+    fun: ``fun(params, *args)`` returning a ``(T,)`` vector of task losses
+      (``(losses, aux)`` with ``has_aux=True``).
+    method: a method transform of the library (``gradcraft(...)``,
+      ``mgda()``, ``upgrad()``, ``nmt(...)``, ``mean()``, ...,
+      :func:`~gradcraft_jax.from_weighting`), possibly wrapped in
+      ``optax.inject_hyperparams``; not an ``optax.chain`` (chain the
+      optimizer after the combined gradient instead).
+    argnums: which positional argument(s) of ``fun`` to differentiate, as in
+      ``jax.grad`` (``0`` is ``params``).
+    has_aux: whether ``fun`` returns ``(losses, aux)``.
+
+  Returns:
+    ``step(params, method_state, *args, **extra_args) -> (losses, grads,
+    new_method_state)`` (``((losses, aux), grads, new_method_state)`` with
+    ``has_aux``), where ``fun`` is called as ``fun(params, *args)``,
+    ``method_state`` is ``method.init(params)``'s state, and ``grads`` (the
+    structure of the differentiated argument(s), like ``jax.grad``) equals
+
+    .. code-block:: python
+
+      losses, stacked = per_task_value_and_grad(fun, argnums)(params, *args)
+      grads, new_state = method.update(
+          stacked, method_state, params, task_losses=losses, **extra_args)
+
+    to floating-point rounding. ``extra_args`` go to the method like an
+    update's extra arguments; ``task_losses=`` overrides the losses the
+    method reads. When the Gram matrix or the losses the method reads are
+    not finite, ``grads`` is non-finite and the state is kept. Jittable;
+    works with sharded parameters and batches.
+
+  Cost: one forward pass, ``T`` batched backward passes only if the method
+  reads the Gram matrix (each leaf's per-task gradients are reduced to its
+  Gram block and dropped), and one backward pass of the weighted losses.
+  Compiled temporary memory: activations plus the per-task gradients of the
+  largest leaves, instead of all ``T`` copies of the parameters.
+
+  Raises:
+    TypeError: at construction, if ``method`` is not a method transform of
+      the library.
+    ValueError: if ``fun`` does not return a 1-D vector of losses.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import gradcraft_jax as gj
+  >>> def fun(w, x):
+  ...   return jnp.stack([jnp.sum((x @ w - 1.0) ** 2), jnp.sum((x @ w + 1.0) ** 2)])
+  >>> w, x = jnp.ones((3,)), jnp.eye(3)
+  >>> method = gj.mgda()
+  >>> step = jax.jit(combined_value_and_grad(fun, method))
+  >>> losses, grads, state = step(w, method.init(w), x)
+  >>> grads.shape
+  (3,)
+  >>> _, stacked = gj.per_task_value_and_grad(fun)(w, x)
+  >>> ref, _ = method.update(stacked, method.init(w), w, task_losses=losses)
+  >>> bool(jnp.allclose(grads, ref, atol=1e-6))
+  True
+  """
+  check_method(method, "combined_value_and_grad")
+
+  def step(params, method_state, *args, **extra_args):
+    full_args = (params, *args)
+    single, nums = _split_args(full_args, argnums)
+    primals = tuple(full_args[n] for n in nums)
+
+    def f_of_primals(*ps):
+      full = list(full_args)
+      for n, p in zip(nums, ps):
+        full[n] = p
+      return fun(*full)
+
+    if has_aux:
+      losses, vjp_fn, aux = jax.vjp(f_of_primals, *primals, has_aux=True)
+    else:
+      losses, vjp_fn = jax.vjp(f_of_primals, *primals)
+    if jnp.ndim(losses) != 1:
+      raise ValueError(
+        "combined_value_and_grad: fun must return a 1-D vector of task "
+        f"losses, got shape {jnp.shape(losses)}"
+      )
+    t = losses.shape[0]
+
+    def gram_fn():
+      # T batched pullbacks reduced leaf by leaf to (T, T) blocks: only the
+      # Gram matrix leaves this function, so each leaf's (T, ...) gradient
+      # is dead as soon as its block is formed.
+      stacked = jax.vmap(vjp_fn)(jnp.eye(t, dtype=losses.dtype))
+      return gram_matrix(stacked)
+
+    task_losses = extra_args.pop("task_losses", losses)
+    weights, new_state = query_weights(
+      method,
+      method_state,
+      num_tasks=t,
+      gram_fn=gram_fn,
+      task_losses=task_losses,
+      caller="combined_value_and_grad",
+      **extra_args,
+    )
+    weights = jax.lax.stop_gradient(weights).astype(losses.dtype)
+    grads = vjp_fn(weights)
+    grads = grads[0] if single else grads
+    value = (losses, aux) if has_aux else losses
+    return value, grads, new_state
+
+  return step
