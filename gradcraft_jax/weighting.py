@@ -24,6 +24,7 @@ representation-level gradients are built on it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from typing import Any, Callable
 
@@ -36,6 +37,7 @@ from gradcraft_jax._stacked import (
   gram_matrix,
   is_concrete_number,
   num_tasks,
+  select_leaves,
   weighted_sum,
 )
 
@@ -69,6 +71,18 @@ class Weighting:
     needs_losses: whether ``update`` requires the keyword ``task_losses``.
     num_tasks: the task count the method was built for, or ``None`` for any;
       updates with another ``T`` raise ``ValueError``.
+    gram_leaves: ``None`` (the Gram matrix sums over every leaf), or a
+      predicate on a leaf's key path (``jax.tree_util.keystr``, e.g.
+      ``"['shared']['kernel']"``): the Gram matrix the weighting reads sums
+      over the selected leaves only (e.g. GradNorm's chosen shared layer).
+      Queries then need the stacked gradients or a ``gram_fn`` accepting a
+      ``leaves`` keyword, not a precomputed Gram matrix.
+    delegates: for wrappers of another method (e.g. CR-MOGM). The core then
+      computes nothing itself (``needs_gram`` and ``needs_losses`` must be
+      false): ``weights`` receives ``gram=None``, the task losses as given
+      (or ``None``), and the keyword ``query``, a :class:`WeightsQuery` (the
+      stacked gradients, or the query received) to pass on with
+      :func:`query_weights`; the wrapper keeps its own state finite.
 
   >>> import jax.numpy as jnp, optax
   >>> def inverse_norm(gram, state, losses, *, num_tasks, **extra_args):
@@ -88,6 +102,15 @@ class Weighting:
   needs_gram: bool = True
   needs_losses: bool = False
   num_tasks: int | None = None
+  gram_leaves: Callable[[str], bool] | None = None
+  delegates: bool = False
+
+  def __post_init__(self):
+    if self.delegates and (self.needs_gram or self.needs_losses):
+      raise ValueError(
+        f"{self.name}: a delegating weighting reads neither the Gram matrix nor "
+        "the losses itself (needs_gram=False, needs_losses=False)"
+      )
 
 
 @jax.tree_util.register_pytree_node_class
@@ -132,8 +155,23 @@ class WeightsQuery:
     stacked, gram = children
     return cls(aux[0], stacked=stacked, gram=gram, gram_fn=aux[1])
 
-  def resolve_gram(self) -> jax.Array:
-    """The Gram matrix: given, computed by ``gram_fn``, or from ``stacked``."""
+  def resolve_gram(self, leaves: Callable[[str], bool] | None = None) -> jax.Array:
+    """The Gram matrix: given, computed by ``gram_fn``, or from ``stacked``.
+
+    With ``leaves`` (a key-path predicate, see :attr:`Weighting.gram_leaves`)
+    the Gram matrix of the selected leaves of ``stacked``, or
+    ``gram_fn(leaves=leaves)``.
+    """
+    if leaves is not None:
+      if self.stacked is not None and jax.tree_util.tree_leaves(self.stacked):
+        return gram_matrix(select_leaves(self.stacked, leaves))
+      if self.gram_fn is not None and "leaves" in inspect.signature(self.gram_fn).parameters:
+        return self.gram_fn(leaves=leaves)
+      raise ValueError(
+        "this method reads the Gram matrix of a subset of the parameter leaves: "
+        "give the stacked gradients (or a gram_fn accepting leaves=), not a "
+        "precomputed Gram matrix"
+      )
     if self.gram is not None:
       return jnp.asarray(self.gram)
     if self.gram_fn is not None:
@@ -188,7 +226,9 @@ def _check_losses(w: Weighting, task_losses, t: int, dtype):
   return losses.astype(dtype)
 
 
-def _weights_and_state(w: Weighting, t: int, get_gram, task_losses, dtype, state, extra_args):
+def _weights_and_state(
+  w: Weighting, t: int, get_gram, task_losses, dtype, state, extra_args, query=None
+):
   """Step 2 of every method, with the guarantees of the core.
 
   * the task count is checked against the one the method was built for;
@@ -202,6 +242,15 @@ def _weights_and_state(w: Weighting, t: int, get_gram, task_losses, dtype, state
       f"{w.name}: built for num_tasks={w.num_tasks} but the stacked "
       f"gradients have {t} tasks on their leading axis"
     )
+  if w.delegates:
+    losses = None if task_losses is None else jnp.asarray(task_losses)
+    weights, new_state = w.weights(None, state, losses, num_tasks=t, query=query, **extra_args)
+    weights = jnp.asarray(weights)
+    if weights.shape != (t,):
+      raise ValueError(
+        f"{w.name}: the weighting returned weights of shape {weights.shape}, expected ({t},)"
+      )
+    return weights, new_state
   losses = _check_losses(w, task_losses, t, dtype)
   gram = get_gram() if w.needs_gram else None
   weights, new_state = w.weights(gram, state, losses, num_tasks=t, **extra_args)
@@ -251,11 +300,12 @@ def from_weighting(weighting: Weighting, *args, **kwargs) -> optax.GradientTrans
       weights, new_state = _weights_and_state(
         w,
         updates.num_tasks,
-        updates.resolve_gram,
+        lambda: updates.resolve_gram(w.gram_leaves),
         task_losses,
         _query_dtype(updates, task_losses),
         state,
         extra_args,
+        query=updates,
       )
       return _WeightsAnswer(weights), new_state
     if not jax.tree_util.tree_leaves(updates):
@@ -264,11 +314,12 @@ def from_weighting(weighting: Weighting, *args, **kwargs) -> optax.GradientTrans
     weights, new_state = _weights_and_state(
       w,
       t,
-      lambda: gram_matrix(updates),
+      lambda: gram_matrix(select_leaves(updates, w.gram_leaves, w.name)),
       task_losses,
       accumulation_dtype(updates),
       state,
       extra_args,
+      query=WeightsQuery(t, stacked=updates) if w.delegates else None,
     )
     return weighted_sum(updates, weights), new_state
 

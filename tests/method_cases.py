@@ -72,5 +72,12 @@ CASES = [
   MethodCase("upgrad", lambda t: m.upgrad(num_tasks=t), nonconflicting=True),
   MethodCase("gradcraft", lambda t: gj.gradcraft(0.5, 0.1, num_tasks=t)),
   # New methods are appended below (one line each).
+  MethodCase("rlw", lambda t: m.rlw(seed=1, num_tasks=t), order_free=False),  # random draw per index
+  MethodCase("gls", lambda t: m.gls(num_tasks=t), True),
+  MethodCase("imtl_l", lambda t: m.imtl_l(0.1, num_tasks=t), True),
+  MethodCase("famo", lambda t: m.famo(0.025, 1e-3, num_tasks=t), True),
+  MethodCase("stch", lambda t: m.stch(1.0, num_tasks=t, warmup_steps=1, log_losses=True), True),
+  MethodCase("gradnorm", lambda t: m.gradnorm(1.5, 0.01, num_tasks=t), True),
+  MethodCase("cr_mogm", lambda t: m.cr_mogm(m.mgda(), 0.9, num_tasks=t)),
 ]
 IDS = [c.name for c in CASES]

@@ -23,13 +23,22 @@ from gradcraft_jax.methods._aligned_mtl import (
   aligned_mtl_weights,
 )
 from gradcraft_jax.methods._cagrad import cagrad, cagrad_weights
+from gradcraft_jax.methods._cr_mogm import CRMOGMState, cr_mogm, cr_mogm_weights
 from gradcraft_jax.methods._dbmtl import DBMTLState, dbmtl, dbmtl_weights
 from gradcraft_jax.methods._dwa import DWAState, dwa, dwa_weights
+from gradcraft_jax.methods._famo import FAMOState, famo, famo_logit_gradient, famo_weights
+from gradcraft_jax.methods._gls import gls, gls_weights
 from gradcraft_jax.methods._gradcraft import (
   GradCraftState,
   gradcraft,
   gradcraft_coefficients,
   gradcraft_weights,
+)
+from gradcraft_jax.methods._gradnorm import (
+  GradNormState,
+  gradnorm,
+  gradnorm_step,
+  gradnorm_weights,
 )
 from gradcraft_jax.methods._gradvac import GradVacState, gradvac, gradvac_weights
 from gradcraft_jax.methods._imtl import (
@@ -39,6 +48,7 @@ from gradcraft_jax.methods._imtl import (
   imtl_g_weights,
   imtl_weights,
 )
+from gradcraft_jax.methods._imtl_l import IMTLLState, imtl_l, imtl_l_weights
 from gradcraft_jax.methods._mean import mean, mean_weights
 from gradcraft_jax.methods._mgda import mgda, mgda_weights
 from gradcraft_jax.methods._nash_mtl import nash_mtl, nash_mtl_weights
@@ -56,6 +66,8 @@ from gradcraft_jax.methods._pcgrad import (
   pcgrad_plus_weights,
   pcgrad_weights,
 )
+from gradcraft_jax.methods._rlw import RLWState, rlw, rlw_weights
+from gradcraft_jax.methods._stch import STCHState, stch, stch_weights
 from gradcraft_jax.methods._uncertainty import (
   UncertaintyWeightingState,
   uncertainty_weighting,
@@ -109,4 +121,27 @@ __all__ = [
   "uncertainty_weights",
   "upgrad",
   "upgrad_weights",
+  # issue 14: loss-only weightings, GradNorm, CR-MOGM
+  "CRMOGMState",
+  "FAMOState",
+  "GradNormState",
+  "IMTLLState",
+  "RLWState",
+  "STCHState",
+  "cr_mogm",
+  "cr_mogm_weights",
+  "famo",
+  "famo_logit_gradient",
+  "famo_weights",
+  "gls",
+  "gls_weights",
+  "gradnorm",
+  "gradnorm_step",
+  "gradnorm_weights",
+  "imtl_l",
+  "imtl_l_weights",
+  "rlw",
+  "rlw_weights",
+  "stch",
+  "stch_weights",
 ]
