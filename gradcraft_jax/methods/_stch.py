@@ -33,10 +33,12 @@ class STCHState(NamedTuple):
 
 
 def _objective(losses, log_losses):
-  if not log_losses:
+  """``(f(l), f'(l))``; ``log_losses`` may be a traced bool (injected)."""
+  if isinstance(log_losses, (bool, np.bool_)) and not log_losses:
     return losses, jnp.ones_like(losses)
   safe = jnp.maximum(losses, jnp.finfo(losses.dtype).tiny)
-  return jnp.log(safe), 1.0 / safe
+  use_log = jnp.asarray(log_losses, bool)
+  return jnp.where(use_log, jnp.log(safe), losses), jnp.where(use_log, 1.0 / safe, 1.0)
 
 
 def stch_weights(
@@ -134,8 +136,7 @@ def stch(
       uniform ``1/T``, as in the paper and torchjd).
     reference: ``(T,)`` or scalar reference point in loss units (used when
       ``warmup_steps == 0``).
-    warmup_steps: number of warm-up updates that estimate the reference
-      (static).
+    warmup_steps: number of warm-up updates that estimate the reference.
     log_losses: whether the objectives are the log-losses.
 
   Returns:
@@ -150,8 +151,14 @@ def stch(
   """
   check_hyperparameter("mu", mu, low=0.0, low_open=True, method="stch")
   check_num_tasks(num_tasks, "stch", required=True)
-  if not isinstance(warmup_steps, (int, np.integer)) or warmup_steps < 0:
-    raise ValueError(f"stch: warmup_steps must be a non-negative int, got {warmup_steps!r}")
+  if not isinstance(warmup_steps, jax.core.Tracer):
+    ok = isinstance(warmup_steps, (int, np.integer, np.ndarray, jax.Array)) and not isinstance(
+      warmup_steps, (bool, np.bool_)
+    )
+    if ok and isinstance(warmup_steps, (np.ndarray, jax.Array)):
+      ok = warmup_steps.ndim == 0 and jnp.issubdtype(warmup_steps.dtype, jnp.integer)
+    if not ok or int(warmup_steps) < 0:
+      raise ValueError(f"stch: warmup_steps must be a non-negative int, got {warmup_steps!r}")
   for name, value in (("preference", preference), ("reference", reference)):
     if value is not None and jnp.shape(value) not in ((), (num_tasks,)):
       raise ValueError(f"stch: {name} must be a scalar or ({num_tasks},), got {jnp.shape(value)}")
@@ -161,7 +168,7 @@ def stch(
 
   def init_fn(params):
     dtype = accumulation_dtype(params)
-    ref = jnp.full((num_tasks,), 1.0 if log_losses else 0.0, dtype)
+    ref = jnp.where(jnp.asarray(log_losses, bool), 1.0, 0.0) * jnp.ones((num_tasks,), dtype)
     if reference is not None:
       ref = jnp.broadcast_to(jnp.asarray(reference, dtype), (num_tasks,))
     return STCHState(
@@ -185,15 +192,13 @@ def stch(
       reference=state.reference.astype(dtype),
       log_losses=log_losses,
     )
-    if warmup_steps == 0:
-      return w, state
     warming = state.count < warmup_steps
     _, df = _objective(losses, log_losses)
     w = jnp.where(warming, lam * df, w)
     loss_sum = jnp.where(warming, state.loss_sum + losses, state.loss_sum)
     count = jnp.where(warming, state.count + 1, state.count)
     reference_now = jnp.where(
-      warming & (count == warmup_steps), loss_sum / warmup_steps, state.reference
+      warming & (count == warmup_steps), loss_sum / jnp.maximum(warmup_steps, 1), state.reference
     )
     new_state = STCHState(
       count=count.astype(jnp.int32),
