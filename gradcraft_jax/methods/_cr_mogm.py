@@ -100,7 +100,8 @@ def cr_mogm(
   >>> [round(float(x), 4) for x in state.weights]  # (.5, .5), then MGDA's (.9, .1)
   [0.7, 0.3]
   """
-  check_method(method, "cr_mogm")
+  with jax.ensure_compile_time_eval():  # also when rebuilt inside a trace (inject_hyperparams)
+    check_method(method, "cr_mogm")
   check_hyperparameter("alpha", alpha, low=0.0, high=1.0, method="cr_mogm")
   check_num_tasks(num_tasks, "cr_mogm", required=True)
   if initial_weights is not None and jnp.shape(initial_weights) != (num_tasks,):
