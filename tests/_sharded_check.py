@@ -259,11 +259,91 @@ def check_training(transforms, mesh, label, param_spec, failures, steps=3):
     print(f"OK {tag}" if len(failures) == before else f"FAIL {tag}")
 
 
+# Lean training steps (combined_value_and_grad) checked in the data and 2d
+# cases: Gram-based and loss-only methods, Auto axes and an Explicit subset.
+LEAN_TRAINING = ("gradcraft", "mean", "nmt", "upgrad", "mgda", "dwa")
+LEAN_EXPLICIT = ("gradcraft", "mean")
+
+
+def check_lean(transforms, mesh, label, param_spec, failures, steps=3):
+  """Lean jitted steps: combined_value_and_grad(loss, transform) + adam on
+  a sharded batch (and parameters) equal the single-device stacked steps
+  (per-task gradients + chain(transform, adam)) of ``check_training``."""
+  rng = np.random.default_rng(1)
+  batch_size, d, h = 32, 16, 32
+  params = {
+    "w1": rng.normal(size=(d, h)) / np.sqrt(d),
+    "b1": np.zeros((h,)),
+    "heads": rng.normal(size=(h, T)) / np.sqrt(h),
+  }
+  params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+  x = rng.normal(size=(batch_size, d))
+  y = np.stack(
+    [np.sin(x[:, 0]), -np.sin(x[:, 0]) + 0.1 * x[:, 1], x[:, 2] ** 2, np.cos(x[:, 3])], axis=1
+  )[:, :T]
+  batch = {"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(y, jnp.float32)}
+
+  def spec_for(a):
+    if param_spec is None or a.shape[0] % mesh.shape["fsdp"]:
+      return P()
+    return P(param_spec)
+
+  p_shard = jax.tree_util.tree_map(lambda a: NamedSharding(mesh, spec_for(a)), params)
+  sparams = jax.device_put(params, p_shard)
+  sbatch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+  grad_fn = gradcraft_jax.per_task_value_and_grad(_model_loss)
+  adam = optax.adam(1e-2)
+
+  for name, method in transforms.items():
+    tag = f"{label} {name}"
+    lean = gradcraft_jax.combined_value_and_grad(_model_loss, method)
+
+    def lean_step(p, ms, s, b, lean=lean):
+      losses, g, ms = lean(p, ms, b)
+      upd, s = adam.update(g, s, p)
+      return optax.apply_updates(p, upd), ms, s, losses
+
+    tx = optax.chain(method, adam)
+
+    def stacked_step(p, s, b, tx=tx):
+      losses, g = grad_fn(p, b)
+      upd, s = tx.update(g, s, p, task_losses=losses)
+      return optax.apply_updates(p, upd), s, losses
+
+    try:
+      p, s = params, tx.init(params)
+      jstacked = jax.jit(stacked_step)
+      for _ in range(steps):
+        p, s, l = jstacked(p, s, batch)
+      jlean = jax.jit(lean_step)
+      with jax.set_mesh(mesh):
+        sp, sms, ss = sparams, method.init(sparams), adam.init(sparams)
+        for _ in range(steps):
+          sp, sms, ss, sl = jlean(sp, sms, ss, sbatch)
+    except Exception as e:  # pylint: disable=broad-except
+      failures.append(f"{tag}: raised {type(e).__name__}: {e}")
+      print(f"FAIL {tag}")
+      continue
+    before = len(failures)
+    if not _close(sl, l):
+      failures.append(f"{tag}: losses differ {np.asarray(sl)} vs {np.asarray(l)}")
+    if not _close(sp, p, rtol=1e-4, atol=1e-4):
+      failures.append(f"{tag}: sharded lean params differ from single-device stacked steps")
+    for k in params:
+      if not sp[k].sharding.is_equivalent_to(sparams[k].sharding, params[k].ndim):
+        failures.append(
+          f"{tag}: params {k} changed sharding to {sp[k].sharding} from {sparams[k].sharding}"
+        )
+    print(f"OK {tag}" if len(failures) == before else f"FAIL {tag}")
+
+
 def main(cases):
   assert jax.device_count() == 8, jax.devices()
   transforms = discover_transforms()
   print("transforms:", ", ".join(sorted(transforms)))
   explicit_subset = {k: v for k, v in transforms.items() if k in EXPLICIT_TRAINING}
+  lean_subset = {k: v for k, v in transforms.items() if k in LEAN_TRAINING}
+  lean_explicit = {k: v for k, v in transforms.items() if k in LEAN_EXPLICIT}
   devs = np.array(jax.devices())
   failures = []
   if "fsdp" in cases:
@@ -278,11 +358,19 @@ def main(cases):
     check_training(transforms, mesh, "data", None, failures)
     mesh = jax.make_mesh((8,), ("data",))
     check_training(explicit_subset, mesh, "data-explicit", None, failures)
+    mesh = Mesh(devs, ("data",), axis_types=(AxisType.Auto,))
+    check_lean(lean_subset, mesh, "data-lean", None, failures)
+    mesh = jax.make_mesh((8,), ("data",))
+    check_lean(lean_explicit, mesh, "data-lean-explicit", None, failures)
   if "2d" in cases:
     mesh = Mesh(devs.reshape(2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     check_training(transforms, mesh, "2d", "fsdp", failures)
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
     check_training(explicit_subset, mesh, "2d-explicit", "fsdp", failures)
+    mesh = Mesh(devs.reshape(2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    check_lean(lean_subset, mesh, "2d-lean", "fsdp", failures)
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+    check_lean(lean_explicit, mesh, "2d-lean-explicit", "fsdp", failures)
   for f in failures:
     print("FAILURE", f)
   return 1 if failures else 0
