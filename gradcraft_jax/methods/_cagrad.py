@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax.methods._common import (
+  check_flag,
   check_hyperparameter,
+  check_int,
   check_num_tasks,
   empty_init,
   normalize_gram,
@@ -262,9 +264,9 @@ def cagrad(
   """
   check_hyperparameter("c", c, low=0.0, method="cagrad")
   check_hyperparameter("norm_eps", norm_eps, low=0.0, method="cagrad")
-  for name, val in (("outer", outer), ("inner", inner)):
-    if not isinstance(val, int) or val < 1:
-      raise ValueError(f"cagrad: {name} must be a positive int, got {val!r}")
+  check_int("outer", outer, low=1, method="cagrad")
+  check_int("inner", inner, low=1, method="cagrad")
+  check_flag("rescale", rescale, method="cagrad")
   check_num_tasks(num_tasks, "cagrad")
 
   def weights_fn(gram, state, losses, **extra_args):

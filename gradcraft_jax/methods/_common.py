@@ -38,6 +38,35 @@ def check_num_tasks(num_tasks: Any, method: str, *, required: bool = False) -> N
     raise bad
 
 
+def check_int(
+  name: str, value: Any, *, low: int | None = None, method: str = "", allow_array: bool = False
+) -> None:
+  """Validates an integer factory argument (iteration counts, seeds): a
+  Python or NumPy int (not a bool or float), ``>= low`` if given. With
+  ``allow_array`` 0-d integer arrays are accepted too (and tracers let
+  through), as ``optax.inject_hyperparams`` passes them (e.g. seeds)."""
+  prefix = f"{method}: " if method else ""
+  if allow_array and isinstance(value, jax.core.Tracer):
+    return
+  if allow_array and isinstance(value, (np.ndarray, jax.Array)):
+    if value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer):
+      value = int(value)
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{prefix}{name} must be an int, got {value!r}")
+  if low is not None and value < low:
+    raise ValueError(f"{prefix}{name} must be an int >= {low}, got {value!r}")
+
+
+def check_flag(name: str, value: Any, *, method: str = "") -> None:
+  """Validates a boolean factory argument: ``True`` or ``False``."""
+  if not isinstance(value, (bool, np.bool_)):
+    prefix = f"{method}: " if method else ""
+    raise ValueError(
+      f"{prefix}{name} must be True or False, got {value!r} (under "
+      f"optax.inject_hyperparams, list it in static_args)"
+    )
+
+
 def task_permutations(key: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
   """Splits ``key`` and draws one random order of ``range(T)`` per task.
 
@@ -66,10 +95,12 @@ def check_hyperparameter(
   Arrays and tracers (for instance from ``optax.inject_hyperparams``) are not
   checked: their values are not known at construction.
   """
+  prefix = f"{method}: " if method else ""
+  if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+    raise ValueError(f"{prefix}{name} must be a number, got {value!r}")
   if not is_concrete_number(value):
     return
   v = float(value)
-  prefix = f"{method}: " if method else ""
   if not np.isfinite(v):
     raise ValueError(f"{prefix}{name} must be finite, got {value!r}")
   if low is not None and (v < low or (low_open and v == low)):

@@ -11,6 +11,7 @@ import optax
 from gradcraft_jax._stacked import accumulation_dtype
 from gradcraft_jax.methods._common import (
   check_hyperparameter,
+  check_int,
   check_num_tasks,
   normalize_gram,
   task_permutations,
@@ -140,6 +141,7 @@ def gradvac(
   Array([0.5, 1.5], dtype=float32)
   """
   check_hyperparameter("beta", beta, low=0.0, high=1.0, method="gradvac")
+  check_int("seed", seed, method="gradvac", allow_array=True)
   check_num_tasks(num_tasks, "gradvac", required=True)
 
   def init_fn(params):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax.methods._common import check_num_tasks, empty_init, normalize_gram
+from gradcraft_jax.methods._common import check_int, check_num_tasks, empty_init, normalize_gram
 from gradcraft_jax.weighting import Weighting, from_weighting
 
 __all__ = ["mgda", "mgda_weights"]
@@ -170,8 +170,8 @@ def mgda(
   >>> [round(float(x), 5) for x in upd["w"]]
   [0.5, 0.5]
   """
-  if max_iters is not None and (not isinstance(max_iters, int) or max_iters < 1):
-    raise ValueError(f"mgda: max_iters must be a positive int, got {max_iters!r}")
+  if max_iters is not None:
+    check_int("max_iters", max_iters, low=1, method="mgda")
   check_num_tasks(num_tasks, "mgda")
 
   def weights_fn(gram, state, losses, **extra_args):

@@ -12,6 +12,7 @@ import optax
 
 from gradcraft_jax.methods._common import (
   check_hyperparameter,
+  check_int,
   check_num_tasks,
   empty_init,
   gram_scale,
@@ -148,8 +149,7 @@ def nash_mtl(
   >>> [round(float(x), 4) for x in upd["w"]]  # alpha_i = 1 / ||g_i||
   [1.0, 1.0]
   """
-  if not isinstance(max_iter, int) or max_iter < 1:
-    raise ValueError(f"nash_mtl: max_iter must be a positive int, got {max_iter!r}")
+  check_int("max_iter", max_iter, low=1, method="nash_mtl")
   check_hyperparameter("ridge", ridge, low=0.0, method="nash_mtl")
   check_hyperparameter("max_norm", max_norm, low=0.0, method="nash_mtl")
   check_num_tasks(num_tasks, "nash_mtl")

@@ -10,6 +10,7 @@ import optax
 
 from gradcraft_jax.methods._common import (
   check_hyperparameter,
+  check_int,
   check_num_tasks,
   normalize_gram,
   task_permutations,
@@ -171,6 +172,7 @@ def pcgrad(seed: int = 0, *, num_tasks: int | None = None) -> optax.GradientTran
   >>> upd["w"]  # (1, 0) + (1, 1)/2 + (0, 1)
   Array([0.5, 1.5], dtype=float32)
   """
+  check_int("seed", seed, method="pcgrad", allow_array=True)
   check_num_tasks(num_tasks, "pcgrad")
   return _random_order_transform("pcgrad", pcgrad_weights, seed, num_tasks)
 
@@ -220,6 +222,7 @@ def pcgrad_plus(
   """
   check_hyperparameter("tau", tau, low=0.0, high=1.0, method="pcgrad_plus")
   check_hyperparameter("eps", eps, low=0.0, method="pcgrad_plus")
+  check_int("seed", seed, method="pcgrad_plus", allow_array=True)
   check_num_tasks(num_tasks, "pcgrad_plus")
 
   def weights_of(gram, perms):

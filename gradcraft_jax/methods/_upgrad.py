@@ -12,6 +12,7 @@ import optax
 
 from gradcraft_jax.methods._common import (
   check_hyperparameter,
+  check_int,
   check_num_tasks,
   empty_init,
   pinv_psd,
@@ -185,8 +186,7 @@ def upgrad(
   >>> [round(float(x), 4) for x in upd["w"]]  # mean of (.5, .5) and (0, 1)
   [0.25, 0.75]
   """
-  if not isinstance(num_iter, int) or num_iter < 1:
-    raise ValueError(f"upgrad: num_iter must be a positive int, got {num_iter!r}")
+  check_int("num_iter", num_iter, low=1, method="upgrad")
   check_hyperparameter("reg_eps", reg_eps, low=0.0, method="upgrad")
   check_num_tasks(num_tasks, "upgrad")
 
