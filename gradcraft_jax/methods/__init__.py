@@ -23,9 +23,14 @@ from gradcraft_jax.methods._aligned_mtl import (
   aligned_mtl_weights,
 )
 from gradcraft_jax.methods._cagrad import cagrad, cagrad_weights
+from gradcraft_jax.methods._config import config, config_weights
 from gradcraft_jax.methods._cr_mogm import CRMOGMState, cr_mogm, cr_mogm_weights
+from gradcraft_jax.methods._cross_batch import cross_gram
 from gradcraft_jax.methods._dbmtl import DBMTLState, dbmtl, dbmtl_weights
+from gradcraft_jax.methods._dualproj import dualproj, dualproj_weights
 from gradcraft_jax.methods._dwa import DWAState, dwa, dwa_weights
+from gradcraft_jax.methods._excess_mtl import ExcessMTLState, excess_mtl, excess_mtl_weights
+from gradcraft_jax.methods._fairgrad import fairgrad, fairgrad_weights
 from gradcraft_jax.methods._famo import FAMOState, famo, famo_logit_gradient, famo_weights
 from gradcraft_jax.methods._gls import gls, gls_weights
 from gradcraft_jax.methods._gradcraft import (
@@ -34,6 +39,7 @@ from gradcraft_jax.methods._gradcraft import (
   gradcraft_coefficients,
   gradcraft_weights,
 )
+from gradcraft_jax.methods._graddrop import GradDropState, graddrop, graddrop_combine
 from gradcraft_jax.methods._gradnorm import (
   GradNormState,
   gradnorm,
@@ -49,8 +55,11 @@ from gradcraft_jax.methods._imtl import (
   imtl_weights,
 )
 from gradcraft_jax.methods._imtl_l import IMTLLState, imtl_l, imtl_l_weights
+from gradcraft_jax.methods._krum import krum, krum_weights
 from gradcraft_jax.methods._mean import mean, mean_weights
 from gradcraft_jax.methods._mgda import mgda, mgda_weights
+from gradcraft_jax.methods._moco import MoCoState, moco
+from gradcraft_jax.methods._modo import MoDoState, modo, modo_weights
 from gradcraft_jax.methods._nash_mtl import nash_mtl, nash_mtl_weights
 from gradcraft_jax.methods._nmt import (
   NMTState,
@@ -67,7 +76,9 @@ from gradcraft_jax.methods._pcgrad import (
   pcgrad_weights,
 )
 from gradcraft_jax.methods._rlw import RLWState, rlw, rlw_weights
+from gradcraft_jax.methods._sdmgrad import SDMGradState, sdmgrad, sdmgrad_weights
 from gradcraft_jax.methods._stch import STCHState, stch, stch_weights
+from gradcraft_jax.methods._trimmed_mean import trimmed_mean, trimmed_mean_combine
 from gradcraft_jax.methods._uncertainty import (
   UncertaintyWeightingState,
   uncertainty_weighting,
@@ -144,4 +155,30 @@ __all__ = [
   "rlw_weights",
   "stch",
   "stch_weights",
+  # issue 14: Gram-based, elementwise, cross-batch, full-gradient state
+  "ExcessMTLState",
+  "GradDropState",
+  "MoCoState",
+  "MoDoState",
+  "SDMGradState",
+  "config",
+  "config_weights",
+  "cross_gram",
+  "dualproj",
+  "dualproj_weights",
+  "excess_mtl",
+  "excess_mtl_weights",
+  "fairgrad",
+  "fairgrad_weights",
+  "graddrop",
+  "graddrop_combine",
+  "krum",
+  "krum_weights",
+  "moco",
+  "modo",
+  "modo_weights",
+  "sdmgrad",
+  "sdmgrad_weights",
+  "trimmed_mean",
+  "trimmed_mean_combine",
 ]

@@ -1,0 +1,193 @@
+r"""ExcessMTL: task weights from estimated excess risks.
+
+He, Zhou, Ouyang, Zhao, "Robust Multi-Task Learning with Excess Risks",
+ICML 2024 (arXiv:2402.02009); the official code
+(github.com/uiuctml/ExcessMTL), LibMTL's and torchjd's ``ExcessMTL``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradcraft_jax._stacked import accumulation_dtype, weighted_sum
+from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
+from gradcraft_jax.methods._trimmed_mean import _all_finite, _check_tasks
+
+__all__ = ["excess_mtl", "excess_mtl_weights", "ExcessMTLState"]
+
+
+class ExcessMTLState(NamedTuple):
+  """State of :func:`excess_mtl` (``T`` copies of the parameters' size).
+
+  Attributes:
+    sq_sum: stacked pytree (leaves ``(T, *param.shape)``, float32 at
+      least): the running sums :math:`S_i` of the squared gradients.
+    weights: ``(T,)`` task weights on the simplex (``1/T`` at the start).
+    base: ``(T,)`` the baseline excess risks (set after the warm-up).
+    warmup_sum: ``(T,)`` the sum of the excess risks seen during warm-up.
+    count: int32 number of updates so far.
+  """
+
+  sq_sum: Any
+  weights: jax.Array
+  base: jax.Array
+  warmup_sum: jax.Array
+  count: jax.Array
+
+
+def excess_mtl_weights(
+  excess: jax.Array,
+  weights: jax.Array,
+  base: jax.Array,
+  *,
+  robust_step_size=1.0,
+  use_base: bool | jax.Array = True,
+) -> jax.Array:
+  r"""One exponentiated-gradient step (Equation 9 of He et al.):
+  :math:`w \leftarrow \mathrm{softmax}(\log w + \eta\, \hat E / b)` with
+  excess risks :math:`\hat E` and baselines ``b`` (``b = 1`` when
+  ``use_base`` is false: the first step without warm-up, as the official
+  code).
+
+  Args:
+    excess: ``(T,)`` excess risk estimates :math:`\hat E_i`.
+    weights: ``(T,)`` current weights on the simplex.
+    base: ``(T,)`` baselines.
+    robust_step_size: :math:`\eta > 0`.
+    use_base: whether to divide by ``base + 1e-7``.
+
+  Returns:
+    ``(T,)`` new weights.
+  """
+  scaled = jnp.where(use_base, excess / (base + 1e-7), excess)
+  return jax.nn.softmax(jnp.log(weights) + robust_step_size * scaled)
+
+
+def excess_mtl(
+  robust_step_size: float = 1.0, n_warmup_steps: int = 0, *, num_tasks: int
+) -> optax.GradientTransformationExtraArgs:
+  r"""ExcessMTL (He et al., ICML 2024, arXiv:2402.02009).
+
+  Weights tasks by their estimated *excess* risk (distance to their own
+  optimum) rather than their loss, so that tasks with large irreducible
+  noise do not dominate. Per update, with per-coordinate running sums of
+  squared gradients :math:`S_i \mathrel{+}= g_i^2` (an AdaGrad-style
+  diagonal Hessian estimate, Equation 7),
+
+  .. math:: \hat E_i = \sum_k \frac{g_{ik}^2}{\sqrt{S_{ik} + 10^{-7}}}
+     \quad(\approx g_i^\top H_i^{-1} g_i,\ \text{Equation 6}),
+
+  the weights take an exponentiated-gradient step on the simplex
+  (:func:`excess_mtl_weights`, with :math:`\hat E_i` divided by its
+  baseline after the first step, Section 3.2), and the update is
+  :math:`\sum_i w_i g_i`. During the first ``n_warmup_steps`` updates the
+  weights stay at ``1/T`` and the baseline is the mean excess risk seen
+  (Appendix C.1); with ``0`` (default) the first update's excess risk is
+  the baseline and is used raw once, as in the official code, LibMTL and
+  torchjd. As torchjd (and the paper), the weights start at ``1/T``
+  (the official code and LibMTL start at 1).
+
+  **Memory: the state holds** ``T`` **copies of the parameters** (the sums
+  :math:`S_i`, in float32 at least). The weights depend on the gradients
+  coordinate by coordinate through :math:`S`, not through the Gram matrix,
+  so this is its own transform (the final combination is the library's
+  ``weighted_sum``), and :func:`~gradcraft_jax.task_weights`, the lean
+  step and representation-level gradients do not apply to it.
+
+  Cost per update: one elementwise pass over ``G`` and ``S`` plus one
+  weighted sum. Order-free. Scale: :math:`\hat E` is 1-homogeneous in the
+  gradients (for gradients well above :math:`10^{-7/2}`), and after the
+  first step only its ratio to the baseline matters. No conflict
+  guarantee. A non-finite input gives a NaN update and leaves the state
+  unchanged.
+
+  Args:
+    robust_step_size: :math:`\eta > 0` (injectable).
+    n_warmup_steps: updates with uniform weights collecting the baseline
+      (static Python int ``>= 0``).
+    num_tasks: the task count ``T`` (required).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` over stacked per-task
+    gradients whose ``init`` needs the parameters.
+
+  >>> import jax.numpy as jnp
+  >>> tx = excess_mtl(num_tasks=2)
+  >>> state = tx.init({"w": jnp.zeros(2)})
+  >>> g = {"w": jnp.array([[1., 0.], [0., 0.]])}
+  >>> upd, state = tx.update(g, state)
+  >>> [round(float(x), 4) for x in state.weights]  # softmax(log(1/2) + (1, 0))
+  [0.7311, 0.2689]
+  """
+  check_hyperparameter(
+    "robust_step_size", robust_step_size, low=0.0, low_open=True, method="excess_mtl"
+  )
+  if isinstance(n_warmup_steps, bool) or not isinstance(n_warmup_steps, int) or n_warmup_steps < 0:
+    raise ValueError(f"excess_mtl: n_warmup_steps must be an int >= 0, got {n_warmup_steps!r}")
+  check_num_tasks(num_tasks, "excess_mtl", required=True)
+  t0 = int(num_tasks)
+  warm = n_warmup_steps
+
+  def init_fn(params):
+    if params is None or not jax.tree_util.tree_leaves(params):
+      sq = params
+    else:
+      sq = jax.tree_util.tree_map(
+        lambda p: jnp.zeros((t0,) + jnp.shape(p), jnp.result_type(jnp.float32, p)), params
+      )
+    zeros = jnp.zeros((t0,), jnp.float32)
+    return ExcessMTLState(
+      sq_sum=sq,
+      weights=jnp.full((t0,), 1.0 / t0, jnp.float32),
+      base=zeros,
+      warmup_sum=zeros,
+      count=jnp.zeros((), jnp.int32),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    if not jax.tree_util.tree_leaves(updates):
+      return updates, state
+    _check_tasks(updates, "excess_mtl", t0)
+    if jax.tree_util.tree_structure(updates) != jax.tree_util.tree_structure(state.sq_sum):
+      raise ValueError(
+        "excess_mtl: the stacked gradients do not have the structure of the parameters "
+        "given to init"
+      )
+    acc = accumulation_dtype(updates)
+    sq_sum = jax.tree_util.tree_map(
+      lambda s, g: s + jnp.square(g.astype(s.dtype)), state.sq_sum, updates
+    )
+    excess = jnp.zeros((t0,), acc)
+    for s, g in zip(jax.tree_util.tree_leaves(sq_sum), jax.tree_util.tree_leaves(updates)):
+      term = jnp.square(g.astype(acc)) / jnp.sqrt(s.astype(acc) + 1e-7)
+      excess = excess + jnp.sum(term.reshape(t0, -1), axis=1)
+    excess = excess.astype(jnp.float32)
+    count = state.count
+    in_warmup = count < warm
+    warmup_sum = jnp.where(in_warmup, state.warmup_sum + excess, state.warmup_sum)
+    first = count == warm  # first update after the warm-up
+    if warm > 0:
+      base = jnp.where(first, warmup_sum / warm, state.base)
+      use_base = True
+    else:
+      base = jnp.where(first, excess, state.base)
+      use_base = ~first
+    stepped = excess_mtl_weights(
+      excess, state.weights, base, robust_step_size=robust_step_size, use_base=use_base
+    )
+    weights = jnp.where(in_warmup, state.weights, stepped)
+    out = weighted_sum(updates, weights.astype(acc))
+    finite = _all_finite(updates)
+    out = jax.tree_util.tree_map(lambda x: jnp.where(finite, x, jnp.nan).astype(x.dtype), out)
+    new_state = ExcessMTLState(sq_sum, weights, base, warmup_sum, count + 1)
+    new_state = jax.tree_util.tree_map(
+      lambda new, old: jnp.where(finite, new, old).astype(old.dtype), new_state, state
+    )
+    return out, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
