@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import jax.numpy as jnp
+
 import gradcraft_jax as gj
 import gradcraft_jax.methods as m
 
@@ -72,12 +74,16 @@ CASES = [
   MethodCase("upgrad", lambda t: m.upgrad(num_tasks=t), nonconflicting=True),
   MethodCase("gradcraft", lambda t: gj.gradcraft(0.5, 0.1, num_tasks=t)),
   # New methods are appended below (one line each).
-  MethodCase("rlw", lambda t: m.rlw(seed=1, num_tasks=t), order_free=False),  # random draw per index
+  # rlw: a random draw per task index (order-free only in distribution)
+  MethodCase("rlw", lambda t: m.rlw(seed=1, num_tasks=t), order_free=False),
   MethodCase("gls", lambda t: m.gls(num_tasks=t), True),
   MethodCase("imtl_l", lambda t: m.imtl_l(0.1, num_tasks=t), True),
   MethodCase("famo", lambda t: m.famo(0.025, 1e-3, num_tasks=t), True),
   MethodCase("stch", lambda t: m.stch(1.0, num_tasks=t, warmup_steps=1, log_losses=True), True),
   MethodCase("gradnorm", lambda t: m.gradnorm(1.5, 0.01, num_tasks=t), True),
   MethodCase("cr_mogm", lambda t: m.cr_mogm(m.mgda(), 0.9, num_tasks=t)),
+  MethodCase("pbi", lambda t: m.pbi(jnp.full(t, 1.0 / t), 5.0, num_tasks=t), True),
+  MethodCase("cosmos", lambda t: m.cosmos(jnp.full(t, 1.0 / t), 1.0, num_tasks=t), True),
+  MethodCase("constant", lambda t: m.constant(jnp.arange(1.0, t + 1.0)), order_free=False),
 ]
 IDS = [c.name for c in CASES]

@@ -24,6 +24,8 @@ from gradcraft_jax.methods._aligned_mtl import (
 )
 from gradcraft_jax.methods._cagrad import cagrad, cagrad_weights
 from gradcraft_jax.methods._config import config, config_weights
+from gradcraft_jax.methods._constant import constant, constant_weights
+from gradcraft_jax.methods._cosmos import cosmos, cosmos_weights
 from gradcraft_jax.methods._cr_mogm import CRMOGMState, cr_mogm, cr_mogm_weights
 from gradcraft_jax.methods._cross_batch import cross_gram
 from gradcraft_jax.methods._dbmtl import DBMTLState, dbmtl, dbmtl_weights
@@ -68,6 +70,7 @@ from gradcraft_jax.methods._nmt import (
   nmt_update_multipliers,
   nmt_weights,
 )
+from gradcraft_jax.methods._pbi import pbi, pbi_weights
 from gradcraft_jax.methods._pcgrad import (
   PCGradState,
   pcgrad,
@@ -155,6 +158,12 @@ __all__ = [
   "rlw_weights",
   "stch",
   "stch_weights",
+  "constant",
+  "constant_weights",
+  "cosmos",
+  "cosmos_weights",
+  "pbi",
+  "pbi_weights",
   # issue 14: Gram-based, elementwise, cross-batch, full-gradient state
   "ExcessMTLState",
   "GradDropState",

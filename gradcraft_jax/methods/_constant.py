@@ -1,0 +1,55 @@
+r"""Constant task weights (linear scalarization; torchjd's Constant and Sum)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradcraft_jax.methods._common import empty_init
+from gradcraft_jax.weighting import Weighting, from_weighting
+
+__all__ = ["constant", "constant_weights"]
+
+
+def constant_weights(weights: Any, *, dtype=jnp.float32) -> jnp.ndarray:
+  """The ``(T,)`` weights of :func:`constant`, as an array of ``dtype``."""
+  return jnp.asarray(weights, dtype)
+
+
+def constant(weights: Any) -> optax.GradientTransformationExtraArgs:
+  r"""Fixed task weights: the update is :math:`\sum_i c_i g_i`.
+
+  The linear scalarization :math:`\sum_i c_i l_i` (torchjd's ``Constant``
+  aggregator and scalarizer; ``constant(jnp.ones(T))`` is torchjd's
+  ``Sum``, and ``constant(jnp.full(T, 1 / T))`` is
+  :func:`~gradcraft_jax.mean`). Stateless, reads neither the Gram matrix nor
+  the losses (no Gram pass; one backward pass on the lean path). ``T`` is
+  the length of ``weights``. The weights are injectable.
+
+  Args:
+    weights: ``(T,)`` weights.
+
+  Returns:
+    An optax transformation over stacked gradients.
+
+  >>> import jax.numpy as jnp
+  >>> tx = constant(jnp.array([1.0, 2.0]))
+  >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None))
+  >>> upd["w"]
+  Array([1., 2.], dtype=float32)
+  """
+  shape = np.shape(weights)
+  if len(shape) != 1 or shape[0] < 1:
+    raise ValueError(f"constant: weights must be a non-empty 1-D vector, got shape {shape}")
+  t = int(shape[0])
+
+  def weights_fn(gram, state, losses, **extra_args):
+    del gram, losses, extra_args
+    return jnp.asarray(weights), state
+
+  return from_weighting(
+    Weighting(empty_init, weights_fn, name="constant", needs_gram=False, num_tasks=t)
+  )
