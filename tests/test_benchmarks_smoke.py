@@ -7,7 +7,12 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["bench_gradcraft.py", "bench_scaling.py", "bench_representation.py"]
+SCRIPTS = [
+  "bench_gradcraft.py",
+  "bench_scaling.py",
+  "bench_representation.py",
+  "bench_train_step.py",
+]
 
 
 @pytest.mark.slow
