@@ -19,9 +19,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -157,7 +159,9 @@ ffi::Error Gram(ffi::ThreadPool pool, const In* x, int64_t t, int64_t n,
   struct Shared {
     std::vector<double> partial;
     std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
+    std::mutex mu;                  // guards `done`
+    std::condition_variable all_done;
+    int64_t done = 0;
   };
   auto shared = std::make_shared<Shared>();
   shared->partial.assign(parts * t * t, 0.0);
@@ -170,7 +174,12 @@ ffi::Error Gram(ffi::ThreadPool pool, const In* x, int64_t t, int64_t n,
       if (p >= parts) return;
       const int64_t c0 = p * width, c1 = std::min(n, c0 + width);
       PartGram(x, t, n, c0, c1, shared->partial.data() + p * t * t, &buf);
-      shared->done.fetch_add(1, std::memory_order_release);
+      bool last;
+      {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        last = ++shared->done == parts;
+      }
+      if (last) shared->all_done.notify_one();
     }
   };
   const int64_t helpers =
@@ -180,8 +189,13 @@ ffi::Error Gram(ffi::ThreadPool pool, const In* x, int64_t t, int64_t n,
     pool.Schedule(std::move(task));
   }
   work();
-  // Every part has been claimed; wait for the ones helpers are finishing.
-  while (shared->done.load(std::memory_order_acquire) < parts) {
+  // Every part has been claimed; sleep (no spinning) until the helpers
+  // finish the ones they hold. The mutex orders their writes to `partial`
+  // before the reads below. No deadlock: the calling thread never waits
+  // for a part nobody has started.
+  {
+    std::unique_lock<std::mutex> lock(shared->mu);
+    shared->all_done.wait(lock, [&shared, parts] { return shared->done == parts; });
   }
   for (int64_t i = 0; i < t; ++i)
     for (int64_t j = i; j < t; ++j) {

@@ -72,6 +72,32 @@ def test_kernel_threaded_parts(t, n):
 
 
 @needs_kernel
+def test_kernel_concurrent_calls_are_bit_identical():
+  """Several threads run the multi-part kernel at once (helpers finishing
+  late, the calling thread sleeping until they are done): every result is
+  the same bits as a lone call."""
+  import concurrent.futures
+
+  x = jnp.asarray(np.random.default_rng(9).standard_normal((4, 1_200_000)), jnp.float32)
+  f = jax.jit(_cpu_gram.gram)
+  lone = np.asarray(f(x))
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    results = list(pool.map(lambda _: np.asarray(f(x)), range(8)))
+  for got in results:
+    np.testing.assert_array_equal(got, lone)
+
+
+def test_kernel_source_does_not_spin_wait():
+  """The calling thread sleeps on a condition variable while the helpers
+  finish (a busy loop such as `while (done < parts) {}` burns a core)."""
+  import re
+
+  src = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "gram_cpu.cc")).read()
+  assert not re.search(r"while\s*\(.*\)\s*\{\s*\}", src)
+  assert "condition_variable" in src and ".wait(" in src
+
+
+@needs_kernel
 def test_gram_matrix_uses_kernel_and_agrees_with_xla_paths():
   rng = np.random.default_rng(0)
   tree = {
