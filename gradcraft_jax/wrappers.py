@@ -333,7 +333,9 @@ def apply_if_finite(
   its input when it skips, which a chain starting with a method cannot use.
 
   A step is *finite* when the stacked gradients, the ``task_losses`` (when
-  given) and the inner chain's update are all finite. On a non-finite step
+  given) and the inner chain's update are all finite (optax checks its input
+  only; the update is checked too, so that a chain that overflows on finite
+  input is skipped rather than applied). On a non-finite step
   the update is zeros shaped like the inner chain's output (the parameters)
   and *every* inner state is kept (the method's and the optimizer's), unless
   more than ``max_consecutive_errors`` steps in a row were non-finite: then,
