@@ -46,6 +46,9 @@ def jax_methods():
     "pcgrad": lambda t: gm.pcgrad(seed=0),
     "gradvac": lambda t: gm.gradvac(0.5, num_tasks=t),
     "nash_mtl": lambda t: gm.nash_mtl(),
+    "rlw": lambda t: gm.rlw(seed=0),
+    "constant": lambda t: gm.constant(jnp.ones(t)),
+    "cr_mogm": lambda t: gm.cr_mogm(gm.upgrad(), 0.9, num_tasks=t),
   }
   return {k: v for k, v in table.items() if hasattr(gm, k)}
 
@@ -63,6 +66,11 @@ def torchjd_methods():
     "pcgrad": lambda t: ta.PCGrad(),
     "gradvac": lambda t: ta.GradVac(),
     "nash_mtl": lambda t: ta.NashMTL(n_tasks=t, max_norm=0.0),
+    "rlw": lambda t: ta.Random(),
+    "constant": lambda t: ta.Sum(),
+    "cr_mogm": lambda t: ta.GramianWeightedAggregator(
+      ta.CRMOGMWeighting(ta.UPGradWeighting(), alpha=0.9)
+    ),
   }
 
 
