@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
 import gradcraft_jax as gj
 import gradcraft_jax.methods as m
@@ -53,6 +54,16 @@ class MethodCase(NamedTuple):
   order_free: bool = True
   nonconflicting: bool = False
   extra: Callable[[int, Any], dict] | None = None
+
+
+def cross_gram_extra(num_tasks, rng):
+  """The second-batch argument of MoDo and SDMGrad for the shared suites:
+  ``cross_gram = J_1 J_2^T`` of two random (T, 17) Jacobians (the methods
+  also accept ``stacked_2=``, a second stacked tree; their own test files
+  exercise that path)."""
+  j1 = rng.standard_normal((num_tasks, 17))
+  j2 = j1 + 0.3 * rng.standard_normal((num_tasks, 17))
+  return {"cross_gram": np.asarray(j1 @ j2.T, np.float32)}
 
 
 CASES = [
@@ -85,5 +96,17 @@ CASES = [
   MethodCase("pbi", lambda t: m.pbi(jnp.full(t, 1.0 / t), 5.0, num_tasks=t), True),
   MethodCase("cosmos", lambda t: m.cosmos(jnp.full(t, 1.0 / t), 1.0, num_tasks=t), True),
   MethodCase("constant", lambda t: m.constant(jnp.arange(1.0, t + 1.0)), order_free=False),
+  # Krum needs T >= n_byzantine + 3 (ValueError for T = 2, which the permutation test draws);
+  # for T >= 3 it is order-free up to ties (tests/test_krum.py).
+  MethodCase("krum", lambda t: m.krum(0, num_tasks=t), order_free=False),
+  MethodCase("trimmed_mean", lambda t: m.trimmed_mean(1 if t >= 3 else 0, num_tasks=t)),
+  MethodCase("graddrop", lambda t: m.graddrop(seed=1, num_tasks=t)),
+  MethodCase("fairgrad", lambda t: m.fairgrad(2.0, num_tasks=t)),
+  MethodCase("config", lambda t: m.config(num_tasks=t)),
+  MethodCase("dualproj", lambda t: m.dualproj(num_tasks=t), nonconflicting=True),
+  MethodCase("modo", lambda t: m.modo(0.1, num_tasks=t), extra=cross_gram_extra),
+  MethodCase("sdmgrad", lambda t: m.sdmgrad(0.3, num_tasks=t), extra=cross_gram_extra),
+  MethodCase("moco", lambda t: m.moco(0.5, 0.1, num_tasks=t)),
+  MethodCase("excess_mtl", lambda t: m.excess_mtl(1.0, num_tasks=t)),
 ]
 IDS = [c.name for c in CASES]

@@ -72,9 +72,27 @@ def params_like(dtype=jnp.float32):
   return {k: jnp.zeros(s, dtype) for k, s in SHAPES.items()}
 
 
-def run_steps(case, flats, losses, dtype=jnp.float32, jit=True):
+def extra_args(case, t, perm=None):
+  """``case.extra(t, rng)`` (e.g. a second batch's cross Gram matrix) from a
+  fixed seed, or ``{}``; with ``perm``, every axis of length ``T`` of each
+  array is permuted like the tasks."""
+  if case.extra is None:
+    return {}
+  extra = case.extra(t, np.random.default_rng(7))
+  if perm is not None:
+    for k, v in extra.items():
+      v = np.asarray(v)
+      for axis, n in enumerate(v.shape):
+        if n == t:
+          v = np.take(v, perm, axis=axis)
+      extra[k] = v
+  return extra
+
+
+def run_steps(case, flats, losses, dtype=jnp.float32, jit=True, perm=None):
   """Runs one transform over a sequence of (T, D) gradients; returns the
-  updates and the final state."""
+  updates and the final state. ``perm``: the tasks were permuted (the extra
+  arguments are permuted alike)."""
   _, factory, needs_losses = case.name, case.make, case.needs_losses
   t = flats[0].shape[0]
   tx = factory(t)
@@ -83,6 +101,7 @@ def run_steps(case, flats, losses, dtype=jnp.float32, jit=True):
   outs = []
   for flat, loss in zip(flats, losses):
     kw = {"task_losses": jnp.asarray(loss, jnp.float32)} if needs_losses else {}
+    kw.update(extra_args(case, t, perm))
     upd, state = update(make_stacked(flat, dtype), state, params_like(dtype), **kw)
     outs.append(upd)
   return outs, state
@@ -152,7 +171,7 @@ def test_permutation_equivariance(case, seed, t):
   flats = [gradients("normal", t, rng) * rng.uniform(0.2, 5.0, (t, 1)) for _ in range(3)]
   losses = [rng.uniform(0.5, 2.0, t) for _ in range(3)]
   outs, _ = run_steps(case, flats, losses)
-  outs_p, _ = run_steps(case, [f[perm] for f in flats], [l[perm] for l in losses])
+  outs_p, _ = run_steps(case, [f[perm] for f in flats], [l[perm] for l in losses], perm=perm)
   tol = SOLVER_TOL.get(case.name, 1e-5)
   for u, up, f in zip(outs, outs_p, flats):
     scale = np.abs(f).max() * t
@@ -191,7 +210,7 @@ def test_jit_does_not_retrace(case):
   def step(g, state, losses):
     traces.append(1)
     kw = {"task_losses": losses} if needs_losses else {}
-    return tx.update(g, state, None, **kw)
+    return tx.update(g, state, None, **kw, **extra_args(case, t))
 
   jstep = jax.jit(step)
   rng = np.random.default_rng(2)
@@ -249,7 +268,7 @@ def test_chain_with_adam(case):
   def step(params, state):
     losses, grads = vg(params)
     kw = {"task_losses": losses} if needs_losses else {}
-    upd, state = tx.update(grads, state, params, **kw)
+    upd, state = tx.update(grads, state, params, **kw, **extra_args(case, t))
     return optax.apply_updates(params, upd), state, losses
 
   first = None
