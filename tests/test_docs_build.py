@@ -7,6 +7,7 @@ that document parameters a function does not have, and so on.
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -57,5 +58,47 @@ def test_mkdocs_build_strict(tmp_path):
   ):
     assert (site / page).is_file(), page
   api = (site / "api" / "index.html").read_text(encoding="utf-8")
-  assert 'id="gradcraft_jax.gradcraft.gradcraft"' in api
+  # Objects are documented under their public names: stable anchors.
+  for anchor in (
+    "gradcraft_jax.gradcraft",
+    "gradcraft_jax.gradcraft_weights",
+    "gradcraft_jax.mgda",
+    "gradcraft_jax.methods.mgda_weights",
+    "gradcraft_jax.Weighting",
+    "gradcraft_jax.from_weighting",
+    "gradcraft_jax.task_weights",
+    "gradcraft_jax.gram_matrix",
+    "gradcraft_jax.weighted_sum",
+  ):
+    assert f'id="{anchor}"' in api, anchor
+  assert 'id="gradcraft_jax.methods._' not in api  # no private module in an anchor
+  # The three steps of every method, in order, then the methods.
+  sections = [
+    "1-gram-matrix",
+    "2-weighting-gram-matrix-to-task-weights",
+    "3-weighted-sum",
+    "methods",
+  ]
+  positions = [api.index(f'id="{s}"') for s in sections]
+  assert positions == sorted(positions)
   assert "arithmatex" in api  # docstring math was converted for MathJax
+  check_offline_math(site)
+
+
+_SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc=\"([^\"]+)\"", re.IGNORECASE)
+
+
+def check_offline_math(site):
+  """Math renders without network access: no page loads a script over
+  http(s), and the MathJax build every page loads is in the site."""
+  mathjax = site / "javascripts" / "mathjax" / "tex-svg.js"
+  assert mathjax.is_file() and mathjax.stat().st_size > 100_000
+  assert (site / "javascripts" / "mathjax" / "input" / "tex" / "extensions").is_dir()
+  pages = list(site.rglob("*.html"))
+  assert len(pages) >= 5
+  for page in pages:
+    srcs = _SCRIPT_SRC.findall(page.read_text(encoding="utf-8"))
+    remote = [s for s in srcs if re.match(r"(https?:)?//", s)]
+    assert not remote, f"{page.relative_to(site)} loads scripts from the network: {remote}"
+    if page.name == "index.html" and page.parent == site:
+      assert any(s.endswith("javascripts/mathjax/tex-svg.js") for s in srcs), srcs

@@ -10,15 +10,23 @@
   whose file does not exist yet is replaced by a visible "not yet generated"
   note, so the strict build passes before the benchmarks have been run and
   nothing is invented.
+* Math is rendered offline: MathJax 3 (``tex-svg.js``, self-contained fonts,
+  and the TeX extensions it loads on demand) is copied into the site from
+  the ``django-static-mathjax`` package of the docs extra (it vendors the
+  MathJax distribution as plain files, with no dependency), so no page
+  loads a script from the network.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import logging
 import os
 import re
+import shutil
 
+from mkdocs.exceptions import PluginError
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File
 
@@ -80,18 +88,31 @@ def on_page_markdown(markdown, page, config, files):
 
 
 # --- API reference -----------------------------------------------------------
-# ``<!-- api: gradcraft_jax -->`` in a page expands to one mkdocstrings block
-# per name in that package's ``__all__``, grouped by the module that defines
-# it (read from the ``from module import name`` lines of its ``__init__.py``
-# with ``ast``, without importing anything, following re-exports), so the
-# reference always covers exactly the public API. A name already rendered by
-# an earlier marker on the page is skipped.
+# ``<!-- api: PACKAGE -->`` in a page expands to one mkdocstrings block per
+# name in that package's ``__all__`` (read with ``ast`` from the
+# ``from module import name`` lines of its ``__init__.py``, following
+# re-exports to the defining module, without importing anything), so the
+# reference always covers exactly the public API. Names already on the page
+# (an explicit ``::: path`` line, or an earlier marker) are skipped, so a page
+# can present the core by hand and let markers list the rest.
+#
+# Every object is documented under its *public* name: ``gradcraft_jax.NAME``
+# when the top-level package exports it, else ``PACKAGE.NAME``. The anchors
+# are therefore stable (``api.md#gradcraft_jax.mgda``,
+# ``api.md#gradcraft_jax.methods.mgda_weights``) whatever private module
+# defines the object. The blocks are grouped by defining module, under a
+# heading taken from that module's docstring (for the methods: one group per
+# method, the library's own GradCraft and NMT first).
 
 
 _API = re.compile(r"^<!-- api: ([\w.]+) -->$", re.MULTILINE)
+_DIRECTIVE = re.compile(r"^::: ([\w.]+)\s*$", re.MULTILINE)
+TOP = "gradcraft_jax"
+_FIRST_GROUPS = ("gradcraft_jax.methods._gradcraft", "gradcraft_jax.methods._nmt")
 
 
-def _public_api(root: str, package: str) -> list[tuple[str, list[str]]]:
+def _exports(root: str, package: str) -> tuple[list[str], dict[str, str]]:
+  """``(__all__, name -> module.name)`` of a package's ``__init__.py``."""
   init = os.path.join(root, *package.split("."), "__init__.py")
   with open(init, encoding="utf-8") as f:
     tree = ast.parse(f.read())
@@ -105,18 +126,7 @@ def _public_api(root: str, package: str) -> list[tuple[str, list[str]]]:
       isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
     ):
       names = list(ast.literal_eval(node.value))
-  groups: dict[str, list[str]] = {}
-  for name in names:
-    path = source.get(name)
-    if path is not None:
-      path = _defining_path(root, path)
-    if path is None:
-      log.warning(
-        "%s.__all__ lists %r but no 'from ... import %s' line defines it", package, name, name
-      )
-      path = f"{package}.{name}"
-    groups.setdefault(path.rsplit(".", 1)[0], []).append(path)
-  return list(groups.items())
+  return names, source
 
 
 def _imports(root: str, module: str) -> dict[str, str] | None:
@@ -125,20 +135,12 @@ def _imports(root: str, module: str) -> dict[str, str] | None:
   init = os.path.join(root, *module.split("."), "__init__.py")
   if not os.path.isfile(init):
     return None
-  with open(init, encoding="utf-8") as f:
-    tree = ast.parse(f.read())
-  out = {}
-  for node in tree.body:
-    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-      for alias in node.names:
-        out[alias.asname or alias.name] = f"{node.module}.{alias.name}"
-  return out
+  return _exports(root, module)[1]
 
 
 def _defining_path(root: str, path: str) -> str:
   """Follows re-exports through packages' ``__init__.py`` to the module that
-  defines the name (``gradcraft_jax.methods.dwa`` -> ``...methods.dwa.dwa``:
-  in a package, a function may share its name with a submodule)."""
+  defines the name (``gradcraft_jax.mgda`` -> ``...methods._mgda.mgda``)."""
   for _ in range(10):
     module, name = path.rsplit(".", 1)
     imports = _imports(root, module)
@@ -156,26 +158,93 @@ def _module_summary(root: str, module: str) -> str:
       doc = ast.get_docstring(ast.parse(f.read())) or ""
   except OSError:
     return ""
-  return doc.strip().split("\n\n")[0].replace("\n", " ")
+  return doc.strip().split("\n\n")[0].replace("\n", " ").replace("``", "`")
+
+
+def _title(summary: str, module: str) -> str:
+  """A short heading from a module summary: the text before its first
+  ``": "`` or ``" ("``, e.g. "MGDA" or "Dynamic Weight Average"."""
+  title = summary.rstrip(".")
+  for sep in (": ", " ("):
+    title = title.split(sep)[0]
+  return title or module
+
+
+def _order(module: str, path: str, index: int) -> tuple:
+  name = path.rsplit(".", 1)[1]
+  is_factory = name == module.rsplit(".", 1)[1].lstrip("_")
+  is_state = name.endswith("State")
+  return (not is_factory, is_state, index)
 
 
 def _api_markdown(root: str, package: str, seen: set[str]) -> str:
-  out = []
-  for module, paths in _public_api(root, package):
-    paths = [p for p in paths if p not in seen]  # listed by an earlier marker
-    seen.update(paths)
-    if not paths:
+  names, source = _exports(root, package)
+  top_names, top_source = _exports(root, TOP)
+  groups: dict[str, list[tuple[str, int]]] = {}
+  for index, name in enumerate(names):
+    path = source.get(name)
+    if path is None:
+      log.warning(
+        "%s.__all__ lists %r but no 'from ... import %s' line defines it", package, name, name
+      )
       continue
-    out.append(f"## `{module}`\n")
+    defining = _defining_path(root, path)
+    if defining in seen:
+      continue
+    seen.add(defining)
+    top = name in top_names and name in top_source
+    public = f"{TOP}.{name}" if top and _defining_path(root, top_source[name]) == defining else None
+    groups.setdefault(defining.rsplit(".", 1)[0], []).append((public or f"{package}.{name}", index))
+  modules = sorted(
+    groups,
+    key=lambda m: (m not in _FIRST_GROUPS, _FIRST_GROUPS.index(m) if m in _FIRST_GROUPS else 0, m),
+  )
+  if package == TOP:
+    modules = list(groups)  # the order of __all__
+  out = []
+  for module in modules:
     summary = _module_summary(root, module)
+    out.append(f"### {_title(summary, module)}\n")
     if summary:
-      out.append(summary.replace("``", "`") + "\n")
-    for path in paths:
-      out.append(f"::: {path}\n")
+      out.append(summary + "\n")
+    items = sorted(groups[module], key=lambda pi: _order(module, pi[0], pi[1]))
+    for public, _ in items:
+      out.append(f"::: {public}\n    options:\n      heading_level: 4\n")
   return "\n".join(out)
 
 
 def _expand_api(markdown: str, config) -> str:
   root = os.path.dirname(config.config_file_path)
-  seen: set[str] = set()
+  seen = {_defining_path(root, p) for p in _DIRECTIVE.findall(markdown)}
   return _API.sub(lambda m: _api_markdown(root, m.group(1), seen), markdown)
+
+
+# --- offline math ------------------------------------------------------------
+# The site path of the MathJax build; mkdocs.yml's extra_javascript lists it.
+MATHJAX_SITE_DIR = "javascripts/mathjax"
+MATHJAX_SCRIPT = "tex-svg.js"
+
+
+def _mathjax_es5() -> str:
+  """The ``es5`` folder of the MathJax 3 distribution vendored by the
+  ``django-static-mathjax`` package (top-level package ``mathjax``)."""
+  spec = importlib.util.find_spec("mathjax")
+  for base in list(spec.submodule_search_locations or []) if spec else []:
+    es5 = os.path.join(base, "static", "mathjax", "es5")
+    if os.path.isfile(os.path.join(es5, MATHJAX_SCRIPT)):
+      return es5
+  raise PluginError(
+    "MathJax is not installed: the docs serve it from the django-static-mathjax "
+    "package (pip install -e '.[docs]'), so that math renders offline"
+  )
+
+
+def on_post_build(config):
+  es5 = _mathjax_es5()
+  dest = os.path.join(config.site_dir, *MATHJAX_SITE_DIR.split("/"))
+  os.makedirs(dest, exist_ok=True)
+  shutil.copy2(os.path.join(es5, MATHJAX_SCRIPT), os.path.join(dest, MATHJAX_SCRIPT))
+  # TeX packages that tex-svg.js autoloads (e.g. \boldsymbol, \cancel),
+  # fetched relative to the script.
+  ext = os.path.join("input", "tex", "extensions")
+  shutil.copytree(os.path.join(es5, ext), os.path.join(dest, ext), dirs_exist_ok=True)

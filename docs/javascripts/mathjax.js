@@ -1,10 +1,15 @@
-// MathJax configuration for pymdownx.arithmatex (generic mode).
+// MathJax configuration for pymdownx.arithmatex (generic mode). MathJax
+// itself (javascripts/mathjax/tex-svg.js) is served by the site: SVG output
+// needs no font files, so the docs render math offline.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],
     displayMath: [["\\[", "\\]"]],
     processEscapes: true,
     processEnvironments: true
+  },
+  svg: {
+    fontCache: "global"
   },
   options: {
     ignoreHtmlClass: ".*|",
