@@ -107,8 +107,12 @@ def famo(
   * by default, this update's ``task_losses`` (the *next* batch, at the new
     parameters) serve as the "after" losses of the previous step. No extra
     forward pass, but :math:`\delta` then mixes the step's progress with the
-    difference between two batches (noisier than the paper's; unbiased only
-    when batches are exchangeable), and the logits lag one step behind;
+    difference between two batches (noisier than the paper's), measures the
+    decrease on a fresh batch instead of the batch the step was taken on
+    (no longer the paper's quantity, even in expectation). The logit step of
+    update ``t - 1`` is taken at update ``t``, before its weights are formed:
+    the same point of the sequence as in the paper (nothing uses the logits
+    in between), so the weights are not delayed, only measured differently;
   * pass ``losses_after_step=`` (the ``(T,)`` losses of the *previous*
     update's batch, recomputed at the current parameters; one extra forward
     pass) for the paper's exact rule: the logit update uses the same batch
