@@ -43,3 +43,12 @@ def test_cosmos_extreme_losses_finite_and_preference_at_update():
   np.testing.assert_allclose(w, cosmos_np(np.asarray(l), np.asarray(r), 0.5), rtol=1e-5)
   with pytest.raises(ValueError, match="preference"):
     gj.task_weights(tx, None, tx.init(None), task_losses=l)
+
+
+def test_cosmos_injectable_penalty():
+  import optax
+
+  tx = optax.inject_hyperparams(m.cosmos)(preference=jnp.array([0.3, 0.7]), penalty=0.0)
+  l = jnp.array([1.0, 3.0])
+  w, _ = gj.task_weights(tx, None, tx.init(None), task_losses=l)
+  np.testing.assert_allclose(w, [0.3, 0.7], rtol=1e-6)  # penalty 0: linear scalarization
