@@ -314,10 +314,15 @@ class _ExtractionLayer(nnx.Module):
       self.shared_gate_b = nnx.Param(jnp.zeros((1, n_total), jnp.float32))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """``x (B, T + 1, D)`` -> ``(B, T, H)`` if last else ``(B, T + 1, H)``."""
+    """``x (B, T + 1, D)``, or ``(B, D)`` when every group reads the same input
+    (the first layer; same result, one plain matmul per expert layer) ->
+    ``(B, T, H)`` if last else ``(B, T + 1, H)``."""
     T = len(self.task_select)
-    expert_in = x[:, jnp.asarray(self.owner)]  # (B, E, D)
-    out = self.experts(expert_in)  # (B, E, H)
+    if x.ndim == 2:
+      out = self.experts(x)  # (B, E, H)
+      x = jnp.broadcast_to(x[:, None], (x.shape[0], T + 1, x.shape[1]))
+    else:
+      out = self.experts(x[:, jnp.asarray(self.owner)])  # (B, E, D) -> (B, E, H)
     gate = jax.nn.softmax(
       jnp.einsum("btd,tdn->btn", x[:, :T], self.gate_w[...]) + self.gate_b[...], axis=-1
     )
@@ -386,7 +391,7 @@ class PLE(nnx.Module):
 
   def head(self, z: jax.Array) -> jax.Array:
     """Extraction layers and towers: ``(B, D) -> logits (B, T)``."""
-    x = jnp.broadcast_to(z[:, None], (z.shape[0], self.num_tasks + 1, z.shape[1]))
+    x = z  # every group of the first layer reads the embedded input
     for level in self.levels:
       x = level(x)
     return self.towers(x)

@@ -1,0 +1,138 @@
+"""Which methods the benchmark runs and how each one is built.
+
+Methods are enumerated from ``gradcraft_jax.methods.__all__``: every public
+function whose return annotation is an optax ``GradientTransformation`` is a
+method factory (the ``*_weights`` functions and other helpers are not).
+NMT is run separately (priority stages), so it is left out of the list.
+
+A factory is called with ``num_tasks=T`` and ``seed=seed`` when it takes
+them, and otherwise with its defaults. A factory with a required argument
+the benchmark cannot supply, or whose update needs extra arguments (a second
+batch, ...), is *skipped* and the reason is printed in the table.
+
+"Crafting" methods are those whose weights read the Gram matrix (detected by
+asking the method for its weights with a lazily computed Gram matrix); they
+also run on the shared parameters only (``gradcraft_jax.shared_only``; the
+task-specific leaves get their own task's gradient), as separate rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax.numpy as jnp
+
+import gradcraft_jax
+import gradcraft_jax.methods as library_methods
+from gradcraft_jax.weighting import query_weights
+
+NMT = "nmt"
+# Display order of the methods known today; methods added later to the
+# library are appended (before GradCraft, which comes last).
+PREFERRED_ORDER = (
+  "mean",
+  "uncertainty_weighting",
+  "dwa",
+  "rlw",
+  "gls",
+  "famo",
+  "stch",
+  "imtl_l",
+  "gradnorm",
+  "mgda",
+  "pcgrad",
+  "pcgrad_plus",
+  "gradvac",
+  "cagrad",
+  "imtl_g",
+  "imtl",
+  "dbmtl",
+  "nash_mtl",
+  "aligned_mtl",
+  "upgrad",
+  "cr_mogm",
+  "fairgrad",
+  "gradcraft",
+)
+# Methods whose ``seed`` argument only seeds the initial state (a PRNG key
+# created in ``init``): one traced update serves every seed.
+SEED_IN_STATE_ONLY = ("pcgrad", "pcgrad_plus", "gradvac")
+SHARED_SUFFIX = " (shared)"
+
+
+class Skip(Exception):
+  """A method the benchmark cannot run as is (the message says why)."""
+
+
+def library_method_names() -> list[str]:
+  """Every method factory of ``gradcraft_jax.methods.__all__`` but NMT."""
+  found = []
+  for name in library_methods.__all__:
+    obj = getattr(library_methods, name, None)
+    if not inspect.isfunction(obj) or name == NMT:
+      continue
+    ann = inspect.signature(obj).return_annotation
+    if "GradientTransformation" in str(ann):
+      found.append(name)
+  rank = {n: i for i, n in enumerate(PREFERRED_ORDER)}
+  known = sorted((n for n in found if n in rank), key=rank.get)
+  new = sorted(n for n in found if n not in rank)
+  if known and known[-1] == "gradcraft":
+    return known[:-1] + new + ["gradcraft"]
+  return known + new
+
+
+def factory_kwargs(factory, num_tasks: int, seed: int, hparams: dict | None = None) -> dict:
+  """The keyword arguments the benchmark passes to ``factory``."""
+  sig = inspect.signature(factory).parameters
+  kw = {}
+  if "num_tasks" in sig:
+    kw["num_tasks"] = num_tasks
+  if "seed" in sig:
+    kw["seed"] = seed
+  kw.update(hparams or {})
+  missing = [
+    p.name
+    for p in sig.values()
+    if p.default is inspect.Parameter.empty
+    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    and p.name not in kw
+  ]
+  if missing:
+    raise Skip(f"skipped: needs arguments {', '.join(missing)}")
+  return kw
+
+
+def make_method(name: str, num_tasks: int, seed: int = 0, hparams: dict | None = None):
+  """``gradcraft_jax.<name>(...)`` with the benchmark's arguments."""
+  factory = getattr(gradcraft_jax, name)
+  return factory(**factory_kwargs(factory, num_tasks, seed, hparams))
+
+
+def probe(tx, params, num_tasks: int) -> bool:
+  """Whether ``tx``'s weights read the Gram matrix (raises :class:`Skip`
+  when asking for its weights fails, e.g. it needs extra arguments)."""
+  used = []
+
+  def gram_fn():
+    used.append(True)
+    return jnp.eye(num_tasks, dtype=jnp.float32)
+
+  try:
+    query_weights(
+      tx,
+      tx.init(params),
+      num_tasks=num_tasks,
+      gram_fn=gram_fn,
+      task_losses=jnp.ones((num_tasks,), jnp.float32),
+      caller="census_benchmark",
+    )
+  except Exception as e:  # noqa: BLE001 - reported in the table
+    msg = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+    raise Skip(f"skipped: its update needs more than losses and gradients ({msg})") from e
+  return bool(used)
+
+
+def wrap_shared(tx, shared_mask):
+  """``tx`` on the shared leaves; task-specific leaves get their own task's gradient."""
+  return gradcraft_jax.shared_only(tx, shared_mask)
