@@ -1,32 +1,19 @@
 """Sharded multi-task training on every device: Census-Income, GradCraft, Adam.
 
-The Flax NNX ``SharedBottom`` model from ``mtl_models.py`` is trained on a
-``('data', 'fsdp')`` mesh over all devices: the batch is sharded over
-``'data'``, every parameter over ``'fsdp'`` along its largest axis divisible
-by the ``'fsdp'`` size (replicated otherwise), so its per-task gradients,
-the GradCraft update and the Adam moments are sharded the same way. One
-jitted step computes the per-task losses and stacked gradients
-(:func:`gradcraft_jax.per_task_value_and_grad`), combines them with
-``optax.chain(gradcraft_jax.gradcraft(), optax.adam(lr))`` (only the
-``T x T`` Gram matrix of the combination crosses devices) and applies the
-update. At the end it prints the mesh and the per-task validation AUC.
-
-On one CPU, simulate 8 devices::
+A Flax NNX ``SharedBottom`` model (``benchmarks/mtl_models.py``) is trained on
+a ``('data', 'fsdp')`` mesh over all devices: the batch is sharded over
+``'data'``, every parameter over ``'fsdp'`` along its largest divisible axis,
+so the per-task gradients, the GradCraft update and the Adam moments are
+sharded the same way; only the ``T x T`` Gram matrix crosses devices. On one
+CPU, simulate 8 devices::
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python examples/sharded_training.py --quick
 
-The same command runs unchanged on a multi-GPU or TPU host (the mesh is
-built over ``jax.devices()``).
-
-Multi-host: call ``jax.distributed.initialize()`` before anything else
-touches JAX (``--distributed`` does it), build the mesh over ``jax.devices()``
-(all hosts' devices, as here), and feed each host only its shard of the
-batch, assembled into a global array with
-``jax.make_array_from_process_local_data(sharding, local_batch)`` (what
-:func:`shard_batch` does when ``jax.process_count() > 1``; each host reads
-its own rows, e.g. ``rows[process_index::process_count]``). Everything else
--- the model, the parameter shardings, the jitted step -- is the same code.
+Multi-host (``--distributed`` calls ``jax.distributed.initialize()``): the
+same code, each host feeding its rows of every global batch through
+``jax.make_array_from_process_local_data`` (:func:`shard_batch`); see
+``docs/scaling.md``.
 """
 
 from __future__ import annotations
@@ -92,11 +79,7 @@ def main(argv=None):
   ap.add_argument("--batch-size", type=int, default=1024)
   ap.add_argument("--lr", type=float, default=1e-3)
   ap.add_argument("--fsdp", type=int, default=None)
-  ap.add_argument(
-    "--distributed",
-    action="store_true",
-    help="call jax.distributed.initialize() first (multi-host)",
-  )
+  ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
   args = ap.parse_args(argv)
   if args.distributed:
     jax.distributed.initialize()
@@ -128,8 +111,7 @@ def main(argv=None):
     losses, grads = grad_fn(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
     params = optax.apply_updates(params, updates)
-    # keep the FSDP layout (the compiler would anyway; this makes it explicit)
-    params = jax.lax.with_sharding_constraint(params, p_shardings)
+    params = jax.lax.with_sharding_constraint(params, p_shardings)  # keep the FSDP layout
     return params, opt_state, losses
 
   train = data.train.as_dict()

@@ -9,9 +9,11 @@ fences.
 import pathlib
 import re
 
+import numpy as np
 import pytest
 
-DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
 _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
@@ -40,6 +42,21 @@ def test_page_examples_run(page):
   if not python_blocks(page):
     pytest.skip(f"docs/{page} has no runnable examples")
   run_page(page)
+
+
+def test_readme_first_block_runs_as_written():
+  """The README's first code block defines every name it uses and trains:
+  both task losses end below their value at the start (zero heads: the mean
+  of the squared targets)."""
+  text = (ROOT / "README.md").read_text(encoding="utf-8")
+  first = _FENCE.search(text)
+  assert first is not None, "README.md has no ```python block"
+  namespace: dict = {"__name__": "readme"}
+  exec(compile(first.group(1), "README.md [first python block]", "exec"), namespace)
+  losses = np.asarray(namespace["losses"])
+  start = np.mean(np.asarray(namespace["batch"]["y"]) ** 2, axis=0)
+  assert losses.shape == (2,) and np.all(np.isfinite(losses))
+  assert np.all(losses < start), (losses, start)
 
 
 def test_blocks_are_found():
