@@ -433,6 +433,18 @@ def main(argv=None):
       f"Date: {datetime.date.today().isoformat()}  ",
       f"Machine: {machine()}",
       "",
+      "One jitted float32 training step (gradients, method, Adam, apply) per "
+      "path; `stacked` and `lean` are ratios of the median step time to the "
+      "`plain` step (`jax.grad` of the summed losses + Adam) of the same "
+      "cell, all variants of a cell timed interleaved (one call each per "
+      "round, median over rounds, compilation excluded). Temporary memory: "
+      "`jit(step).lower(...).compile().memory_analysis().temp_size_in_bytes` "
+      "(XLA:CPU). torchjd columns: the same architecture and method in "
+      "PyTorch, ratio to the PyTorch plain step (`torch plain`), "
+      "`torch.set_num_threads(2)`; `n/a` where torchjd has no such method "
+      "(GradCraft, NMT). The machine is shared with other jobs, so absolute "
+      "times are noisy and inflated; compare ratios within one cell.",
+      "",
       text,
       "",
     ]
