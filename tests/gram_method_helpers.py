@@ -31,13 +31,16 @@ def params_of(j, dtype=jnp.float32):
 
 def run(tx, js, dtype=jnp.float32, extras=None):
   """Jitted updates of ``tx`` over a list of (T, d) matrices; returns the
-  flat updates and the states after each step."""
+  flat updates and the states after each step. ``extras[i]``: extra
+  arguments of step ``i``; a NumPy ``stacked_2`` is made a stacked tree."""
   with jax.enable_x64(dtype == jnp.float64):
     state = tx.init(params_of(js[0], dtype))
     update = jax.jit(tx.update)
     outs, states = [], []
     for i, j in enumerate(js):
-      kw = {} if extras is None else extras[i]
+      kw = {} if extras is None else dict(extras[i])
+      if isinstance(kw.get("stacked_2"), np.ndarray):
+        kw["stacked_2"] = stacked(kw["stacked_2"], dtype)
       u, state = update(stacked(j, dtype), state, **kw)
       outs.append(flat(u))
       states.append(jax.tree_util.tree_map(np.asarray, state))
@@ -46,7 +49,7 @@ def run(tx, js, dtype=jnp.float32, extras=None):
 
 def torch64(x):
   torch = pytest.importorskip("torch")
-  return torch.as_tensor(np.asarray(x, np.float64), dtype=torch.float64)
+  return torch.tensor(np.array(x, np.float64), dtype=torch.float64)
 
 
 def rand_j(rng, t, d, spread=1.0, correlated=False):

@@ -15,7 +15,7 @@ import optax
 
 from gradcraft_jax._stacked import accumulation_dtype, weighted_sum
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
-from gradcraft_jax.methods._trimmed_mean import _all_finite, _check_tasks
+from gradcraft_jax.methods._trimmed_mean import _all_finite, _check_tasks, _refuse_query
 
 __all__ = ["excess_mtl", "excess_mtl_weights", "ExcessMTLState"]
 
@@ -150,6 +150,7 @@ def excess_mtl(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _refuse_query(updates, "excess_mtl")
     if not jax.tree_util.tree_leaves(updates):
       return updates, state
     _check_tasks(updates, "excess_mtl", t0)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax.methods._common import check_num_tasks
-from gradcraft_jax.methods._trimmed_mean import _all_finite, _check_tasks
+from gradcraft_jax.methods._trimmed_mean import _all_finite, _check_tasks, _refuse_query
 
 __all__ = ["graddrop", "graddrop_combine", "GradDropState"]
 
@@ -150,6 +150,7 @@ def graddrop(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _refuse_query(updates, "graddrop")
     if not jax.tree_util.tree_leaves(updates):
       return updates, state
     t = _check_tasks(updates, "graddrop", num_tasks)

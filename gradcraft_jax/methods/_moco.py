@@ -16,7 +16,7 @@ import optax
 from gradcraft_jax._stacked import gram_matrix, weighted_sum
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
 from gradcraft_jax.methods._cross_batch import project_simplex
-from gradcraft_jax.methods._trimmed_mean import _all_finite, _check_tasks
+from gradcraft_jax.methods._trimmed_mean import _all_finite, _check_tasks, _refuse_query
 
 __all__ = ["moco", "MoCoState"]
 
@@ -109,6 +109,7 @@ def moco(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _refuse_query(updates, "moco")
     if not jax.tree_util.tree_leaves(updates):
       return updates, state
     _check_tasks(updates, "moco", t0)
@@ -116,12 +117,13 @@ def moco(
       raise ValueError(
         "moco: the stacked gradients do not have the structure of the parameters given to init"
       )
-    b = jnp.asarray(beta, jnp.float32)
-    tracked = jax.tree_util.tree_map(
-      lambda y, g: (y.astype(jnp.float32) + b * (g.astype(jnp.float32) - y)).astype(y.dtype),
-      state.tracked,
-      updates,
-    )
+
+    def track(y, g):
+      acc = jnp.result_type(jnp.float32, y.dtype, g.dtype)
+      y_acc = y.astype(acc)
+      return (y_acc + jnp.asarray(beta, acc) * (g.astype(acc) - y_acc)).astype(y.dtype)
+
+    tracked = jax.tree_util.tree_map(track, state.tracked, updates)
     k = gram_matrix(tracked)
     lam = state.weights.astype(k.dtype)
     lam = project_simplex(lam - gamma * (k @ lam + rho * lam))

@@ -14,6 +14,7 @@ import optax
 
 from gradcraft_jax._stacked import num_tasks as _num_tasks
 from gradcraft_jax.methods._common import check_num_tasks, empty_init
+from gradcraft_jax.weighting import WeightsQuery
 
 __all__ = ["trimmed_mean", "trimmed_mean_combine"]
 
@@ -26,6 +27,17 @@ def _check_tasks(stacked: Any, name: str, expected: int | None) -> int:
       "on their leading axis"
     )
   return t
+
+
+def _refuse_query(updates: Any, name: str) -> None:
+  """``TypeError`` for a :class:`~gradcraft_jax.WeightsQuery`: transforms
+  outside the Gram -> weights -> sum core have no task weights."""
+  if isinstance(updates, WeightsQuery):
+    raise TypeError(
+      f"{name} is not a weighting of the stacked gradients (see its docstring), so it has "
+      "no task weights: task_weights, the lean step and representation-level gradients do "
+      "not apply to it"
+    )
 
 
 def _all_finite(stacked: Any) -> jax.Array:
@@ -114,6 +126,7 @@ def trimmed_mean(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _refuse_query(updates, "trimmed_mean")
     if not jax.tree_util.tree_leaves(updates):
       return updates, state
     _check_tasks(updates, "trimmed_mean", num_tasks)
