@@ -49,6 +49,13 @@ def jax_methods():
     "rlw": lambda t: gm.rlw(seed=0),
     "constant": lambda t: gm.constant(jnp.ones(t)),
     "cr_mogm": lambda t: gm.cr_mogm(gm.upgrad(), 0.9, num_tasks=t),
+    # Krum is left out: it needs T >= 3 and the default task list starts at 2.
+    "fairgrad": lambda t: gm.fairgrad(1.0),
+    "config": lambda t: gm.config(),
+    "dualproj": lambda t: gm.dualproj(),
+    "trimmed_mean": lambda t: gm.trimmed_mean((t - 1) // 4),
+    "graddrop": lambda t: gm.graddrop(),
+    "excess_mtl": lambda t: gm.excess_mtl(num_tasks=t),
   }
   return {k: v for k, v in table.items() if hasattr(gm, k)}
 
@@ -71,6 +78,12 @@ def torchjd_methods():
     "cr_mogm": lambda t: ta.GramianWeightedAggregator(
       ta.CRMOGMWeighting(ta.UPGradWeighting(), alpha=0.9)
     ),
+    "fairgrad": lambda t: ta.FairGrad(alpha=1.0),
+    "config": lambda t: ta.ConFIG(),
+    "dualproj": lambda t: ta.DualProj(),
+    "trimmed_mean": lambda t: ta.TrimmedMean(trim_number=(t - 1) // 4),
+    "graddrop": lambda t: ta.GradDrop(),
+    "excess_mtl": lambda t: ta.ExcessMTL(),
   }
 
 
