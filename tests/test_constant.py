@@ -34,6 +34,10 @@ def test_constant_is_mean_injectable_and_checked():
   tx = optax.inject_hyperparams(m.constant)(weights=jnp.array([1.0, 2.0]))
   w, _ = gj.task_weights(tx, None, tx.init(None), num_tasks_hint=2)
   np.testing.assert_allclose(w, [1.0, 2.0])
+  (u,), _ = update_of(m.constant(), [g])  # default: ones, the sum
+  np.testing.assert_allclose(u, g.sum(0), rtol=1e-12)
+  with pytest.raises(ValueError, match="num_tasks"):
+    m.constant(jnp.ones(3), num_tasks=2)
   with pytest.raises(ValueError, match="1-D"):
     m.constant(jnp.ones((2, 2)))
   with pytest.raises(ValueError, match="tasks"):

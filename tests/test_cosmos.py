@@ -41,8 +41,10 @@ def test_cosmos_extreme_losses_finite_and_preference_at_update():
   l = jnp.array([1.0, 3.0])
   w, _ = gj.task_weights(tx, None, tx.init(None), task_losses=l, preference=r)
   np.testing.assert_allclose(w, cosmos_np(np.asarray(l), np.asarray(r), 0.5), rtol=1e-5)
+  w, _ = gj.task_weights(tx, None, tx.init(None), task_losses=l, preference=None)
+  np.testing.assert_allclose(w, cosmos_np(np.asarray(l), np.ones(2) / 2, 0.5), rtol=1e-5)
   with pytest.raises(ValueError, match="preference"):
-    gj.task_weights(tx, None, tx.init(None), task_losses=l)
+    gj.task_weights(tx, None, tx.init(None), task_losses=l, preference=jnp.ones(3))
 
 
 def test_cosmos_injectable_penalty():

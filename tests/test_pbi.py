@@ -44,7 +44,9 @@ def test_pbi_preference_per_update_and_errors():
   pref = np.array([0.2, 0.3, 0.5])
   w, _ = gj.task_weights(tx, None, state, task_losses=l, preference=jnp.asarray(pref))
   np.testing.assert_allclose(w, pbi_np(np.asarray(l), pref, 2.0, 0.0), rtol=1e-5)
+  w, _ = gj.task_weights(m.pbi(theta=2.0), None, None, task_losses=l)  # default: uniform
+  np.testing.assert_allclose(w, pbi_np(np.asarray(l), np.ones(3) / 3, 2.0, 0.0), rtol=1e-5)
   with pytest.raises(ValueError, match="preference"):
-    gj.task_weights(m.pbi(), None, None, task_losses=l)
+    gj.task_weights(m.pbi(), None, None, task_losses=l, preference=jnp.ones(2))
   with pytest.raises(ValueError, match="theta"):
     m.pbi(pref, -1.0)

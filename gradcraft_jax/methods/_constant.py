@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradcraft_jax.methods._common import empty_init
+from gradcraft_jax.methods._common import check_num_tasks, empty_init
 from gradcraft_jax.weighting import Weighting, from_weighting
 
 __all__ = ["constant", "constant_weights"]
@@ -19,18 +19,22 @@ def constant_weights(weights: Any, *, dtype=jnp.float32) -> jnp.ndarray:
   return jnp.asarray(weights, dtype)
 
 
-def constant(weights: Any) -> optax.GradientTransformationExtraArgs:
+def constant(
+  weights: Any = None, *, num_tasks: int | None = None
+) -> optax.GradientTransformationExtraArgs:
   r"""Fixed task weights: the update is :math:`\sum_i c_i g_i`.
 
   The linear scalarization :math:`\sum_i c_i l_i` (torchjd's ``Constant``
   aggregator and scalarizer; ``constant(jnp.ones(T))`` is torchjd's
   ``Sum``, and ``constant(jnp.full(T, 1 / T))`` is
   :func:`~gradcraft_jax.mean`). Stateless, reads neither the Gram matrix nor
-  the losses (no Gram pass; one backward pass on the lean path). ``T`` is
-  the length of ``weights``. The weights are injectable.
+  the losses (no Gram pass; one backward pass on the lean path). The
+  weights are injectable.
 
   Args:
-    weights: ``(T,)`` weights.
+    weights: ``(T,)`` weights, or ``None`` for ones (the sum).
+    num_tasks: optional task count ``T`` (must match ``weights``), checked
+      at each update.
 
   Returns:
     An optax transformation over stacked gradients.
@@ -41,13 +45,20 @@ def constant(weights: Any) -> optax.GradientTransformationExtraArgs:
   >>> upd["w"]
   Array([1., 2.], dtype=float32)
   """
-  shape = np.shape(weights)
-  if len(shape) != 1 or shape[0] < 1:
-    raise ValueError(f"constant: weights must be a non-empty 1-D vector, got shape {shape}")
-  t = int(shape[0])
+  check_num_tasks(num_tasks, "constant")
+  t = num_tasks
+  if weights is not None:
+    shape = np.shape(weights)
+    if len(shape) != 1 or shape[0] < 1:
+      raise ValueError(f"constant: weights must be a non-empty 1-D vector, got shape {shape}")
+    if num_tasks is not None and not hasattr(num_tasks, "aval") and int(num_tasks) != shape[0]:
+      raise ValueError(f"constant: {shape[0]} weights but num_tasks={num_tasks}")
+    t = int(shape[0])
 
-  def weights_fn(gram, state, losses, **extra_args):
+  def weights_fn(gram, state, losses, *, num_tasks, **extra_args):
     del gram, losses, extra_args
+    if weights is None:
+      return jnp.ones((num_tasks,)), state
     return jnp.asarray(weights), state
 
   return from_weighting(

@@ -63,7 +63,8 @@ def cosmos(
   pass; one backward pass on the lean path). Weights may be negative.
 
   Args:
-    preference: ``(T,)`` preference ``r`` (required here or at every update).
+    preference: ``(T,)`` preference ``r`` (default: uniform ``1/T``;
+      ``preference=`` at an update overrides it).
     penalty: cosine penalty :math:`\lambda \ge 0` (paper: 0.01 to 8;
       injectable).
     num_tasks: optional task count ``T``, checked at each update.
@@ -86,9 +87,7 @@ def cosmos(
     del gram, extra_args
     pref = default if preference is None else preference
     if pref is None:
-      raise ValueError(
-        "cosmos: give a preference vector to the factory or as update(..., preference=)"
-      )
+      pref = jnp.full((num_tasks,), 1.0 / num_tasks)
     if jnp.shape(pref) != (num_tasks,):
       raise ValueError(f"cosmos: preference has shape {jnp.shape(pref)}, expected ({num_tasks},)")
     return cosmos_weights(losses, preference=pref, penalty=penalty), state

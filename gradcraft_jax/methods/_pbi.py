@@ -65,8 +65,8 @@ def pbi(
   order-free unless the preference is permuted alike.
 
   Args:
-    preference: ``(T,)`` non-negative preference (required here or at every
-      update).
+    preference: ``(T,)`` non-negative preference (default: uniform
+      ``1/T``; ``preference=`` at an update overrides it).
     theta: penalty :math:`\theta \ge 0` (the paper's 5; injectable).
     num_tasks: optional task count ``T``, checked at each update.
     reference: optional reference (ideal) point :math:`z^\star` (default
@@ -90,9 +90,7 @@ def pbi(
     del gram, extra_args
     pref = default if preference is None else preference
     if pref is None:
-      raise ValueError(
-        "pbi: give a preference vector to the factory or as update(..., preference=)"
-      )
+      pref = jnp.full((num_tasks,), 1.0 / num_tasks)
     if jnp.shape(pref) != (num_tasks,):
       raise ValueError(f"pbi: preference has shape {jnp.shape(pref)}, expected ({num_tasks},)")
     return pbi_weights(losses, preference=pref, theta=theta, reference=reference), state
