@@ -47,7 +47,7 @@ def cr_mogm(
 ) -> optax.GradientTransformationExtraArgs:
   r"""CR-MOGM: smooths any method's task weights with a moving average.
 
-  Zhou, Ye, Xu, Liu, Liu, Liu, "On the Convergence of Stochastic
+  Zhou, Zhang, Jiang, Zhong, Gu, Zhu, "On the Convergence of Stochastic
   Multi-Objective Gradient Manipulation and Beyond", NeurIPS 2022. With
   :math:`\hat\lambda_k` the weights the wrapped method gives at update
   :math:`k`,

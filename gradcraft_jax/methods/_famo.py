@@ -89,7 +89,7 @@ def famo(
 ) -> optax.GradientTransformationExtraArgs:
   r"""FAMO: balances the tasks' log-loss decrease rates from the losses alone.
 
-  Liu, Liu, Jin, Stone, Liu, "FAMO: Fast Adaptive Multitask Optimization",
+  Liu, Feng, Stone, Liu, "FAMO: Fast Adaptive Multitask Optimization",
   NeurIPS 2023 (arXiv:2306.03792). The update is :math:`\sum_i w_i g_i` with
   the weights of :func:`famo_weights` (a convex combination:
   :math:`w_i \propto z_i / (l_i - b_i)`, :math:`z = \mathrm{softmax}(\xi)`).

@@ -41,7 +41,7 @@ def rlw_weights(key: jax.Array, num_tasks: int, *, dtype=jnp.float32) -> jax.Arr
 def rlw(seed: int = 0, *, num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
   r"""Random loss weighting: fresh random weights at every update.
 
-  Lin, Ye, Xu, Shi, Zhang, "Reasonable Effectiveness of Random Weighting: A
+  Lin, Ye, Zhang, Tsang, "Reasonable Effectiveness of Random Weighting: A
   Litmus Test for Multi-Task Learning", TMLR 2022 (arXiv:2111.10603),
   Algorithm 2 with the standard normal distribution (LibMTL's default
   ``dist='Normal'``, and torchjd's ``Random``):
