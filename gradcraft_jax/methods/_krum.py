@@ -91,7 +91,8 @@ def krum(
 
   Cost: the Gram matrix plus ``O(T^2 log T)`` sorting. Stateless,
   order-free (up to ties), 1-homogeneous in the gradients. Needs
-  ``T >= n_byzantine + 3`` (``ValueError`` otherwise, also for ``T = 1``).
+  ``T >= n_byzantine + 3`` (``ValueError`` at ``update`` otherwise, also for
+  ``T = 1``).
 
   Args:
     n_byzantine: number of possibly adversarial gradients ``f >= 0``
@@ -116,8 +117,6 @@ def krum(
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
       raise ValueError(f"krum: {name} must be an int >= {low}, got {v!r}")
   check_num_tasks(num_tasks, "krum")
-  if num_tasks is not None and isinstance(num_tasks, int):
-    _check(num_tasks, n_byzantine, n_selected)
 
   def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
