@@ -44,7 +44,13 @@ class MethodCase(NamedTuple):
     nonconflicting: the update never has a negative inner product with a
       task gradient.
     extra: extra keyword arguments every update needs, as
-      ``extra(num_tasks, rng) -> dict`` (e.g. a second batch), or ``None``.
+      ``extra(num_tasks, rng) -> dict`` (e.g. MoDo's and SDMGrad's second
+      batch, ``{"cross_gram": J1 @ J2.T}``), or ``None``. The suites pass
+      them to every ``update`` and ``task_weights`` call.
+    weighting: the update is ``sum_i w_i g_i`` with ``w`` from
+      ``task_weights`` (so the lean step applies). ``False`` for methods
+      that are their own transforms (trimmed mean, GradDrop, MoCo,
+      ExcessMTL): ``task_weights`` raises ``TypeError`` for them.
   """
 
   name: str
@@ -53,6 +59,7 @@ class MethodCase(NamedTuple):
   order_free: bool = True
   nonconflicting: bool = False
   extra: Callable[[int, Any], dict] | None = None
+  weighting: bool = True
 
 
 def cross_gram_extra(num_tasks, rng):
@@ -104,14 +111,15 @@ CASES = [
   MethodCase(
     "trimmed_mean",
     lambda t: m.trimmed_mean(1 if isinstance(t, int) and t >= 3 else 0, num_tasks=t),
+    weighting=False,
   ),
-  MethodCase("graddrop", lambda t: m.graddrop(seed=1, num_tasks=t)),
+  MethodCase("graddrop", lambda t: m.graddrop(seed=1, num_tasks=t), weighting=False),
   MethodCase("fairgrad", lambda t: m.fairgrad(2.0, num_tasks=t)),
   MethodCase("config", lambda t: m.config(num_tasks=t)),
   MethodCase("dualproj", lambda t: m.dualproj(num_tasks=t), nonconflicting=True),
   MethodCase("modo", lambda t: m.modo(0.1, num_tasks=t), extra=cross_gram_extra),
   MethodCase("sdmgrad", lambda t: m.sdmgrad(0.3, num_tasks=t), extra=cross_gram_extra),
-  MethodCase("moco", lambda t: m.moco(0.5, 0.1, num_tasks=t)),
-  MethodCase("excess_mtl", lambda t: m.excess_mtl(1.0, num_tasks=t)),
+  MethodCase("moco", lambda t: m.moco(0.5, 0.1, num_tasks=t), weighting=False),
+  MethodCase("excess_mtl", lambda t: m.excess_mtl(1.0, num_tasks=t), weighting=False),
 ]
 IDS = [c.name for c in CASES]

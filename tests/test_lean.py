@@ -26,6 +26,9 @@ import gradcraft_jax as gj
 # may move their fixed-iteration float32 solution by this much (relative).
 SOLVER_TOL = {"cagrad": 5e-3, "nash_mtl": 1e-3}
 CASE = dict(zip(IDS, CASES))
+# The lean step needs task weights: methods that are their own transforms
+# (MethodCase.weighting false) are outside it (task_weights raises TypeError).
+LEAN_IDS = [c.name for c in CASES if c.weighting]
 STEPS = 3
 
 
@@ -133,7 +136,7 @@ def _run_and_compare(name, seed, dtype, rtol, offset):
   _assert_close(new_state, ref_state, rtol)
 
 
-@pytest.mark.parametrize("name", IDS)
+@pytest.mark.parametrize("name", LEAN_IDS)
 @settings(max_examples=3)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_equals_stacked_float32(name, seed):
@@ -141,7 +144,7 @@ def test_equals_stacked_float32(name, seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", IDS)
+@pytest.mark.parametrize("name", LEAN_IDS)
 @settings(max_examples=2)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_equals_stacked_float64(name, seed):

@@ -116,7 +116,8 @@ def graddrop(
   ``optax.partition`` or ``optax.masked`` to restrict it to some leaves).
 
   Randomness: the state holds a PRNG key (from ``seed``), split at every
-  update; one uniform threshold per coordinate. Order-free (permuting the
+  update (kept when the input is not finite: the update is then NaN);
+  one uniform threshold per coordinate. Order-free (permuting the
   tasks permutes nothing in the update, for a fixed key), 1-homogeneous in
   the gradients, no conflict guarantee. Cost: one elementwise pass over
   the stacked gradients plus one random number per coordinate.
@@ -160,6 +161,7 @@ def graddrop(
     out = graddrop_combine(updates, sub, leak=leak, f=f)
     finite = _all_finite(updates)
     out = jax.tree_util.tree_map(lambda x: jnp.where(finite, x, jnp.nan).astype(x.dtype), out)
-    return out, GradDropState(key=key)
+    # a non-finite input keeps the state (as the core does for weightings)
+    return out, GradDropState(key=jnp.where(finite, key, state.key))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
