@@ -97,3 +97,15 @@ def test_stch_small_mu_approaches_worst_task_and_injectable():
     m.stch(0.0, num_tasks=3)
   with pytest.raises(ValueError, match="preference"):
     m.stch(1.0, num_tasks=3, preference=jnp.ones(2))
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e12])
+def test_stch_raw_extreme_losses_jitted(scale):
+  """Raw losses of 1e12 with a small mu: the exponents are centred on the
+  largest one (XLA:CPU once recomputed it with a different rounding: NaN)."""
+  import jax
+
+  l = jnp.array([0.76, 1.79, 1.31], jnp.float32) * scale
+  w = jax.jit(lambda l: m.stch_weights(l, mu=0.1))(l)
+  expected = [0.0, 1 / 3, 0.0] if scale > 1 else [1 / 9, 1 / 9, 1 / 9]
+  np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-7)

@@ -81,8 +81,16 @@ def stch_weights(
     z = jnp.zeros((t,), dtype)
   else:
     z, _ = _objective(jnp.broadcast_to(jnp.asarray(reference, dtype), (t,)), log_losses)
-  y = lam * (f - z) / jnp.asarray(mu, dtype)
-  return lam * jax.nn.softmax(y) * df
+  # Centred before the division by mu (the paper's Appendix B.1, as torchjd),
+  # so nothing overflows for large losses and small mu; the largest exponent
+  # is set to exactly 0 by index, because XLA:CPU may round the two terms of
+  # (y - max y) / mu differently, and at 1e12 that error alone exceeds the
+  # range of exp.
+  y = lam * (f - z)
+  d = jnp.minimum((y - jnp.max(y)) / jnp.asarray(mu, dtype), 0.0)
+  d = jnp.where(jnp.arange(t) == jnp.argmax(y), 0.0, d)
+  e = jnp.exp(d)
+  return lam * (e / jnp.sum(e)) * df
 
 
 def stch(
