@@ -1,4 +1,4 @@
-"""End-to-end smoke test of benchmarks/census_benchmark.py --quick."""
+"""benchmarks/census_benchmark.py: the --quick smoke run and the pieces of its report."""
 
 import csv
 import json
@@ -6,90 +6,132 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "census_benchmark.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from census_bench import methods as M  # noqa: E402
+from census_bench import report  # noqa: E402
+from census_bench.training import RunResult, shared_leaf_mask  # noqa: E402
+
+
+def _ok(auc, cos=None):
+  a = np.asarray(auc, float)
+  r = RunResult(status="ok", test_auc=a, val_auc=a, steps=10)
+  if cos is not None:
+    r.cos_all = np.asarray(cos, float)
+    r.cos_shared = 2 * np.asarray(cos, float)
+  return r
+
+
+def test_summary_ri_paired_and_diagnostics_by_hand():
+  results = {
+    report.SINGLE: {0: _ok([0.8, 0.9]), 1: _ok([0.8, 0.9])},
+    "mean": {0: _ok([0.88, 0.9], [[0.1], [-0.2]]), 1: _ok([0.8, 0.99], [[0.3], [0.2]])},
+    "mgda": {
+      0: RunResult(status="diverged: non-finite training loss at step 3"),
+      1: _ok([0.9, 0.9], [[-0.1], [-0.1]]),
+    },
+    "gradcraft": {0: _ok([0.9, 0.9]), 1: _ok([0.8, 0.98])},
+    "upgrad": "skipped: needs arguments method",
+  }
+  order = [report.SINGLE, "mean", "mgda", "gradcraft", "upgrad"]
+  by = {r["method"]: r for r in report.summarise(results, order, ("a", "b"))}
+  # RI-A: seed 0 (10% + 0%) / 2 = 5 %, seed 1 (0% + 10%) / 2 = 5 %.
+  assert by["mean"]["RI-A_mean"] == pytest.approx(5.0)
+  assert by["mean"]["AV-A_mean"] == pytest.approx(np.mean([0.89, 0.895]))
+  # Paired with EW: seed 0 0.9 - 0.89 = +0.01 (win), seed 1 0.89 - 0.895 = -0.005.
+  assert by["gradcraft"]["dEW_mean"] == pytest.approx(np.mean([0.01, -0.005]))
+  assert by["gradcraft"]["wins"] == 1 and by["gradcraft"]["n_pair"] == 2
+  assert by["mgda"]["n_pair"] == 1 and by["mgda"]["wins"] == 1  # only seed 1 ran
+  # Diagnostics: one of two steps conflicting in seed 0, none in seed 1 -> 25 %.
+  assert by["mean"]["conflict_all"] == pytest.approx(0.25)
+  assert by["mean"]["cos50_all"] == pytest.approx(np.percentile([0.1, -0.2, 0.3, 0.2], 50))
+  assert by["mean"]["cos50_shared"] == pytest.approx(2 * by["mean"]["cos50_all"])
+  assert by["mgda"]["n_ok"] == 1 and "diverged" in by["mgda"]["note"]
+  assert by["upgrad"]["n_ok"] == 0 and "skipped" in by["upgrad"]["note"]
+  rows = list(by.values())
+  md = report.table_markdown(rows, ("a", "b"))
+  assert "1/2 seeds ok" in md and "skipped" in md and "**" in md
+  assert "0.8900\u00a0±\u00a00.0050" not in md  # AV-A std of mean is 0.0025
+  assert f"{0.8925:.4f}\u00a0±\u00a0{0.0025:.4f}" in md  # non-breaking, never wrapped
+  assert "(1/2)" in md  # seeds won against EW
+  assert "25\u00a0%" in report.diagnostics_markdown(rows)
+  assert report.table_csv(rows, ("a", "b"), backbone="x").count("\n") == 6
+
+
+def test_method_enumeration():
+  names = M.library_method_names()
+  for m in ("mean", "mgda", "pcgrad", "gradcraft", "upgrad"):
+    assert m in names
+  assert names[-1] == "gradcraft" and "nmt" not in names
+  assert not any(n.endswith("_weights") for n in names)
+  import gradcraft_jax
+
+  kw = M.factory_kwargs(gradcraft_jax.pcgrad, 3, 7)
+  assert kw["seed"] == 7
+  with pytest.raises(M.Skip, match="needs arguments"):
+    M.factory_kwargs(lambda method, *, num_tasks: None, 3, 0)
+
+
+def test_probe_tells_gram_methods_from_loss_only():
+  import jax.numpy as jnp
+
+  params = {"w": jnp.zeros(3)}
+  assert M.probe(M.make_method("mgda", 2), params, 2)
+  assert not M.probe(M.make_method("mean", 2), params, 2)
+
+
+def test_shared_leaf_mask():
+  import jax.numpy as jnp
+
+  grads = {
+    "bottom": jnp.array([[1.0, 0.0], [0.5, 0.0]]),  # both tasks
+    "towers": jnp.array([[1.0, 0.0], [0.0, 2.0]]),  # one task per element
+    "mixed": jnp.array([[1.0, 1.0], [1.0, 0.0]]),  # one element shared
+  }
+  assert shared_leaf_mask(grads) == {"bottom": True, "towers": False, "mixed": True}
+
 
 @pytest.mark.slow
 def test_quick_run_writes_every_output(tmp_path):
-  import census_benchmark as cb
-
   out = tmp_path / "census"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
     [sys.executable, SCRIPT, "--quick", "--out", str(out)],
     capture_output=True,
     text=True,
-    timeout=600,
+    timeout=900,
     cwd=ROOT,
+    env=env,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  for f in (
-    "table.md",
-    "table.csv",
-    "results.json",
-    "auc_by_method.png",
-    "curves.png",
-    "grad_cosines.png",
-  ):
+  for f in ("table.md", "table.csv", "results.json", "auc_by_method.png"):
     assert (out / f).is_file() and (out / f).stat().st_size > 0, f
-  expected = [cb.SINGLE, *cb.METHODS, cb.NMT]
-  md = (out / "table.md").read_text()
-  rows = [
-    line.split("|")[1].strip()
-    for line in md.splitlines()
-    if line.startswith("| ") and not line.startswith("| Method") and not line.startswith("| tau")
-  ]
-  for name in expected:
-    assert name in rows, (name, md)
+  assert (out / "curves.png").is_file() and (out / "grad_cosines.png").is_file()
+  assert "\r" not in proc.stdout  # no progress bar in a log
   with open(out / "table.csv") as f:
     csv_rows = list(csv.DictReader(f))
-  assert [r["method"] for r in csv_rows] == expected
-  summary = json.loads((out / "results.json").read_text())
+  listed = [r["method"] for r in csv_rows]
+  expected = [report.SINGLE, *M.library_method_names(), "nmt"]
   for name in expected:
-    runs = summary["runs"][name]
-    if isinstance(runs, str):  # missing or failed to build: said so
-      assert runs.startswith(("missing", "error")), runs
-      continue
-    for r in runs.values():
-      assert r["status"] == "ok" or r["status"].startswith(("diverged", "error")), r["status"]
-  # The methods that are present trained and beat chance on every task.
+    assert name in listed, name
+  assert "gradcraft (shared)" in listed and "mgda (shared)" in listed
   ok = [r for r in csv_rows if int(r["n_ok"]) > 0]
-  assert {"single_task", "mean", "gradcraft"} <= {r["method"] for r in ok}
+  assert {"single_task", "mean", "gradcraft", "gradcraft (shared)"} <= {r["method"] for r in ok}
   for r in ok:
     assert float(r["AV-A_mean"]) > 0.6, r
-  assert "GradCraft grid" in md
-  assert len(summary["grid"]) == len(cb.GRID_TAU) * len(cb.GRID_EPS)
+    if r["method"] != "single_task":
+      assert 0 <= float(r["conflict_all"]) <= 1
+  for r in csv_rows:  # a row that did not run says why
+    if int(r["n_ok"]) == 0:
+      assert r["note"].strip('"'), r
+  md = (out / "table.md").read_text()
+  assert "GradCraft grid" in md and "Conflict diagnostics" in md
+  summary = json.loads((out / "results.json").read_text())
+  grids = summary["backbones"]["shared_bottom"]["grids"]
+  assert set(grids) == {"gradcraft", "gradcraft (shared)"}
   assert "wall time" in proc.stdout
-
-
-def test_summary_reports_failures_and_ri():
-  import census_benchmark as cb
-  import numpy as np
-
-  ok = lambda a: cb.RunResult(
-    status="ok", test_auc=np.asarray(a, float), val_auc=np.asarray(a, float), steps=10
-  )
-  results = {
-    cb.SINGLE: {0: ok([0.8, 0.9]), 1: ok([0.8, 0.9])},
-    "mean": {0: ok([0.88, 0.9]), 1: ok([0.8, 0.99])},
-    "mgda": {
-      0: cb.RunResult(status="diverged: non-finite training loss at step 3"),
-      1: ok([0.9, 0.9]),
-    },
-    "upgrad": "missing (not exported by gradcraft_jax yet)",
-  }
-  rows = cb.summarise(results, [cb.SINGLE, "mean", "mgda", "upgrad"], ("a", "b"))
-  by = {r["method"]: r for r in rows}
-  # RI-A by hand: seed 0 (10% + 0%) / 2 = 5%, seed 1 (0% + 10%) / 2 = 5%.
-  assert by["mean"]["RI-A_mean"] == pytest.approx(5.0)
-  assert by["mean"]["AV-A_mean"] == pytest.approx(np.mean([0.89, 0.895]))
-  assert by["mgda"]["n_ok"] == 1 and "diverged" in by["mgda"]["note"]
-  assert by["upgrad"]["n_ok"] == 0 and "missing" in by["upgrad"]["note"]
-  md = cb.table_markdown(rows, ("a", "b"))
-  assert "1/2 seeds ok" in md and "missing" in md
-  assert "**" in md
-  csv_text = cb.table_csv(rows, ("a", "b"))
-  assert csv_text.count("\n") == 5

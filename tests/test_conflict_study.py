@@ -1,0 +1,82 @@
+"""benchmarks/conflict_study.py: the synthetic problems, the metric and the --quick run."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "conflict_study.py")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import conflict_study as cs  # noqa: E402
+
+
+def _cos(a, b):
+  return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("rho", [1.0, 0.5, 0.0, -0.5, -0.9])
+def test_two_task_cosine_is_rho(rho):
+  w = cs.task_directions(2, rho, 16, np.random.default_rng(0))
+  np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, atol=1e-12)
+  assert _cos(w[0], w[1]) == pytest.approx(rho, abs=1e-12)
+
+
+def test_group_structure_for_more_tasks():
+  rho = -0.9
+  w = cs.task_directions(4, rho, 16, np.random.default_rng(1))
+  np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, atol=1e-12)
+  assert _cos(w[0], w[1]) == pytest.approx(0.8, abs=1e-12)  # same group
+  assert _cos(w[2], w[3]) == pytest.approx(0.8, abs=1e-12)
+  assert _cos(w[0], w[2]) == pytest.approx(0.8 * rho, abs=1e-12)  # across groups
+
+
+def test_problem_loss_scales():
+  cfg = cs.Cfg(n_train=64, n_val=64, n_test=20000)
+  _, _, (x, y), scales = cs.make_problem(4, 0.5, 1000.0, 0, cfg)
+  assert x.shape == (20000, 16) and y.shape == (20000, 4)
+  np.testing.assert_allclose(scales, np.logspace(0, 3, 4), rtol=1e-5)
+  # Target variance grows with the scale: the ratio of the extremes is ~1000.
+  var = y.var(axis=0)
+  assert 500 < var[-1] / var[0] < 2000
+
+
+def test_relative_is_geometric_mean_over_tasks_and_seeds():
+  a = np.array([[[2.0, 8.0], [1.0, 1.0]]])  # (S=1, K=2, T=2)
+  b = np.ones_like(a)
+  mean, logstd, n = cs.relative(a, b)
+  # Seed 0: log(4) (mean of log 2, log 8); seed 1: 0 -> mean log 2.
+  assert mean[0] == pytest.approx(2.0) and n[0] == 2
+  assert logstd[0] == pytest.approx(np.log(4) / 2)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_table_and_figures(tmp_path):
+  out = tmp_path / "conflict"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, SCRIPT, "--quick", "--out", str(out)],
+    capture_output=True,
+    text=True,
+    timeout=900,
+    cwd=ROOT,
+    env=env,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  for f in ("conflict_table.csv", "conflict_table.md", "conflict_vs_cosine.png"):
+    assert (out / f).stat().st_size > 0, f
+  assert (out / "conflict_vs_imbalance.png").stat().st_size > 0
+  with open(out / "conflict_table.csv") as f:
+    rows = list(csv.DictReader(f))
+  methods = {r["method"] for r in rows}
+  assert {"single_task", "mean", "gradcraft", "nmt", "mgda"} <= methods
+  ew = [r for r in rows if r["method"] == "mean"]
+  assert ew and all(float(r["rel_ew"]) == pytest.approx(1.0) for r in ew)
+  for r in rows:
+    if r["rel_ew"]:
+      assert np.isfinite(float(r["rel_ew"])) and float(r["rel_ew"]) > 0
+  assert {r["axis"] for r in rows} == {"conflict", "imbalance"}
