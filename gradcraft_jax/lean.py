@@ -50,6 +50,8 @@ def combined_value_and_grad(
   method: optax.GradientTransformation,
   argnums: int | Sequence[int] = 0,
   has_aux: bool = False,
+  *,
+  chunk_size: int | None = None,
 ) -> Callable[..., Any]:
   r"""Task losses and a method's combined gradient, without stacked gradients.
 
@@ -64,6 +66,14 @@ def combined_value_and_grad(
     argnums: which positional argument(s) of ``fun`` to differentiate, as in
       ``jax.grad`` (``0`` is ``params``).
     has_aux: whether ``fun`` returns ``(losses, aux)``.
+    chunk_size: if given, the Gram matrix is formed ``chunk_size`` tasks at a
+      time (``jax.lax.map`` over chunks): the per-task gradients of a chunk
+      ``G_c`` are pulled back, and the chunk's rows of the Gram matrix
+      :math:`K_{c,:} = G_c J^\top` are forward-mode derivatives of the losses
+      along them (``jax.jvp``, batched over the chunk). The batched backward
+      pass then holds ``chunk_size`` cotangents of every activation instead
+      of ``T``, and ``chunk_size`` copies of the parameters, at the cost of
+      ``T`` forward-mode passes. Same result to rounding.
 
   Returns:
     ``step(params, method_state, *args, **extra_args) -> (losses, grads,
@@ -111,6 +121,8 @@ def combined_value_and_grad(
   True
   """
   check_method(method, "combined_value_and_grad")
+  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
   def step(params, method_state, *args, **extra_args):
     full_args = (params, *args)
@@ -134,19 +146,40 @@ def combined_value_and_grad(
       )
     t = losses.shape[0]
 
+    eye = jnp.eye(t, dtype=losses.dtype)
+
     def gram_fn():
       # T batched pullbacks reduced leaf by leaf to (T, T) blocks: only the
       # Gram matrix leaves this function, so each leaf's (T, ...) gradient
       # is dead as soon as its block is formed.
-      stacked = jax.vmap(vjp_fn)(jnp.eye(t, dtype=losses.dtype))
-      return gram_matrix(stacked)
+      return gram_matrix(jax.vmap(vjp_fn)(eye))
+
+    def gram_fn_chunked():
+      # Rows of K = J J^T, chunk by chunk: G_c = pullbacks of the chunk's
+      # one-hot cotangents, K[c, :] = J G_c^T = JVPs of the losses along them.
+      def losses_only(*ps):
+        out = f_of_primals(*ps)
+        return out[0] if has_aux else out
+
+      def rows(cots):
+        g = jax.vmap(vjp_fn)(cots)
+        return jax.vmap(lambda tangents: jax.jvp(losses_only, primals, tangents)[1])(g)
+
+      nchunks = -(-t // chunk_size)
+      pad = nchunks * chunk_size - t
+      cots = jnp.concatenate([eye, jnp.zeros((pad, t), eye.dtype)])
+      k = jax.lax.map(rows, cots.reshape(nchunks, chunk_size, t))
+      k = k.reshape(nchunks * chunk_size, t)[:t]
+      acc = jnp.result_type(jnp.float32, k.dtype)
+      k = k.astype(acc)
+      return 0.5 * (k + k.T)
 
     task_losses = extra_args.pop("task_losses", losses)
     weights, new_state = query_weights(
       method,
       method_state,
       num_tasks=t,
-      gram_fn=gram_fn,
+      gram_fn=gram_fn if chunk_size is None or chunk_size >= t else gram_fn_chunked,
       task_losses=task_losses,
       caller="combined_value_and_grad",
       **extra_args,

@@ -267,3 +267,46 @@ def test_temp_memory_below_stacked():
   # Loss-only methods: no Gram pass, memory of a plain backward pass.
   mean_step = jax.jit(gj.combined_value_and_grad(fun, gj.mean()))
   assert _temp_bytes(mean_step, params, optax.EmptyState(), x) < lean_bytes
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_chunked_gram_equals_stacked(chunk_size):
+  """chunk_size: Gram rows from JVPs along each chunk's gradients."""
+  t = 5
+  rng = np.random.default_rng(5)
+  params, x, y = _data(t, rng, jnp.float32)
+  for method in (gj.gradcraft(0.5, 0.1), gj.upgrad(), gj.mean()):
+    state = method.init(params)
+    lean = gj.combined_value_and_grad(mlp_losses_aux, method, has_aux=True, chunk_size=chunk_size)
+
+    @jax.jit
+    def both(params, state, x, y, lean=lean, method=method):
+      (ref_losses, _), g = gj.per_task_value_and_grad(mlp_losses_aux, has_aux=True)(params, x, y)
+      return lean(params, state, x, y), method.update(g, state, params, task_losses=ref_losses)
+
+    (_, grads, new_state), (ref, ref_state) = both(params, state, x, y)
+    _assert_close(grads, ref, 2e-4)
+    _assert_close(new_state, ref_state, 2e-4)
+
+
+def test_chunked_gram_bounds_backward_memory():
+  """Few parameters, wide activations: the batched backward pass (T
+  cotangents of every activation) dominates, and chunk_size bounds it."""
+  t, batch, width = 16, 256, 64
+  rng = np.random.default_rng(6)
+  params = {
+    "w1": jnp.asarray(rng.normal(size=(8, width)) / 3, jnp.float32),
+    "w2": jnp.asarray(rng.normal(size=(width, t)) / 8, jnp.float32),
+  }
+  x = jnp.asarray(rng.normal(size=(batch, 8)), jnp.float32)
+
+  def fun(p, x):
+    h = jnp.tanh(x @ p["w1"])
+    return jnp.mean(jnp.tanh(h @ p["w2"]) ** 2, axis=0)
+
+  method = gj.mgda()
+  state = method.init(params)
+  full = jax.jit(gj.combined_value_and_grad(fun, method))
+  chunked = jax.jit(gj.combined_value_and_grad(fun, method, chunk_size=2))
+  assert _temp_bytes(chunked, params, state, x) < 0.5 * _temp_bytes(full, params, state, x)
+  _assert_close(chunked(params, state, x)[1], full(params, state, x)[1], 2e-4)
