@@ -2,6 +2,8 @@
 
     python scripts/compat_matrix.py            # every cell (slow ones too)
     python scripts/compat_matrix.py --output /tmp/compat.md
+    python scripts/compat_matrix.py --junit run.xml           # keep the outcomes
+    python scripts/compat_matrix.py --from-junit run.xml      # render them again
 
 The page is generated from the outcomes of ``tests/test_compat_matrix.py``
 (one test per placement and method, parametrised over
@@ -71,7 +73,8 @@ def render(results, cells, methods, seconds) -> str:
     "allow, generated from the outcomes of `tests/test_compat_matrix.py`",
     f"(command: `{COMMAND}`, run on {today}, {len(results)} tests in",
     f"{seconds:.0f} s). A cell reads *yes* only when its test passed: the",
-    "placement trains the tiny two-task model of the test for a few steps and",
+    "placement trains the tiny three-task model of the test (a shared layer and",
+    "one tower per task) for a few steps and",
     "matches the plain `optax.chain(method, optax.adam(...))` on the same",
     "batches (bit for bit where stated below). *no (a)*: the placement cannot",
     "work with a chain whose input has a task axis; the test checks that it",
@@ -109,14 +112,25 @@ def render(results, cells, methods, seconds) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--output", type=pathlib.Path, default=ROOT / "docs" / "compatibility.md")
+  parser.add_argument("--junit", type=pathlib.Path, help="keep pytest's JUnit XML here")
+  parser.add_argument(
+    "--from-junit", type=pathlib.Path, help="render a kept JUnit XML instead of running"
+  )
   args = parser.parse_args(argv)
   sys.path.insert(0, str(TESTS))
   import test_compat_matrix  # noqa: E402  (the column list and methods)
 
-  with tempfile.TemporaryDirectory() as tmp:
-    junit = pathlib.Path(tmp) / "junit.xml"
-    code, seconds = run_tests(junit)
-    results = outcomes(junit)
+  if args.from_junit is not None:
+    code = 0
+    root = ET.parse(args.from_junit).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    seconds = float(suite.get("time", "nan"))
+    results = outcomes(args.from_junit)
+  else:
+    with tempfile.TemporaryDirectory() as tmp:
+      junit = args.junit or pathlib.Path(tmp) / "junit.xml"
+      code, seconds = run_tests(junit)
+      results = outcomes(junit)
   page = render(results, test_compat_matrix.CELLS, test_compat_matrix.IDS, seconds)
   args.output.write_text(page, encoding="utf-8")
   print(f"wrote {args.output} ({len(results)} cells, pytest exit code {code})")
