@@ -33,7 +33,11 @@ def plot_auc(tables: dict, path: str) -> None:
     return
   n = max(len(rows) for rows in tables.values())
   fig, axes = plt.subplots(
-    1, len(tables), figsize=(5.2 * len(tables), 0.32 * n + 1.6), squeeze=False, layout="constrained"
+    1,
+    len(tables),
+    figsize=(max(5.2 * len(tables), 7.5), 0.32 * n + 1.8),
+    squeeze=False,
+    layout="constrained",
   )
   for ax, (backbone, rows) in zip(axes[0], tables.items()):
     names = [r["method"] for r in rows]
@@ -56,8 +60,8 @@ def plot_auc(tables: dict, path: str) -> None:
     ax.grid(axis="x", alpha=0.3)
     ax.tick_params(axis="x", labelsize=8)
   fig.suptitle(
-    "Census-Income: mean test AUC over tasks (mean ± std over seeds; "
-    "dashed: single-task, dotted: equal weighting)",
+    "Census-Income: mean test AUC over tasks (mean ± std over seeds)\n"
+    "dashed: single-task models, dotted: equal weighting",
     fontsize=10,
   )
   fig.savefig(path, dpi=110)
@@ -113,7 +117,7 @@ def plot_curves(results: dict, task_names, path: str, window: int) -> bool:
   handles = [
     Line2D([], [], color=CURVE_STYLE[m][0], lw=CURVE_STYLE[m][1], label=m) for m in runs
   ] + [Line2D([], [], ls="", marker="o", color="w", mec="k", ms=6, label="selected checkpoint")]
-  fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=9)
+  fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9)
   fig.suptitle(
     "Per-task training loss, seed 0 (equal weighting: thick grey, drawn underneath)",
     fontsize=10,
