@@ -184,20 +184,17 @@ class WeightsQuery:
     )
 
 
-@jax.tree_util.register_pytree_node_class
 class _WeightsAnswer:
-  """The weights returned for a :class:`WeightsQuery` (tags the answer)."""
+  """The weights returned for a :class:`WeightsQuery` (tags the answer).
+
+  Deliberately *not* a pytree: an optax transform chained after a method
+  (``optax.chain(method, optax.sgd(lr))``) cannot map over it silently, so
+  only the method's own answer (passed through unchanged by wrappers such as
+  ``optax.inject_hyperparams``) reaches :func:`task_weights`.
+  """
 
   def __init__(self, weights):
     self.weights = weights
-
-  def tree_flatten(self):
-    return (self.weights,), None
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    del aux
-    return cls(children[0])
 
 
 def _all_finite(*arrays) -> jax.Array:
@@ -444,11 +441,11 @@ def _ask(tx, query: WeightsQuery, state, task_losses, extra_args, caller):
     raise TypeError(_NOT_A_METHOD.format(fn=caller, what=type(tx).__name__))
   try:
     answer, new_state = update(query, state, None, task_losses=task_losses, **extra_args)
-  except (TypeError, AttributeError) as e:
-    raise TypeError(
-      _NOT_A_METHOD.format(fn=caller, what=type(tx).__name__)
-      + f" (calling it raised {type(e).__name__}: {e})"
-    ) from e
+  except Exception as e:
+    # Not a method (an optax.chain or optimizer mapping over the query or the
+    # answer), or a method rejecting its input (re-raised unchanged).
+    check_method(tx, caller)
+    raise e
   if not isinstance(answer, _WeightsAnswer):
     raise TypeError(_NOT_A_METHOD.format(fn=caller, what=type(tx).__name__))
   return answer.weights, new_state
@@ -458,11 +455,16 @@ def check_method(tx: Any, caller: str) -> None:
   """Raises ``TypeError`` unless ``tx`` is a method transform of the library
   (possibly wrapped in ``optax.inject_hyperparams``). Nothing is computed: the
   transform is asked to identify itself on an abstract evaluation."""
-  ok = False
+  answers = []
+
+  def probe(state):
+    answers.append(tx.update(WeightsQuery(None), state, None)[0])
+    return jnp.zeros(())
+
   try:
     state = tx.init({"p": jnp.zeros((1,), jnp.float32)})  # tiny, concrete
-    answer = jax.eval_shape(lambda s: tx.update(WeightsQuery(None), s, None)[0], state)
-    ok = isinstance(answer, _WeightsAnswer)
+    jax.eval_shape(probe, state)
+    ok = bool(answers) and isinstance(answers[0], _WeightsAnswer)
   except Exception:  # noqa: BLE001 - any failure means "not a method"
     ok = False
   if not ok:
