@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax._stacked import gram_matrix
+from gradcraft_jax._stacked import gram_matrix, select_leaves
 from gradcraft_jax.per_task import _split_args
 from gradcraft_jax.weighting import check_method, query_weights
 
@@ -148,13 +148,22 @@ def combined_value_and_grad(
 
     eye = jnp.eye(t, dtype=losses.dtype)
 
-    def gram_fn():
+    def gram_fn(leaves=None):
       # T batched pullbacks reduced leaf by leaf to (T, T) blocks: only the
       # Gram matrix leaves this function, so each leaf's (T, ...) gradient
-      # is dead as soon as its block is formed.
-      return gram_matrix(jax.vmap(vjp_fn)(eye))
+      # is dead as soon as its block is formed. ``leaves``: a key-path
+      # predicate (Weighting.gram_leaves) on the differentiated argument's
+      # tree (the tuple of them for several argnums).
+      stacked = jax.vmap(vjp_fn)(eye)
+      stacked = stacked[0] if single else stacked
+      if leaves is not None:
+        stacked = select_leaves(stacked, leaves, "combined_value_and_grad")
+      return gram_matrix(stacked)
 
-    def gram_fn_chunked():
+    def gram_fn_chunked(leaves=None):
+      if leaves is not None:  # a leaf-subset Gram: from the pullbacks
+        return gram_fn(leaves)
+
       # Rows of K = J J^T, chunk by chunk: G_c = pullbacks of the chunk's
       # one-hot cotangents, K[c, :] = J G_c^T = JVPs of the losses along them.
       def losses_only(*ps):

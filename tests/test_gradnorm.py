@@ -137,11 +137,5 @@ def test_gradnorm_lean_step_all_leaves():
   _lean_vs_update(m.gradnorm(1.5, 0.1, num_tasks=2))
 
 
-@pytest.mark.xfail(
-  raises=ValueError,
-  strict=False,
-  reason="the lean step's gram_fn must accept leaves= to form the Gram matrix of a leaf "
-  "subset (gradcraft_jax/lean.py; reported to the coordinator)",
-)
 def test_gradnorm_lean_step_leaf_subset():
   _lean_vs_update(m.gradnorm(1.5, 0.1, num_tasks=2, leaves=lambda path: "shared" in path))
