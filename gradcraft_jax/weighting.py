@@ -318,7 +318,15 @@ def from_weighting(weighting: Weighting, *args, **kwargs) -> optax.GradientTrans
       extra_args,
       query=WeightsQuery(t, stacked=updates) if w.delegates else None,
     )
-    return weighted_sum(updates, weights), new_state
+    combined = weighted_sum(updates, weights)
+    # Gradients the weighting does not read (loss-only methods, RLW) may be
+    # non-finite too: then the update is, and the state is kept as well. One
+    # reduction over the combined update (1/T of the input), fused by XLA.
+    ok = _all_finite(*jax.tree_util.tree_leaves(combined))
+    new_state = jax.tree_util.tree_map(
+      lambda new, old: jnp.where(ok, new, old).astype(jnp.result_type(new)), new_state, state
+    )
+    return combined, new_state
 
   return optax.GradientTransformationExtraArgs(w.init, update_fn)
 

@@ -144,7 +144,7 @@ def excess_mtl(
       sq_sum=sq,
       weights=jnp.full((t0,), 1.0 / t0, jnp.float32),
       base=zeros,
-      warmup_sum=zeros,
+      warmup_sum=jnp.zeros((t0,), jnp.float32),  # its own buffer (donation)
       count=jnp.zeros((), jnp.int32),
     )
 
