@@ -195,6 +195,16 @@ def combined_value_and_grad(
     )
     weights = jax.lax.stop_gradient(weights).astype(losses.dtype)
     grads = vjp_fn(weights)
+    # As the stacked path: a non-finite combined gradient keeps the method's
+    # previous state (inputs the weighting does not read may be non-finite).
+    ok = jnp.array(True)
+    for leaf in jax.tree_util.tree_leaves(grads):
+      ok = ok & jnp.all(jnp.isfinite(leaf))
+    new_state = jax.tree_util.tree_map(
+      lambda new, old: jnp.where(ok, new, old).astype(jnp.result_type(new)),
+      new_state,
+      method_state,
+    )
     grads = grads[0] if single else grads
     value = (losses, aux) if has_aux else losses
     return value, grads, new_state

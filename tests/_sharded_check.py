@@ -109,6 +109,17 @@ def discover_transforms():
   return out
 
 
+# Cross-batch methods read a second batch's stacked gradients; the check
+# passes a rescaled copy of the first (a sharded (T, ...) tree like it).
+CROSS_BATCH = ("modo", "sdmgrad")
+
+
+def _second_batch(name, g):
+  if name not in CROSS_BATCH:
+    return {}
+  return {"stacked_2": jax.tree_util.tree_map(lambda x: 0.5 * x, g)}
+
+
 def _elements(shape_str):
   dims = re.findall(r"\[([0-9,]*)\]", shape_str)
   total = 0
@@ -146,9 +157,9 @@ def check_update(transforms, mesh, label, failures):
 
   for name, tx in transforms.items():
 
-    def step(g, p, l, tx=tx):
+    def step(g, p, l, tx=tx, name=name):
       state = tx.init(p)
-      upd, _ = tx.update(g, state, p, task_losses=l)
+      upd, _ = tx.update(g, state, p, task_losses=l, **_second_batch(name, g))
       return upd
 
     tag = f"{label} {name}"
@@ -222,9 +233,9 @@ def check_training(transforms, mesh, label, param_spec, failures, steps=3):
   for name, tx0 in transforms.items():
     tx = optax.chain(tx0, optax.adam(1e-2))
 
-    def step(p, s, b, tx=tx):
+    def step(p, s, b, tx=tx, name=name):
       losses, g = grad_fn(p, b)
-      upd, s = tx.update(g, s, p, task_losses=losses)
+      upd, s = tx.update(g, s, p, task_losses=losses, **_second_batch(name, g))
       return optax.apply_updates(p, upd), s, losses
 
     tag = f"{label} {name}"

@@ -163,7 +163,7 @@ def test_extreme_scales_float32(case, scale):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ORDER_FREE, ids=[c.name for c in ORDER_FREE])
-@settings(deadline=None, max_examples=8)
+@settings(deadline=None, max_examples=4)
 @given(seed=st.integers(0, 2**31 - 1), t=st.integers(2, 5))
 def test_permutation_equivariance(case, seed, t):
   rng = np.random.default_rng(seed)
@@ -180,7 +180,7 @@ def test_permutation_equivariance(case, seed, t):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", NONCONFLICTING, ids=[c.name for c in NONCONFLICTING])
-@settings(deadline=None, max_examples=15)
+@settings(deadline=None, max_examples=8)
 @given(
   seed=st.integers(0, 2**31 - 1),
   t=st.integers(2, 6),
