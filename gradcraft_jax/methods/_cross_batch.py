@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax._stacked import accumulation_dtype, num_tasks
+from gradcraft_jax._stacked import _explicit_replicated, accumulation_dtype, num_tasks
 from gradcraft_jax.weighting import Weighting, WeightsQuery, from_weighting
 
 __all__ = ["cross_gram"]
@@ -62,6 +62,21 @@ def cross_gram(stacked_1: Any, stacked_2: Any) -> jax.Array:
   for a, b in zip(leaves_1, leaves_2):
     if a.shape != b.shape:
       raise ValueError(f"cross_gram: leaf shapes differ between the batches: {a.shape}, {b.shape}")
+    replicated = _explicit_replicated(a)
+    if replicated is not None:
+      # explicit-sharding meshes: contract the non-task axes in place and
+      # ask for a replicated (T, T) result (local products + one all-reduce),
+      # as gram_matrix does
+      axes = tuple(range(1, a.ndim))
+      out = out + jax.lax.dot_general(
+        a,
+        b,
+        ((axes, axes), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=acc,
+        out_sharding=replicated,
+      )
+      continue
     out = out + jax.lax.dot_general(
       a.reshape(t1, -1),
       b.reshape(t1, -1),
