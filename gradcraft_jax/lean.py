@@ -40,7 +40,7 @@ import optax
 
 from gradcraft_jax._stacked import gram_matrix, select_leaves
 from gradcraft_jax.per_task import _split_args
-from gradcraft_jax.weighting import check_method, query_weights
+from gradcraft_jax.weighting import _all_finite, check_method, keep_state_unless, query_weights
 
 __all__ = ["combined_value_and_grad"]
 
@@ -197,14 +197,8 @@ def combined_value_and_grad(
     grads = vjp_fn(weights)
     # As the stacked path: a non-finite combined gradient keeps the method's
     # previous state (inputs the weighting does not read may be non-finite).
-    ok = jnp.array(True)
-    for leaf in jax.tree_util.tree_leaves(grads):
-      ok = ok & jnp.all(jnp.isfinite(leaf))
-    new_state = jax.tree_util.tree_map(
-      lambda new, old: jnp.where(ok, new, old).astype(jnp.result_type(new)),
-      new_state,
-      method_state,
-    )
+    ok = _all_finite(*jax.tree_util.tree_leaves(grads))
+    new_state = keep_state_unless(ok, new_state, method_state)
     grads = grads[0] if single else grads
     value = (losses, aux) if has_aux else losses
     return value, grads, new_state

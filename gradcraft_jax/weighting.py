@@ -197,6 +197,14 @@ class _WeightsAnswer:
     self.weights = weights
 
 
+def keep_state_unless(ok, new_state, state):
+  """``new_state`` where ``ok`` (a boolean scalar), else the previous ``state``
+  (the core's rule for non-finite input; also used by the lean step)."""
+  return jax.tree_util.tree_map(
+    lambda new, old: jnp.where(ok, new, old).astype(jnp.result_type(new)), new_state, state
+  )
+
+
 def _all_finite(*arrays) -> jax.Array:
   ok = jnp.array(True)
   for a in arrays:
@@ -258,9 +266,7 @@ def _weights_and_state(
     )
   finite = _all_finite(gram, losses)
   weights = jnp.where(finite, weights, jnp.nan).astype(weights.dtype)
-  new_state = jax.tree_util.tree_map(
-    lambda new, old: jnp.where(finite, new, old).astype(jnp.result_type(new)), new_state, state
-  )
+  new_state = keep_state_unless(finite, new_state, state)
   return weights, new_state
 
 
@@ -323,9 +329,7 @@ def from_weighting(weighting: Weighting, *args, **kwargs) -> optax.GradientTrans
     # non-finite too: then the update is, and the state is kept as well. One
     # reduction over the combined update (1/T of the input), fused by XLA.
     ok = _all_finite(*jax.tree_util.tree_leaves(combined))
-    new_state = jax.tree_util.tree_map(
-      lambda new, old: jnp.where(ok, new, old).astype(jnp.result_type(new)), new_state, state
-    )
+    new_state = keep_state_unless(ok, new_state, state)
     return combined, new_state
 
   return optax.GradientTransformationExtraArgs(w.init, update_fn)
