@@ -36,13 +36,99 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from gradcraft_jax import _dense_gram
 from gradcraft_jax._stacked import gram_matrix, select_leaves
 from gradcraft_jax.per_task import _split_args
 from gradcraft_jax.weighting import _all_finite, check_method, keep_state_unless, query_weights
 
-__all__ = ["combined_value_and_grad"]
+__all__ = ["combined_value_and_grad", "gram_coverage"]
+
+_GRAM_MODES = ("auto", "dense", "pullback")
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+class _Flat:
+  """``fun`` as a function of flat array leaves: the differentiated leaves
+  first, then the array leaves of the other positional arguments (the rest
+  stay closed over, as Python values)."""
+
+  def __init__(self, fun, full_args, nums, has_aux):
+    self.fun, self.full_args, self.nums, self.has_aux = fun, full_args, nums, has_aux
+    primals = tuple(full_args[n] for n in nums)
+    self.diff, self.diff_tree = jax.tree_util.tree_flatten(primals)
+    others = tuple(x for n, x in enumerate(full_args) if n not in nums)
+    self.other_leaves, self.other_tree = jax.tree_util.tree_flatten(others)
+    self.mask = [_is_array(x) for x in self.other_leaves]
+    self.arrays = [x for x, m in zip(self.other_leaves, self.mask) if m]
+    self.out_tree = None
+
+  def __call__(self, *xs):
+    nd = len(self.diff)
+    arrays = iter(xs[nd:])
+    other = [next(arrays) if m else x for x, m in zip(self.other_leaves, self.mask)]
+    primals = jax.tree_util.tree_unflatten(self.diff_tree, list(xs[:nd]))
+    others = iter(jax.tree_util.tree_unflatten(self.other_tree, other))
+    full, k = [], 0
+    for n in range(len(self.full_args)):
+      full.append(primals[self.nums.index(n)] if n in self.nums else next(others))
+      k += 1
+    out = self.fun(*full)
+    losses, rest = (out[0], out[1]) if self.has_aux else (out, None)
+    if jnp.ndim(losses) != 1:
+      raise ValueError(
+        "combined_value_and_grad: fun must return a 1-D vector of task "
+        f"losses, got shape {jnp.shape(losses)}"
+      )
+    rest_leaves, self.out_tree = jax.tree_util.tree_flatten(rest)
+    return [losses, *rest_leaves]
+
+  def leaf_paths(self, single):
+    primals = tuple(self.full_args[n] for n in self.nums)
+    tree = primals[0] if single else primals
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def gram_coverage(
+  fun: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False, *, gram="auto"
+) -> Callable[..., dict]:
+  """Which parameter leaves :func:`combined_value_and_grad` covers with the
+  dense-layer identity, and why the others are not.
+
+  Returns:
+    ``coverage(params, *args) -> {key path: reason}``, where the reason is
+    ``"dense"`` for a leaf whose Gram block comes from activations and output
+    cotangents (its only use is one dense product and the identity is the
+    cheaper route there, or ``gram="dense"``), and otherwise says why the leaf
+    keeps its per-task pullback (``"used by conv_general_dilated"``, ``"used
+    more than once"``, ...). Trace-time only: nothing is computed.
+
+  >>> import jax.numpy as jnp
+  >>> def fun(p, x):
+  ...   h = jnp.tanh(x @ p["w"] + p["b"])
+  ...   return jnp.stack([jnp.sum(h), jnp.sum(h ** 2)])
+  >>> p = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+  >>> gram_coverage(fun)(p, jnp.ones((2, 8)))
+  {"['b']": 'used by broadcast_in_dim', "['w']": 'dense'}
+  """
+  if gram not in _GRAM_MODES:
+    raise ValueError(f"gram must be one of {_GRAM_MODES}, got {gram!r}")
+
+  def coverage(*args):
+    single, nums = _split_args(args, argnums)
+    flat = _Flat(fun, args, nums, has_aux)
+    p = _dense_gram.plan(flat, [*flat.diff, *flat.arrays], len(flat.diff), force=gram == "dense")
+    paths = flat.leaf_paths(single)
+    if gram == "pullback":
+      return {path: "per-task pullback (gram='pullback')" for path in paths}
+    return {paths[k]: p.reasons[k] for k in range(len(paths))}
+
+  return coverage
 
 
 def combined_value_and_grad(
@@ -52,6 +138,7 @@ def combined_value_and_grad(
   has_aux: bool = False,
   *,
   chunk_size: int | None = None,
+  gram: str = "auto",
 ) -> Callable[..., Any]:
   r"""Task losses and a method's combined gradient, without stacked gradients.
 
@@ -73,7 +160,18 @@ def combined_value_and_grad(
       along them (``jax.jvp``, batched over the chunk). The batched backward
       pass then holds ``chunk_size`` cotangents of every activation instead
       of ``T``, and ``chunk_size`` copies of the parameters, at the cost of
-      ``T`` forward-mode passes. Same result to rounding.
+      ``T`` forward-mode passes. Same result to rounding. The dense-layer
+      identity (``gram``) is not used with ``chunk_size``.
+    gram: how the Gram matrix is formed. ``"auto"`` (default): for every
+      parameter whose only use is one dense product ``y = a W`` (any
+      ``dot_general`` without batch dimensions, found in the traced
+      function; see :func:`gram_coverage`), its block is
+      :math:`\langle (a a^\top) d_s, d_t\rangle` from the activations ``a``
+      and the per-task output cotangents ``d_t``, when that is cheaper than
+      the weight gradients (fewer rows than input features); every other
+      leaf's block comes from its per-task pullbacks. ``"dense"``: the
+      identity for every dense use found, even where dearer. ``"pullback"``:
+      per-task pullbacks for every leaf. All three are exact.
 
   Returns:
     ``step(params, method_state, *args, **extra_args) -> (losses, grads,
@@ -121,10 +219,79 @@ def combined_value_and_grad(
   True
   """
   check_method(method, "combined_value_and_grad")
+  if gram not in _GRAM_MODES:
+    raise ValueError(f"gram must be one of {_GRAM_MODES}, got {gram!r}")
   if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
+  def dense_step(params, method_state, *args, **extra_args):
+    """The step with the dense-layer identity; None if nothing is covered."""
+    full_args = (params, *args)
+    single, nums = _split_args(full_args, argnums)
+    flat = _Flat(fun, full_args, nums, has_aux)
+    nd = len(flat.diff)
+    p = _dense_gram.plan(flat, [*flat.diff, *flat.arrays], nd, force=gram == "dense")
+    if not p.uses:
+      return None
+    g = _dense_gram.perturbed_fn(p, flat.arrays)
+    eqns = p.jaxpr.jaxpr.eqns
+    zs = [
+      jnp.zeros(eqns[u.eqn].outvars[0].aval.shape, eqns[u.eqn].outvars[0].aval.dtype)
+      for u in p.uses
+    ]
+
+    def h(leaves, zs):
+      outs, acts = g(leaves, zs)
+      return outs[0], (outs[1:], acts)
+
+    losses, vjp_fn, (aux_leaves, acts) = jax.vjp(h, list(flat.diff), zs, has_aux=True)
+    t = losses.shape[0]
+    eye = jnp.eye(t, dtype=losses.dtype)
+    paths = flat.leaf_paths(single)
+    covered = {u.leaf: j for j, u in enumerate(p.uses)}
+    acc = jnp.result_type(jnp.float32, *[x.dtype for x in flat.diff])
+
+    def gram_fn(leaves=None):
+      sel = [leaves is None or bool(leaves(path)) for path in paths]
+      if not any(sel):
+        raise ValueError(
+          "combined_value_and_grad: the leaf selection matches none of the "
+          f"gradient leaves; their key paths are {paths}"
+        )
+      g_leaves, g_zs = jax.vmap(vjp_fn)(eye)
+      rest = [g_leaves[k] for k in range(nd) if sel[k] and k not in covered]
+      k_mat = gram_matrix(rest).astype(acc) if rest else jnp.zeros((t, t), acc)
+      for j, u in enumerate(p.uses):
+        if sel[u.leaf]:
+          k_mat = k_mat + _dense_gram.block(u, acts[j], g_zs[j], acc)
+      return 0.5 * (k_mat + k_mat.T)
+
+    task_losses = extra_args.pop("task_losses", losses)
+    weights, new_state = query_weights(
+      method,
+      method_state,
+      num_tasks=t,
+      gram_fn=gram_fn,
+      task_losses=task_losses,
+      caller="combined_value_and_grad",
+      **extra_args,
+    )
+    weights = jax.lax.stop_gradient(weights).astype(losses.dtype)
+    grads, _ = vjp_fn(weights)
+    ok = _all_finite(*grads)
+    new_state = keep_state_unless(ok, new_state, method_state)
+    grads = jax.tree_util.tree_unflatten(flat.diff_tree, grads)
+    grads = grads[0] if single else grads
+    if has_aux:
+      aux = jax.tree_util.tree_unflatten(flat.out_tree, list(aux_leaves))
+      return (losses, aux), grads, new_state
+    return losses, grads, new_state
+
   def step(params, method_state, *args, **extra_args):
+    if gram != "pullback" and chunk_size is None:
+      out = dense_step(params, method_state, *args, **extra_args)
+      if out is not None:
+        return out
     full_args = (params, *args)
     single, nums = _split_args(full_args, argnums)
     primals = tuple(full_args[n] for n in nums)

@@ -322,7 +322,10 @@ def check_lean(transforms, mesh, label, param_spec, failures, steps=3):
 
   for name, method in transforms.items():
     tag = f"{label} {name}"
-    lean = gradcraft_jax.combined_value_and_grad(_model_loss, method)
+    # gram="dense": the dense-layer identity for w1 and the heads (with
+    # "auto" this model's 32 rows against 16 features would keep w1 on its
+    # pullbacks), the bias on its pullbacks.
+    lean = gradcraft_jax.combined_value_and_grad(_model_loss, method, gram="dense")
 
     def lean_step(p, ms, s, b, lean=lean):
       losses, g, ms = lean(p, ms, b)

@@ -34,14 +34,17 @@ STEPS = 3
 
 def mlp_params(t, hidden, rng, dtype):
   return {
-    "w1": jnp.asarray(rng.normal(size=(3, hidden)) / np.sqrt(3), dtype),
+    "w1": jnp.asarray(rng.normal(size=(16, hidden)) / 4.0, dtype),
     "b1": jnp.asarray(0.1 * rng.normal(size=(hidden,)), dtype),
     "w2": jnp.asarray(rng.normal(size=(hidden, t)) / np.sqrt(hidden), dtype),
   }
 
 
 def mlp_losses(params, x, y):
-  """Shared tanh layer + linear head per task: (T,) MSE losses."""
+  """Shared tanh layer + linear head per task: (T,) MSE losses. With 6 rows
+  and 16 input features the lean step (T >= 2) takes ``w1``'s Gram block from the
+  dense-layer identity and the others' from their pullbacks (asserted in
+  ``test_mixed_gram_routes``), so every method is checked on both routes."""
   h = jnp.tanh(x @ params["w1"] + params["b1"])
   return jnp.mean((h @ params["w2"] - y) ** 2, axis=0)
 
@@ -76,7 +79,7 @@ def _steps(name, t, has_aux=False, argnums=0):
 
 def _data(t, rng, dtype, batch=6, hidden=5):
   params = mlp_params(t, hidden, rng, dtype)
-  x = jnp.asarray(rng.normal(size=(batch, 3)), dtype)
+  x = jnp.asarray(rng.normal(size=(batch, 16)), dtype)
   y = jnp.asarray(rng.normal(size=(batch, t)), dtype)
   return params, x, y
 
@@ -199,6 +202,14 @@ def test_argnums_tuple(name):
   assert grads[1].shape == x.shape
   _assert_close(grads, ref, 2e-4)
   _assert_close(new_state, ref_state, 2e-4)
+
+
+def test_mixed_gram_routes():
+  rng = np.random.default_rng(0)
+  params, x, y = _data(3, rng, jnp.float32)
+  cov = gj.gram_coverage(mlp_losses)(params, x, y)
+  assert cov["['w1']"] == "dense"
+  assert cov["['w2']"] != "dense" and cov["['b1']"] != "dense"
 
 
 def test_inject_hyperparams():
