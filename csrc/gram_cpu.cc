@@ -222,6 +222,100 @@ ffi::Error GramBf16(ffi::ThreadPool pool, Bf16Matrix x,
                         d[0], d[1], out->typed_data());
 }
 
+
+// ---------------------------------------------------------------- weighted sum
+// out[k] = sum_i w[i] * x[i, k] for a row-major (T, n) float32 matrix, the
+// sum over i in order (as XLA's unrolled fusion), in float32. The columns are
+// cut into parts by shape only and the parts run on XLA's intra-op thread
+// pool and the calling thread, so the pass over x uses every core (XLA:CPU
+// runs the fused loop on one).
+
+constexpr int64_t kSumChunk = 2048;     // columns per L1-resident output chunk
+constexpr int64_t kSumPartElems = 1 << 18;
+
+GC_MULTIVERSION
+void PartSum(const float* x, const float* w, int64_t t, int64_t n, int64_t c0,
+             int64_t c1, float* out) {
+  for (int64_t s = c0; s < c1; s += kSumChunk) {
+    const int64_t len = std::min(kSumChunk, c1 - s);
+    float* o = out + s;
+    const float* x0 = x + s;
+    const float w0 = w[0];
+    for (int64_t k = 0; k < len; ++k) o[k] = w0 * x0[k];
+    int64_t i = 1;
+    for (; i + 4 <= t; i += 4) {  // four rows per pass over the output chunk
+      const float* xa = x + i * n + s;
+      const float* xb = xa + n;
+      const float* xc = xb + n;
+      const float* xd = xc + n;
+      const float wa = w[i], wb = w[i + 1], wc = w[i + 2], wd = w[i + 3];
+      for (int64_t k = 0; k < len; ++k)
+        o[k] = (((o[k] + wa * xa[k]) + wb * xb[k]) + wc * xc[k]) + wd * xd[k];
+    }
+    for (; i < t; ++i) {
+      const float* xi = x + i * n + s;
+      const float wi = w[i];
+      for (int64_t k = 0; k < len; ++k) o[k] += wi * xi[k];
+    }
+  }
+}
+
+ffi::Error WeightedSum(ffi::ThreadPool pool, const float* x, const float* w,
+                       int64_t t, int64_t n, float* out) {
+  if (n == 0) return ffi::Error::Success();
+  if (t == 0) {
+    std::fill(out, out + n, 0.0f);
+    return ffi::Error::Success();
+  }
+  int64_t parts = std::clamp<int64_t>((t * n) / kSumPartElems, 1, kMaxParts);
+  int64_t width = (n + parts - 1) / parts;
+  width = std::max<int64_t>(kSumChunk, (width + kSumChunk - 1) / kSumChunk * kSumChunk);
+  parts = std::max<int64_t>(1, (n + width - 1) / width);
+
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::mutex mu;  // guards `done`
+    std::condition_variable all_done;
+    int64_t done = 0;
+  };
+  auto shared = std::make_shared<Shared>();
+  auto work = [shared, x, w, t, n, parts, width, out]() {
+    for (;;) {
+      const int64_t p = shared->next.fetch_add(1);
+      if (p >= parts) return;
+      const int64_t c0 = p * width, c1 = std::min(n, c0 + width);
+      PartSum(x, w, t, n, c0, c1, out);
+      bool last;
+      {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        last = ++shared->done == parts;
+      }
+      if (last) shared->all_done.notify_one();
+    }
+  };
+  const int64_t helpers =
+      parts > 1 ? std::min<int64_t>(pool.num_threads(), parts - 1) : 0;
+  for (int64_t h = 0; h < helpers; ++h) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  // As in Gram: sleep until the helpers finish the parts they hold; the
+  // output buffer outlives them because the call returns only then.
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->all_done.wait(lock, [&shared, parts] { return shared->done == parts; });
+  return ffi::Error::Success();
+}
+
+using F32Vector = ffi::Buffer<ffi::F32, 1>;
+
+ffi::Error WeightedSumF32(ffi::ThreadPool pool, F32Matrix x, F32Vector w,
+                          ffi::Result<F32Vector> out) {
+  const auto d = x.dimensions();
+  return WeightedSum(pool, x.typed_data(), w.typed_data(), d[0], d[1],
+                     out->typed_data());
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GradcraftGramF32, GramF32,
@@ -235,3 +329,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GradcraftGramBf16, GramBf16,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Bf16Matrix>()
                                   .Ret<F32Matrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GradcraftWeightedSumF32, WeightedSumF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<F32Vector>()
+                                  .Ret<F32Vector>());

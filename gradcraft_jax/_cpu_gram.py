@@ -27,12 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["available", "supports", "gram"]
+__all__ = ["available", "supports", "gram", "weighted_sum"]
 
 _TARGETS = {
   jnp.dtype(jnp.float32): ("gradcraft_jax_gram_f32", "GradcraftGramF32"),
   jnp.dtype(jnp.bfloat16): ("gradcraft_jax_gram_bf16", "GradcraftGramBf16"),
 }
+_WSUM_TARGET = ("gradcraft_jax_wsum_f32", "GradcraftWeightedSumF32")
 ENV_VAR = "GRADCRAFT_JAX_CPU_KERNEL"
 
 
@@ -77,6 +78,32 @@ def _gram_jvp(primals, tangents):
   return k, half + half.T
 
 
+def _ffi_weighted_sum(flat: jax.Array, w: jax.Array) -> jax.Array:
+  return jax.ffi.ffi_call(
+    _WSUM_TARGET[0], jax.ShapeDtypeStruct(flat.shape[1:], jnp.float32), vmap_method="sequential"
+  )(flat, w)
+
+
+@jax.custom_jvp
+def weighted_sum(flat: jax.Array, w: jax.Array) -> jax.Array:
+  """``w @ flat`` for a float32 ``(T, n)`` matrix and float32 ``(T,)``
+  weights, summed over the tasks in order in float32, the columns split over
+  XLA's intra-op thread pool. Only valid on CPU when :func:`available`.
+  Differentiable (a ``dot_general`` tangent rule) and batchable."""
+  return _ffi_weighted_sum(flat, w)
+
+
+@weighted_sum.defjvp
+def _weighted_sum_jvp(primals, tangents):
+  (x, w), (dx, dw) = primals, tangents
+  hi = jax.lax.Precision.HIGHEST
+  dims = (((0,), (0,)), ((), ()))
+  tangent = jax.lax.dot_general(w, dx, dims, precision=hi) + jax.lax.dot_general(
+    dw, x, dims, precision=hi
+  )
+  return weighted_sum(x, w), tangent
+
+
 def supports(dtype) -> bool:
   """Whether the kernel takes leaves of ``dtype`` (float32, bfloat16)."""
   return jnp.dtype(dtype) in _TARGETS
@@ -98,7 +125,7 @@ def available() -> bool:
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(path)
-    for name, symbol in _TARGETS.values():
+    for name, symbol in (*_TARGETS.values(), _WSUM_TARGET):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     x = np.random.default_rng(0).standard_normal((5, 1037)).astype(np.float32)
     # Usually first called while a transform is being traced, possibly under
@@ -110,7 +137,13 @@ def available() -> bool:
       jax.default_device(jax.devices("cpu")[0]),
     ):
       got = np.asarray(jax.jit(_ffi_gram)(x), np.float64)
+      w = np.linspace(-1.0, 2.0, 5, dtype=np.float32)
+      got_sum = np.asarray(jax.jit(_ffi_weighted_sum)(x, w), np.float64)
     want = x.astype(np.float64) @ x.T.astype(np.float64)
-    return bool(np.allclose(got, want, rtol=1e-5, atol=1e-5))
+    want_sum = w.astype(np.float64) @ x.astype(np.float64)
+    return bool(
+      np.allclose(got, want, rtol=1e-5, atol=1e-5)
+      and np.allclose(got_sum, want_sum, rtol=1e-5, atol=1e-5)
+    )
   except Exception:  # pylint: disable=broad-except
     return False

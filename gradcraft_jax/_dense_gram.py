@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jcore
 
 # Primitives through which a parameter's per-task gradient is a permuted (or
@@ -66,6 +67,8 @@ class DenseUse:
   eqn: int  # index of the dot_general in the inlined jaxpr
   act_pos: int  # 0 if the activation is the dot's lhs, 1 if the rhs
   act_contract: tuple  # contracting dimensions of the activation
+  w_contract: tuple  # contracting dimensions of the weight operand (same order)
+  chain: tuple  # indices of the view equations from the leaf to the dot
   rows: int  # R
   cols: int  # C
   feats: int  # F
@@ -77,6 +80,75 @@ class Plan:
   num_leaves: int
   uses: tuple  # DenseUse, one per covered leaf
   reasons: dict  # leaf index -> why it is not covered (or "dense")
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+class Flat:
+  """``fun`` as a function of flat array leaves: the differentiated leaves
+  first, then the array leaves of the other positional arguments (the rest
+  stay closed over, as Python values)."""
+
+  def __init__(self, fun, full_args, nums, has_aux, caller="combined_value_and_grad"):
+    self.fun, self.full_args, self.nums, self.has_aux = fun, full_args, nums, has_aux
+    self.caller = caller
+    primals = tuple(full_args[n] for n in nums)
+    self.diff, self.diff_tree = jax.tree_util.tree_flatten(primals)
+    others = tuple(x for n, x in enumerate(full_args) if n not in nums)
+    self.other_leaves, self.other_tree = jax.tree_util.tree_flatten(others)
+    self.mask = [_is_array(x) for x in self.other_leaves]
+    self.arrays = [x for x, m in zip(self.other_leaves, self.mask) if m]
+    self.out_tree = None
+
+  def __call__(self, *xs):
+    nd = len(self.diff)
+    arrays = iter(xs[nd:])
+    other = [next(arrays) if m else x for x, m in zip(self.other_leaves, self.mask)]
+    primals = jax.tree_util.tree_unflatten(self.diff_tree, list(xs[:nd]))
+    others = iter(jax.tree_util.tree_unflatten(self.other_tree, other))
+    full, k = [], 0
+    for n in range(len(self.full_args)):
+      full.append(primals[self.nums.index(n)] if n in self.nums else next(others))
+      k += 1
+    out = self.fun(*full)
+    losses, rest = (out[0], out[1]) if self.has_aux else (out, None)
+    if jnp.ndim(losses) != 1:
+      raise ValueError(
+        f"{self.caller}: fun must return a 1-D vector of task losses, got shape {jnp.shape(losses)}"
+      )
+    rest_leaves, self.out_tree = jax.tree_util.tree_flatten(rest)
+    return [losses, *rest_leaves]
+
+  def leaf_paths(self, single):
+    primals = tuple(self.full_args[n] for n in self.nums)
+    tree = primals[0] if single else primals
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def dense_vjp(fun, full_args, nums, has_aux, choose, caller="combined_value_and_grad"):
+  """``fun``'s forward pass with zero perturbations on its covered dense
+  outputs: ``(flat, plan, losses, aux_leaves, vjp_fn, acts)``, where
+  ``vjp_fn(cotangent of the losses) -> (leaf cotangents, perturbation
+  cotangents)``; None when no dense use is covered."""
+  flat = Flat(fun, full_args, nums, has_aux, caller)
+  p = plan(flat, [*flat.diff, *flat.arrays], len(flat.diff), choose)
+  if not p.uses:
+    return None
+  g = perturbed_fn(p, flat.arrays)
+  eqns = p.jaxpr.jaxpr.eqns
+  zs = []
+  for u in p.uses:
+    aval = eqns[u.eqn].outvars[0].aval
+    zs.append(jnp.zeros(aval.shape, aval.dtype))
+
+  def h(leaves, zs):
+    outs, acts = g(leaves, zs)
+    return outs[0], (outs[1:], acts)
+
+  losses, vjp_fn, (aux_leaves, acts) = jax.vjp(h, list(flat.diff), zs, has_aux=True)
+  return flat, p, losses, aux_leaves, vjp_fn, acts
 
 
 def _read(env, v):
@@ -142,9 +214,29 @@ def _pullback_cost(r, c, f, t):
   return t * r * c * f + t * t * c * f
 
 
-def plan(fn: Callable, args: list, num_diff: int, *, force: bool = False) -> Plan:
+def cheaper_gram(r, c, f, t):
+  """``plan``'s default choice: the identity where it costs less than the
+  weight gradients."""
+  if _identity_cost(r, c, f, t) >= _pullback_cost(r, c, f, t):
+    return f"dense, but the weight gradients are cheaper ({r} rows, {c} input features)"
+  return None
+
+
+def any_dense(r, c, f, t):
+  return None
+
+
+def stacked_layout(r, c, f, t):
+  """``per_task_value_and_grad``'s choice: the batched product over ``T``
+  (which broadcasts the ``R x C`` activation ``T`` times) where that is
+  smaller than the ``T x C x F`` transpose it saves."""
+  return None if r <= f else "dense, but the plain batched pullback is cheaper here"
+
+
+def plan(fn: Callable, args: list, num_diff: int, choose: Callable = cheaper_gram) -> Plan:
   """Analyse ``fn(*args)`` (a flat list of outputs, the ``(T,)`` losses
-  first) for covered dense uses of its first ``num_diff`` arguments."""
+  first) for covered dense uses of its first ``num_diff`` arguments;
+  ``choose(R, C, F, T)`` returns None to cover a use, or why not."""
   closed = _inline(jax.make_jaxpr(fn)(*args), args)
   jaxpr = closed.jaxpr
   n = num_diff
@@ -159,7 +251,7 @@ def plan(fn: Callable, args: list, num_diff: int, *, force: bool = False) -> Pla
 
   covered, reasons = [], {}
   for k, v in enumerate(jaxpr.invars[:n]):
-    reason = None
+    reason, chain = None, []
     while True:
       us = uses_of.get(v, [])
       if v in outs:
@@ -173,6 +265,7 @@ def plan(fn: Callable, args: list, num_diff: int, *, force: bool = False) -> Pla
       name = eqn.primitive.name
       if name in _VIEWS:
         v = eqn.outvars[0]
+        chain.append(i)
         continue
       if name != "dot_general":
         reason = f"used by {name}"
@@ -192,10 +285,10 @@ def plan(fn: Callable, args: list, num_diff: int, *, force: bool = False) -> Pla
       if _explicitly_sharded(a_aval):
         reason = "dense, but its activation is split over an explicit mesh axis"
         break
-      if not force and _identity_cost(r, c, f, num_tasks) >= _pullback_cost(r, c, f, num_tasks):
-        reason = f"dense, but the weight gradients are cheaper ({r} rows, {c} input features)"
+      reason = choose(r, c, f, num_tasks)
+      if reason is not None:
         break
-      covered.append(DenseUse(k, i, act_pos, a_con, r, c, f))
+      covered.append(DenseUse(k, i, act_pos, a_con, w_con, tuple(chain), r, c, f))
       reason = "dense"
       break
     reasons[k] = reason
@@ -233,15 +326,51 @@ def block(use: DenseUse, act: jax.Array, d: jax.Array, acc) -> jax.Array:
   """``(T, T)`` Gram block of one covered product from its activation
   ``act`` and the stacked cotangents ``d`` (``(T, *y.shape)``) of its output:
   ``K[s, t] = <(a a^T) d_s, d_t>``."""
+  a2, d2 = _act_rows(use, act, d, acc)
+  aa = a2 @ a2.T
+  m = jnp.einsum("rq,tqf->trf", aa, d2)
+  return jnp.einsum("srf,trf->st", d2, m)
+
+
+def _act_rows(use: DenseUse, act, d, dtype):
+  """The activation as ``(R, C)`` and the output cotangents as ``(T, R, F)``."""
   t = d.shape[0]
   free = [j for j in range(act.ndim) if j not in use.act_contract]
   a2 = jnp.transpose(act, free + list(use.act_contract)).reshape(use.rows, use.cols)
-  a2 = a2.astype(acc)
   if use.act_pos == 0:  # y = (a free dims..., W free dims...)
     d2 = d.reshape(t, use.rows, use.feats)
   else:  # y = (W free dims..., a free dims...)
     d2 = jnp.swapaxes(d.reshape(t, use.feats, use.rows), 1, 2)
-  d2 = d2.astype(acc)
-  aa = a2 @ a2.T
-  m = jnp.einsum("rq,tqf->trf", aa, d2)
-  return jnp.einsum("srf,trf->st", d2, m)
+  return a2.astype(dtype), d2.astype(dtype)
+
+
+def per_task_grad(p: Plan, use: DenseUse, leaf, act, d):
+  """Stacked per-task gradients ``(T, *leaf.shape)`` of a covered leaf:
+  ``a^T d_t`` as one batched matrix product over ``T`` (the activation
+  broadcast over the task axis, so the product is written in the stacked
+  layout: no transpose of the ``T x C x F`` result), then through the
+  transposes of the leaf's view chain."""
+  eqns = p.jaxpr.jaxpr.eqns
+  dot = eqns[use.eqn]
+  w_aval = dot.invars[1 - use.act_pos].aval
+  t = d.shape[0]
+  a2, d2 = _act_rows(use, act, d, d.dtype)
+  ab = jnp.broadcast_to(a2, (t, use.rows, use.cols))
+  g = jax.lax.dot_general(
+    ab, d2, (((1,), (1,)), ((0,), (0,))), preferred_element_type=w_aval.dtype
+  )  # (T, C, F)
+  w_free = [j for j in range(len(w_aval.shape)) if j not in use.w_contract]
+  order = list(use.w_contract) + w_free
+  g = g.reshape((t, *[w_aval.shape[j] for j in order]))
+  g = jnp.transpose(g, [0] + [1 + order.index(j) for j in range(len(w_aval.shape))])
+  if not use.chain:
+    return g.astype(leaf.dtype)
+
+  def views(x):
+    for i in use.chain:
+      e = eqns[i]
+      x = e.primitive.bind(x, **e.primitive.get_bind_params(e.params))
+    return x
+
+  _, pull = jax.vjp(views, leaf)
+  return jax.vmap(lambda gt: pull(gt.astype(w_aval.dtype))[0])(g)

@@ -36,6 +36,31 @@ _GRAM_BLOCK_MIN = 1024
 _GRAM_BLOCK_MAX = 16384
 # Up to this many tasks the weighted sum is one fused elementwise pass.
 _UNROLL_MAX_TASKS = 64
+# Leaves with at least this many elements per task use the CPU kernel's
+# multi-threaded weighted sum (below it, the call overhead dominates).
+_KERNEL_SUM_MIN = 1 << 16
+
+
+def sum_over_tasks(leaf: jax.Array, dtype=None) -> jax.Array:
+  """``leaf.sum(axis=0)`` over the task axis, in ``dtype`` (default the
+  leaf's), as one fused elementwise pass: an in-order chain of row
+  additions for up to ``_UNROLL_MAX_TASKS`` tasks (XLA:CPU runs a reduction
+  over the major axis orders of magnitude slower), ``jnp.sum`` beyond."""
+  dtype = leaf.dtype if dtype is None else dtype
+  t = leaf.shape[0]
+  if t == 0 or t > _UNROLL_MAX_TASKS:
+    return jnp.sum(leaf.astype(dtype), axis=0)
+  out = leaf[0].astype(dtype)
+  for i in range(1, t):
+    out = out + leaf[i].astype(dtype)
+  return out
+
+
+def _fused_sum(flat, w, t, acc):
+  out = w[0] * flat[0].astype(acc)
+  for i in range(1, t):
+    out = out + w[i] * flat[i].astype(acc)
+  return out
 
 
 _NO_TASK_AXIS_HINT = (
@@ -302,6 +327,22 @@ def weighted_sum(stacked: Any, weights: jax.Array) -> Any:
   def combine(leaf):
     acc = jnp.result_type(jnp.float32, leaf.dtype)
     w = weights.astype(acc)
+    n = leaf.size // t if t else 0
+    if (
+      n >= _KERNEL_SUM_MIN
+      and leaf.dtype == jnp.float32
+      and acc == jnp.float32
+      and jax.device_count() == 1
+      and _cpu_gram.available()
+    ):
+      # The compiled CPU kernel: the same ordered float32 sum as the fused
+      # loop below, with the columns split over XLA's intra-op thread pool
+      # (XLA:CPU runs that loop on one core).
+      flat = leaf.reshape(t, n)
+      out = jax.lax.platform_dependent(
+        flat, w, cpu=_cpu_gram.weighted_sum, default=lambda x, v: _fused_sum(x, v, t, acc)
+      )
+      return out.reshape(leaf.shape[1:])
     if t <= _UNROLL_MAX_TASKS:
       # One fused elementwise pass: reads each task row once, casts inside
       # the fusion (no float32 copy of a bf16 leaf), writes the output once,

@@ -36,7 +36,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from gradcraft_jax import _dense_gram
@@ -47,51 +46,6 @@ from gradcraft_jax.weighting import _all_finite, check_method, keep_state_unless
 __all__ = ["combined_value_and_grad", "gram_coverage"]
 
 _GRAM_MODES = ("auto", "dense", "pullback")
-
-
-def _is_array(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-class _Flat:
-  """``fun`` as a function of flat array leaves: the differentiated leaves
-  first, then the array leaves of the other positional arguments (the rest
-  stay closed over, as Python values)."""
-
-  def __init__(self, fun, full_args, nums, has_aux):
-    self.fun, self.full_args, self.nums, self.has_aux = fun, full_args, nums, has_aux
-    primals = tuple(full_args[n] for n in nums)
-    self.diff, self.diff_tree = jax.tree_util.tree_flatten(primals)
-    others = tuple(x for n, x in enumerate(full_args) if n not in nums)
-    self.other_leaves, self.other_tree = jax.tree_util.tree_flatten(others)
-    self.mask = [_is_array(x) for x in self.other_leaves]
-    self.arrays = [x for x, m in zip(self.other_leaves, self.mask) if m]
-    self.out_tree = None
-
-  def __call__(self, *xs):
-    nd = len(self.diff)
-    arrays = iter(xs[nd:])
-    other = [next(arrays) if m else x for x, m in zip(self.other_leaves, self.mask)]
-    primals = jax.tree_util.tree_unflatten(self.diff_tree, list(xs[:nd]))
-    others = iter(jax.tree_util.tree_unflatten(self.other_tree, other))
-    full, k = [], 0
-    for n in range(len(self.full_args)):
-      full.append(primals[self.nums.index(n)] if n in self.nums else next(others))
-      k += 1
-    out = self.fun(*full)
-    losses, rest = (out[0], out[1]) if self.has_aux else (out, None)
-    if jnp.ndim(losses) != 1:
-      raise ValueError(
-        "combined_value_and_grad: fun must return a 1-D vector of task "
-        f"losses, got shape {jnp.shape(losses)}"
-      )
-    rest_leaves, self.out_tree = jax.tree_util.tree_flatten(rest)
-    return [losses, *rest_leaves]
-
-  def leaf_paths(self, single):
-    primals = tuple(self.full_args[n] for n in self.nums)
-    tree = primals[0] if single else primals
-    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def gram_coverage(
@@ -121,8 +75,9 @@ def gram_coverage(
 
   def coverage(*args):
     single, nums = _split_args(args, argnums)
-    flat = _Flat(fun, args, nums, has_aux)
-    p = _dense_gram.plan(flat, [*flat.diff, *flat.arrays], len(flat.diff), force=gram == "dense")
+    flat = _dense_gram.Flat(fun, args, nums, has_aux)
+    choose = _dense_gram.any_dense if gram == "dense" else _dense_gram.cheaper_gram
+    p = _dense_gram.plan(flat, [*flat.diff, *flat.arrays], len(flat.diff), choose)
     paths = flat.leaf_paths(single)
     if gram == "pullback":
       return {path: "per-task pullback (gram='pullback')" for path in paths}
@@ -228,23 +183,12 @@ def combined_value_and_grad(
     """The step with the dense-layer identity; None if nothing is covered."""
     full_args = (params, *args)
     single, nums = _split_args(full_args, argnums)
-    flat = _Flat(fun, full_args, nums, has_aux)
-    nd = len(flat.diff)
-    p = _dense_gram.plan(flat, [*flat.diff, *flat.arrays], nd, force=gram == "dense")
-    if not p.uses:
+    choose = _dense_gram.any_dense if gram == "dense" else _dense_gram.cheaper_gram
+    traced = _dense_gram.dense_vjp(fun, full_args, nums, has_aux, choose)
+    if traced is None:
       return None
-    g = _dense_gram.perturbed_fn(p, flat.arrays)
-    eqns = p.jaxpr.jaxpr.eqns
-    zs = [
-      jnp.zeros(eqns[u.eqn].outvars[0].aval.shape, eqns[u.eqn].outvars[0].aval.dtype)
-      for u in p.uses
-    ]
-
-    def h(leaves, zs):
-      outs, acts = g(leaves, zs)
-      return outs[0], (outs[1:], acts)
-
-    losses, vjp_fn, (aux_leaves, acts) = jax.vjp(h, list(flat.diff), zs, has_aux=True)
+    flat, p, losses, aux_leaves, vjp_fn, acts = traced
+    nd = len(flat.diff)
     t = losses.shape[0]
     eye = jnp.eye(t, dtype=losses.dtype)
     paths = flat.leaf_paths(single)

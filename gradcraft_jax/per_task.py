@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from gradcraft_jax import _dense_gram
 
 __all__ = ["per_task_value_and_grad"]
 
@@ -26,6 +29,7 @@ def per_task_value_and_grad(
   has_aux: bool = False,
   *,
   chunk_size: int | None = None,
+  dense: bool = True,
 ) -> Callable[..., Any]:
   r"""Task losses and their stacked gradients from one forward pass.
 
@@ -62,7 +66,35 @@ def per_task_value_and_grad(
   if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
+  def dense_wrapped(args, kwargs):
+    single, nums = _split_args(args, argnums)
+    traced = _dense_gram.dense_vjp(
+      functools.partial(fun, **kwargs) if kwargs else fun,
+      args,
+      nums,
+      has_aux,
+      _dense_gram.stacked_layout,
+      caller="per_task_value_and_grad",
+    )
+    if traced is None:
+      return None
+    flat, p, losses, aux_leaves, vjp_fn, acts = traced
+    eye = jnp.eye(losses.shape[0], dtype=losses.dtype)
+    g_leaves, g_zs = jax.vmap(vjp_fn)(eye)
+    grads = list(g_leaves)
+    for j, u in enumerate(p.uses):
+      grads[u.leaf] = _dense_gram.per_task_grad(p, u, flat.diff[u.leaf], acts[j], g_zs[j])
+    grads = jax.tree_util.tree_unflatten(flat.diff_tree, grads)
+    grads = grads[0] if single else grads
+    if has_aux:
+      return (losses, jax.tree_util.tree_unflatten(flat.out_tree, list(aux_leaves))), grads
+    return losses, grads
+
   def wrapped(*args, **kwargs):
+    if dense and chunk_size is None:
+      out = dense_wrapped(args, kwargs)
+      if out is not None:
+        return out
     single, nums = _split_args(args, argnums)
     primals = tuple(args[n] for n in nums)
 

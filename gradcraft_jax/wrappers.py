@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from gradcraft_jax._stacked import num_tasks as _num_tasks
+from gradcraft_jax._stacked import sum_over_tasks
 from gradcraft_jax.methods._common import check_num_tasks
 
 __all__ = [
@@ -80,7 +81,7 @@ def task_sum() -> optax.GradientTransformationExtraArgs:
 
     def total(leaf):
       acc = jnp.result_type(jnp.float32, leaf.dtype)
-      return jnp.sum(leaf.astype(acc), axis=0).astype(leaf.dtype)
+      return sum_over_tasks(leaf, acc).astype(leaf.dtype)
 
     return jax.tree_util.tree_map(total, updates), state
 

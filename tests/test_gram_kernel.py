@@ -200,3 +200,54 @@ def test_mixed_float32_float64_tree_accumulates_in_float64():
   assert k.dtype == np.float64
   assert "gradcraft_jax_gram" not in hlo
   np.testing.assert_allclose(k, want, rtol=1e-12)
+
+
+# ------------------------------------------------------------ weighted sum
+
+
+@needs_kernel
+@pytest.mark.parametrize("t,n", [(1, 70_001), (2, 65_536), (5, 300_007), (9, (1 << 18) + 3)])
+def test_weighted_sum_kernel_matches_float64_numpy(t, n):
+  """The kernel's ordered float32 sum against float64 NumPy (tails, one
+  and several parts, 4-row groups and the rows left over)."""
+  rng = np.random.default_rng(t)
+  x = rng.standard_normal((t, n)).astype(np.float32)
+  w = rng.standard_normal(t).astype(np.float32)
+  got = np.asarray(jax.jit(_cpu_gram.weighted_sum)(x, w), np.float64)
+  want = w.astype(np.float64) @ x.astype(np.float64)
+  bound = 4e-7 * t * (np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)) + 1e-30
+  assert np.all(np.abs(got - want) <= bound)
+
+
+@needs_kernel
+def test_weighted_sum_uses_kernel_and_agrees_with_fused_loop():
+  t, n = 6, 1 << 17
+  rng = np.random.default_rng(0)
+  g = {"a": jnp.asarray(rng.standard_normal((t, n // 4, 4)), jnp.float32)}
+  w = jnp.asarray(rng.standard_normal(t), jnp.float32)
+  hlo = jax.jit(gj.weighted_sum).lower(g, w).as_text()
+  assert "gradcraft_jax_wsum_f32" in hlo
+  fused = _stacked._fused_sum(g["a"].reshape(t, -1), w, t, jnp.float32).reshape(n // 4, 4)
+  np.testing.assert_allclose(jax.jit(gj.weighted_sum)(g, w)["a"], fused, rtol=1e-6, atol=1e-6)
+  # gradients through the kernel (its jvp rule) equal those of the fused loop
+  gx = jax.grad(lambda w: jnp.sum(gj.weighted_sum(g, w)["a"] ** 2))(w)
+  gf = jax.grad(
+    lambda w: jnp.sum(_stacked._fused_sum(g["a"].reshape(t, -1), w, t, jnp.float32) ** 2)
+  )(w)
+  np.testing.assert_allclose(gx, gf, rtol=1e-4)
+
+
+@needs_kernel
+def test_weighted_sum_kernel_propagates_nonfinite():
+  x = np.ones((3, 1 << 16), np.float32)
+  x[1, 5] = np.inf
+  x[2, 7] = np.nan
+  out = np.asarray(jax.jit(_cpu_gram.weighted_sum)(x, np.ones(3, np.float32)))
+  assert np.isinf(out[5]) and np.isnan(out[7]) and np.all(np.isfinite(np.delete(out, [5, 7])))
+
+
+@pytest.mark.parametrize("t", [1, 3, 8, 70])
+def test_sum_over_tasks(t):
+  x = np.random.default_rng(t).standard_normal((t, 5, 3)).astype(np.float32)
+  got = jax.jit(_stacked.sum_over_tasks)(jnp.asarray(x))
+  np.testing.assert_allclose(got, x.astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)

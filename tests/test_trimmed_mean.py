@@ -1,6 +1,7 @@
 """Coordinate-wise trimmed mean: torchjd's TrimmedMean, not a weighting,
 validation, non-finite input."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,3 +39,15 @@ def test_nonfinite_input_gives_nan_update():
   j[2, 0] = np.inf  # would be trimmed, still reported
   (out,), _ = run(trimmed_mean(1), [j])
   assert np.all(np.isnan(out))
+
+
+@pytest.mark.parametrize("t,k", [(2, 0), (5, 2), (9, 1), (16, 4), (33, 8), (70, 3)])
+def test_selection_network_matches_sorted_numpy(t, k):
+  """The elementwise selection network (T <= 64) and the sort (T > 64)
+  against NumPy's sort, with ties."""
+  rng = np.random.default_rng(t)
+  x = rng.integers(-3, 4, size=(t, 40)).astype(np.float32)  # many ties
+  x[:, :20] += rng.standard_normal((t, 20)).astype(np.float32)
+  got = jax.jit(lambda g: gj.methods.trimmed_mean_combine(g, k))({"w": jnp.asarray(x)})["w"]
+  want = np.sort(x.astype(np.float64), axis=0)[k : t - k].mean(0)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gradcraft_jax._stacked import sum_over_tasks
 from gradcraft_jax.methods._common import check_num_tasks
 from gradcraft_jax.methods._trimmed_mean import _all_finite, _check_tasks, _refuse_query
 
@@ -72,8 +73,8 @@ def graddrop_combine(
   for idx, leaf in enumerate(leaves):
     acc = jnp.result_type(jnp.float32, leaf.dtype)
     g = leaf.astype(acc)
-    total = jnp.sum(g, axis=0)
-    mass = jnp.sum(jnp.abs(g), axis=0)
+    total = sum_over_tasks(g)
+    mass = sum_over_tasks(jnp.abs(g))
     pos = mass > 0
     purity = 0.5 * (1.0 + jnp.where(pos, total / jnp.where(pos, mass, 1.0), 0.0))
     fp = f(purity)
@@ -84,7 +85,7 @@ def graddrop_combine(
     else:
       lk = jnp.asarray(leak, acc).reshape((t,) + (1,) * (g.ndim - 1))
       keep = lk + (1.0 - lk) * mask.astype(acc)
-    out.append(jnp.sum(keep * g, axis=0).astype(leaf.dtype))
+    out.append(sum_over_tasks(keep * g).astype(leaf.dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
