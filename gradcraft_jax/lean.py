@@ -179,6 +179,25 @@ def combined_value_and_grad(
   if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
+  def weigh_and_pull_back(losses, method_state, extra_args, gram_fn, pull_back):
+    """The method's weights (its Gram pass through ``gram_fn``), then one
+    pullback of them; a non-finite combined gradient keeps the method's
+    previous state, as on the stacked path (inputs the weighting does not
+    read may be non-finite)."""
+    task_losses = extra_args.pop("task_losses", losses)
+    weights, new_state = query_weights(
+      method,
+      method_state,
+      num_tasks=losses.shape[0],
+      gram_fn=gram_fn,
+      task_losses=task_losses,
+      caller="combined_value_and_grad",
+      **extra_args,
+    )
+    grads = pull_back(jax.lax.stop_gradient(weights).astype(losses.dtype))
+    ok = _all_finite(*jax.tree_util.tree_leaves(grads))
+    return grads, keep_state_unless(ok, new_state, method_state)
+
   def dense_step(params, method_state, *args, **extra_args):
     """The step with the dense-layer identity; None if nothing is covered."""
     full_args = (params, *args)
@@ -210,20 +229,9 @@ def combined_value_and_grad(
           k_mat = k_mat + _dense_gram.block(u, acts[j], g_zs[j], acc)
       return 0.5 * (k_mat + k_mat.T)
 
-    task_losses = extra_args.pop("task_losses", losses)
-    weights, new_state = query_weights(
-      method,
-      method_state,
-      num_tasks=t,
-      gram_fn=gram_fn,
-      task_losses=task_losses,
-      caller="combined_value_and_grad",
-      **extra_args,
+    grads, new_state = weigh_and_pull_back(
+      losses, method_state, extra_args, gram_fn, lambda w: vjp_fn(w)[0]
     )
-    weights = jax.lax.stop_gradient(weights).astype(losses.dtype)
-    grads, _ = vjp_fn(weights)
-    ok = _all_finite(*grads)
-    new_state = keep_state_unless(ok, new_state, method_state)
     grads = jax.tree_util.tree_unflatten(flat.diff_tree, grads)
     grads = grads[0] if single else grads
     if has_aux:
@@ -294,22 +302,13 @@ def combined_value_and_grad(
       k = k.astype(acc)
       return 0.5 * (k + k.T)
 
-    task_losses = extra_args.pop("task_losses", losses)
-    weights, new_state = query_weights(
-      method,
+    grads, new_state = weigh_and_pull_back(
+      losses,
       method_state,
-      num_tasks=t,
-      gram_fn=gram_fn if chunk_size is None or chunk_size >= t else gram_fn_chunked,
-      task_losses=task_losses,
-      caller="combined_value_and_grad",
-      **extra_args,
+      extra_args,
+      gram_fn if chunk_size is None or chunk_size >= t else gram_fn_chunked,
+      vjp_fn,
     )
-    weights = jax.lax.stop_gradient(weights).astype(losses.dtype)
-    grads = vjp_fn(weights)
-    # As the stacked path: a non-finite combined gradient keeps the method's
-    # previous state (inputs the weighting does not read may be non-finite).
-    ok = _all_finite(*jax.tree_util.tree_leaves(grads))
-    new_state = keep_state_unless(ok, new_state, method_state)
     grads = grads[0] if single else grads
     value = (losses, aux) if has_aux else losses
     return value, grads, new_state
