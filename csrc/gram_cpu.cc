@@ -146,34 +146,27 @@ void PartGram(const In* x, int64_t t, int64_t n, int64_t c0, int64_t c1,
   }
 }
 
-template <typename In>
-ffi::Error Gram(ffi::ThreadPool pool, const In* x, int64_t t, int64_t n,
-                float* out) {
-  if (t == 0) return ffi::Error::Success();
-  // Parts depend on the shape only: the float64 sum below has a fixed order.
-  int64_t parts = std::clamp<int64_t>((t * n) / kPartElems, 1, kMaxParts);
-  int64_t width = (n + parts - 1) / parts;
-  width = std::max<int64_t>(kChunk, (width + kChunk - 1) / kChunk * kChunk);
-  parts = std::max<int64_t>(1, (n + width - 1) / width);
-
+// Runs fn(p) for p in [0, parts) on XLA's intra-op thread pool and the
+// calling thread, and returns when every part is done. Helpers and the
+// caller take parts from one counter; a helper that starts late finds none
+// left (`shared` outlives it). The caller sleeps on a condition variable (no
+// spinning) until the helpers finish the parts they hold; the mutex orders
+// their writes before the caller's reads. No deadlock: the caller never
+// waits for a part nobody has started.
+template <typename F>
+void RunParts(ffi::ThreadPool& pool, int64_t parts, F fn) {
   struct Shared {
-    std::vector<double> partial;
     std::atomic<int64_t> next{0};
-    std::mutex mu;                  // guards `done`
+    std::mutex mu;  // guards `done`
     std::condition_variable all_done;
     int64_t done = 0;
   };
   auto shared = std::make_shared<Shared>();
-  shared->partial.assign(parts * t * t, 0.0);
-  // Helpers and the calling thread take parts from one counter; a helper
-  // that starts late finds none left. `shared` outlives a late helper.
-  auto work = [shared, x, t, n, parts, width]() {
-    std::vector<float> buf;
+  auto work = [shared, parts, fn]() {
     for (;;) {
       const int64_t p = shared->next.fetch_add(1);
       if (p >= parts) return;
-      const int64_t c0 = p * width, c1 = std::min(n, c0 + width);
-      PartGram(x, t, n, c0, c1, shared->partial.data() + p * t * t, &buf);
+      fn(p);
       bool last;
       {
         std::lock_guard<std::mutex> lock(shared->mu);
@@ -189,18 +182,31 @@ ffi::Error Gram(ffi::ThreadPool pool, const In* x, int64_t t, int64_t n,
     pool.Schedule(std::move(task));
   }
   work();
-  // Every part has been claimed; sleep (no spinning) until the helpers
-  // finish the ones they hold. The mutex orders their writes to `partial`
-  // before the reads below. No deadlock: the calling thread never waits
-  // for a part nobody has started.
-  {
-    std::unique_lock<std::mutex> lock(shared->mu);
-    shared->all_done.wait(lock, [&shared, parts] { return shared->done == parts; });
-  }
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->all_done.wait(lock, [&shared, parts] { return shared->done == parts; });
+}
+
+template <typename In>
+ffi::Error Gram(ffi::ThreadPool pool, const In* x, int64_t t, int64_t n,
+                float* out) {
+  if (t == 0) return ffi::Error::Success();
+  // Parts depend on the shape only: the float64 sum below has a fixed order.
+  int64_t parts = std::clamp<int64_t>((t * n) / kPartElems, 1, kMaxParts);
+  int64_t width = (n + parts - 1) / parts;
+  width = std::max<int64_t>(kChunk, (width + kChunk - 1) / kChunk * kChunk);
+  parts = std::max<int64_t>(1, (n + width - 1) / width);
+
+  std::vector<double> partial(parts * t * t, 0.0);
+  double* part_sums = partial.data();
+  RunParts(pool, parts, [=](int64_t p) {
+    std::vector<float> buf;
+    const int64_t c0 = p * width, c1 = std::min(n, c0 + width);
+    PartGram(x, t, n, c0, c1, part_sums + p * t * t, &buf);
+  });
   for (int64_t i = 0; i < t; ++i)
     for (int64_t j = i; j < t; ++j) {
       double s = 0.0;
-      for (int64_t p = 0; p < parts; ++p) s += shared->partial[p * t * t + i * t + j];
+      for (int64_t p = 0; p < parts; ++p) s += partial[p * t * t + i * t + j];
       out[i * t + j] = out[j * t + i] = static_cast<float>(s);
     }
   return ffi::Error::Success();
@@ -272,38 +278,10 @@ ffi::Error WeightedSum(ffi::ThreadPool pool, const float* x, const float* w,
   width = std::max<int64_t>(kSumChunk, (width + kSumChunk - 1) / kSumChunk * kSumChunk);
   parts = std::max<int64_t>(1, (n + width - 1) / width);
 
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::mutex mu;  // guards `done`
-    std::condition_variable all_done;
-    int64_t done = 0;
-  };
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, x, w, t, n, parts, width, out]() {
-    for (;;) {
-      const int64_t p = shared->next.fetch_add(1);
-      if (p >= parts) return;
-      const int64_t c0 = p * width, c1 = std::min(n, c0 + width);
-      PartSum(x, w, t, n, c0, c1, out);
-      bool last;
-      {
-        std::lock_guard<std::mutex> lock(shared->mu);
-        last = ++shared->done == parts;
-      }
-      if (last) shared->all_done.notify_one();
-    }
-  };
-  const int64_t helpers =
-      parts > 1 ? std::min<int64_t>(pool.num_threads(), parts - 1) : 0;
-  for (int64_t h = 0; h < helpers; ++h) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  // As in Gram: sleep until the helpers finish the parts they hold; the
-  // output buffer outlives them because the call returns only then.
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->all_done.wait(lock, [&shared, parts] { return shared->done == parts; });
+  RunParts(pool, parts, [=](int64_t p) {
+    const int64_t c0 = p * width, c1 = std::min(n, c0 + width);
+    PartSum(x, w, t, n, c0, c1, out);
+  });
   return ffi::Error::Success();
 }
 
