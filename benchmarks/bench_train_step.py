@@ -179,7 +179,53 @@ def jax_steps(cfg, params, methods):
 
     out[f"stacked {name}"] = (jax.jit(stacked), (params, tx.init(params)))
     out[f"lean {name}"] = (jax.jit(lean), (params, (method.init(params), adam.init(params))))
+    if name != "gradcraft":
+      continue
+    # GradCraft only: the routes this library's defaults replace (plain
+    # batched pullback for the stacked gradients, per-task pullbacks for the
+    # lean Gram matrix), and the stacked step's two parts timed apart.
+    per_task_vmap = gj.per_task_value_and_grad(loss, dense=False)
+
+    def stacked_vmap(p, s, x, y, tx=tx):
+      losses, g = per_task_vmap(p, x, y)
+      upd, s = tx.update(g, s, p, task_losses=losses)
+      return optax.apply_updates(p, upd), s
+
+    lean_pull = gj.combined_value_and_grad(loss, method, gram="pullback")
+
+    def lean_pullback(p, s, x, y):
+      ms, adam_s = s
+      _, g, ms = lean_pull(p, ms, x, y)
+      upd, adam_s = adam.update(g, adam_s, p)
+      return optax.apply_updates(p, upd), (ms, adam_s)
+
+    def grads_only(p, s, x, y):
+      del s
+      return per_task(p, x, y)
+
+    out["stacked-vmap gradcraft"] = (jax.jit(stacked_vmap), (params, tx.init(params)))
+    out["lean-pullback gradcraft"] = (
+      jax.jit(lean_pullback),
+      (params, (method.init(params), adam.init(params))),
+    )
+    out["part grads gradcraft"] = (jax.jit(grads_only), (params, None))
   return out
+
+
+def update_part(cfg, params, x, y, name):
+  """The stacked step's second part alone: method + Adam + apply on given
+  stacked gradients (jitted, as a zero-argument call)."""
+  loss = jax_loss(cfg)
+  tx = optax.chain(jax_method(name, cfg["t"]), optax.adam(1e-3))
+  losses, g = jax.jit(gj.per_task_value_and_grad(loss))(params, x, y)
+  s = tx.init(params)
+
+  def update(p, s, g, losses):
+    upd, s = tx.update(g, s, p, task_losses=losses)
+    return optax.apply_updates(p, upd), s
+
+  fn = jax.jit(update).lower(params, s, g, losses).compile()
+  return lambda: jax.block_until_ready(fn(params, s, g, losses))
 
 
 # ---------------------------------------------------------------- torch
@@ -338,6 +384,8 @@ def run_cell(model, t, args):
       jax.block_until_ready(fn(p, s, jx, jy))
 
     calls[name] = call
+  if "gradcraft" in args.methods:
+    calls["part update gradcraft"] = update_part(cfg, params, jx, jy, "gradcraft")
   if not args.no_torch:
     torch.manual_seed(0)
     calls.update(torch_steps(cfg, np_params, x, y, args.methods))
@@ -361,14 +409,43 @@ def run_cell(model, t, args):
         torch_plain_ms=None if tp is None else 1e3 * tp,
         autojac=None if tj is None else tj / tp,
         autogram=None if tg is None else tg / tp,
+        stacked_vmap=_ratio(times, f"stacked-vmap {name}"),
+        lean_pullback=_ratio(times, f"lean-pullback {name}"),
+        parts=(
+          (times[f"part grads {name}"] + times[f"part update {name}"]) / times["plain"]
+          if f"part grads {name}" in times
+          else None
+        ),
         abs_ms={k: 1e3 * v for k, v in times.items()},
       )
     )
   return rows
 
 
+def _ratio(times, key):
+  return times[key] / times["plain"] if key in times else None
+
+
 def fmt(v, spec="{:.1f}x"):
   return "n/a" if v is None else spec.format(v)
+
+
+def gradcraft_table(rows):
+  """The GradCraft rows: this library's defaults next to the routes they
+  replace, and the stacked step against its two parts timed apart."""
+  lines = [
+    "| model | T | stacked | stacked, plain `vmap` pullback | grads + update timed apart "
+    "| lean | lean, Gram from pullbacks |",
+    "|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    if r["method"] != "gradcraft":
+      continue
+    lines.append(
+      f"| {r['model']} | {r['t']} | {r['stacked']:.1f}x | {fmt(r['stacked_vmap'])} | "
+      f"{fmt(r['parts'])} | {r['lean']:.1f}x | {fmt(r['lean_pullback'])} |"
+    )
+  return "\n".join(lines)
 
 
 def table(rows):
@@ -422,6 +499,8 @@ def main(argv=None):
   text = table(rows)
   print()
   print(text)
+  print()
+  print(gradcraft_table(rows))
   if args.out:
     cmd = "python " + " ".join(
       [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])
@@ -446,6 +525,16 @@ def main(argv=None):
       "times are noisy and inflated; compare ratios within one cell.",
       "",
       text,
+      "",
+      "GradCraft: the defaults (stacked: dense weights' per-task gradients as one "
+      "batched product in the stacked layout; lean: dense-layer Gram identity) "
+      "next to the routes they replace (`per_task_value_and_grad(..., "
+      'dense=False)`, `combined_value_and_grad(..., gram="pullback")`), and the '
+      "stacked step against its parts timed apart (per-task gradients alone + "
+      "method, Adam and apply alone), all as ratios to the plain step of the "
+      "same cell:",
+      "",
+      gradcraft_table(rows),
       "",
     ]
     with open(args.out, "w") as f:
