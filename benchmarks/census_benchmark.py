@@ -309,8 +309,8 @@ def make_plans(args, cfg) -> list[Plan]:
   for i, b in enumerate(args.backbones):
     full = i == 0 or args.all_methods or args.methods
     methods = tuple(names) if full else tuple(m for m in CORE_METHODS if m in names)
-    if args.all_methods:
-      shared = tuple(m for m in methods if m != "mean")  # loss-only ones are dropped later
+    if args.all_methods:  # loss-only ones are dropped later
+      shared = tuple(m for m in methods if m != "mean" and m not in M.SECOND_BATCH)
     elif full:
       shared = tuple(m for m in methods if m in CRAFTING)
     else:

@@ -174,12 +174,14 @@ def shared_mask(p):
   return {"bottom": jax.tree.map(lambda _: True, p["bottom"]), "towers": [(False, False)] * 2}
 
 
-def make_train(tx_fn, T, cfg: Cfg, *, single=False):
+def make_train(tx_fn, T, cfg: Cfg, *, single=False, second_batch=False):
   """``train(key, data, scales, extra) -> (best_params, best_val (T,))``, jitted, vmapped.
 
   ``tx_fn(extra)`` builds the transform (``extra`` holds per-run arrays such
   as NMT targets or GradCraft's ``tau``/``eps``). ``single``: single-task
   training on row ``extra["task"]`` of the stacked gradients.
+  ``second_batch``: also pass the stacked gradients of a second, independent
+  mini-batch as ``stacked_2`` (MoDo, SDMGrad).
   """
   grad_fn = gradcraft_jax.per_task_value_and_grad(lambda p, b: task_mse(p, *b))
 
@@ -195,11 +197,15 @@ def make_train(tx_fn, T, cfg: Cfg, *, single=False):
       params, state = carry
       idx = jax.random.choice(k, n, (cfg.batch,), replace=False)
       losses, grads = grad_fn(params, (xtr[idx], ytr[idx]))
+      kw = dict(extra.get("kw", {}))
+      if second_batch:
+        idx2 = jax.random.choice(jax.random.fold_in(k, 1), n, (cfg.batch,), replace=False)
+        kw["stacked_2"] = grad_fn(params, (xtr[idx2], ytr[idx2]))[1]
       if single:
         grads = jax.tree.map(lambda g: g[extra["task"]], grads)
         upd, state = tx.update(grads, state, params)
       else:
-        upd, state = tx.update(grads, state, params, task_losses=losses, **extra.get("kw", {}))
+        upd, state = tx.update(grads, state, params, task_losses=losses, **kw)
       return (optax.apply_updates(params, upd), state), None
 
     def period(carry, ks):
@@ -323,7 +329,7 @@ def run_T(T, cfg: Cfg, methods, log):
         finish(name, bp, bv)
       else:
         make = lambda e, name=name: optax.chain(M.make_method(name, T, 0), optax.adam(cfg.lr))
-        fn = make_train(make, T, cfg)
+        fn = make_train(make, T, cfg, second_batch=name in M.SECOND_BATCH)
         bp, bv = fn(keys, data, scales, {})
         finish(name, bp, bv)
     except M.Skip as e:

@@ -85,6 +85,28 @@ def test_probe_tells_gram_methods_from_loss_only():
   assert not M.probe(M.make_method("mean", 2), params, 2)
 
 
+def test_every_library_method_can_be_built_and_run():
+  """No method is skipped: CR-MOGM gets MGDA as its base, MoCo (its own
+  transform, not a weighting) runs as is, MoDo and SDMGrad get a second
+  batch; one update of each on stacked gradients is finite."""
+  import jax
+  import jax.numpy as jnp
+
+  import gradcraft_jax
+
+  params = {"w": jnp.zeros(3)}
+  g = {"w": jnp.array([[1.0, 0.5, -0.2], [-0.3, 1.0, 0.4], [0.2, -0.1, 1.0]])}
+  losses = jnp.array([1.0, 2.0, 0.5])
+  for name in M.library_method_names():
+    tx = M.make_method(name, 3, 0)
+    M.probe(tx, params, 3, name=name)  # no Skip
+    extra = {"stacked_2": jax.tree.map(lambda x: 0.9 * x, g)} if name in M.SECOND_BATCH else {}
+    upd, _ = tx.update(g, tx.init(params), params, task_losses=losses, **extra)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(upd)), name
+  assert isinstance(M.factory_kwargs(gradcraft_jax.cr_mogm, 3, 0)["method"], tuple)
+  assert not M.probe(M.make_method("moco", 3), params, 3, name="moco")
+
+
 def test_shared_leaf_mask():
   import jax.numpy as jnp
 

@@ -58,6 +58,13 @@ PREFERRED_ORDER = (
 # created in ``init``): one traced update serves every seed.
 SEED_IN_STATE_ONLY = ("pcgrad", "pcgrad_plus", "gradvac")
 SHARED_SUFFIX = " (shared)"
+# Methods whose update needs the stacked gradients of a second, independent
+# mini-batch (``update(..., stacked_2=...)``): the benchmarks draw one per
+# step for them (twice the gradient cost), and run them on the whole model only.
+SECOND_BATCH = ("modo", "sdmgrad")
+# Required factory arguments the benchmarks supply: CR-MOGM smooths the
+# weights of another method, MGDA's (the combination of its paper).
+REQUIRED_ARGS = {"cr_mogm": lambda: {"method": gradcraft_jax.mgda()}}
 
 
 class Skip(Exception):
@@ -90,6 +97,7 @@ def factory_kwargs(factory, num_tasks: int, seed: int, hparams: dict | None = No
     kw["num_tasks"] = num_tasks
   if "seed" in sig:
     kw["seed"] = seed
+  kw.update(REQUIRED_ARGS.get(getattr(factory, "__name__", ""), dict)())
   kw.update(hparams or {})
   missing = [
     p.name
@@ -109,9 +117,13 @@ def make_method(name: str, num_tasks: int, seed: int = 0, hparams: dict | None =
   return factory(**factory_kwargs(factory, num_tasks, seed, hparams))
 
 
-def probe(tx, params, num_tasks: int) -> bool:
+def probe(tx, params, num_tasks: int, name: str = "") -> bool:
   """Whether ``tx``'s weights read the Gram matrix (raises :class:`Skip`
-  when asking for its weights fails, e.g. it needs extra arguments)."""
+  when asking for its weights fails, e.g. it needs extra arguments). A
+  transform that is not a weighting (MoCo) runs as it is, as a method that
+  does not read the Gram matrix; the second-batch methods read it."""
+  if name in SECOND_BATCH:
+    return True
   used = []
 
   def gram_fn():
@@ -127,6 +139,10 @@ def probe(tx, params, num_tasks: int) -> bool:
       task_losses=jnp.ones((num_tasks,), jnp.float32),
       caller="census_benchmark",
     )
+  except TypeError as e:
+    if "method transform" in str(e):
+      return False  # its own transform, not a weighting: runs on the stacked path as is
+    raise Skip(f"skipped: {type(e).__name__}: {str(e).strip()[:100]}") from e
   except Exception as e:  # noqa: BLE001 - reported in the table
     msg = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
     raise Skip(f"skipped: its update needs more than losses and gradients ({msg})") from e

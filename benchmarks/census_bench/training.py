@@ -191,11 +191,14 @@ def train_run(
   extra=None,
   log_cosines: bool = True,
   evaluate_test: bool = True,
+  second_batch: bool = False,
 ) -> RunResult:
   """Mini-batch training with early stopping on ``score(val_auc)``.
 
   With ``evaluate_test=False`` (grid runs, early NMT stages) the test split
   is not read; :func:`evaluate_test_split` does it later for the selected run.
+  ``second_batch``: pass the stacked gradients of a second, independent
+  mini-batch (drawn with replacement from its own stream) as ``stacked_2``.
   """
   cfg = ctx.cfg
   extra = {} if extra is None else extra
@@ -203,6 +206,7 @@ def train_run(
   bs, n = cfg.batch_size, ctx.n_train
   per_epoch = n // bs
   rng = np.random.default_rng((seed, 12345))
+  rng2 = np.random.default_rng((seed, 54321))
   order = None
   best, best_params, best_step, best_val, bad = -np.inf, params, 0, None, 0
   losses, c_all, c_sh = [], [], []
@@ -214,7 +218,11 @@ def train_run(
       order = rng.permutation(n).astype(np.int32)
     idx = order[i * bs : (i + 1) * bs]
     loss, grads, ca, cs = ctx.grad_fn(params, ctx.train, idx)
-    params, state = update(params, state, grads, loss, extra)
+    step_extra = extra
+    if second_batch:
+      idx2 = rng2.integers(0, n, bs).astype(np.int32)
+      step_extra = {**extra, "stacked_2": ctx.grad_fn(params, ctx.train, idx2)[1]}
+    params, state = update(params, state, grads, loss, step_extra)
     losses.append(loss)
     if log_cosines:
       c_all.append(ca)
@@ -275,7 +283,8 @@ class MethodRunner:
     self._update_seed = None
     # Build once (raises Skip with the reason when it cannot run).
     params = ctx.init_params(0)
-    self.reads_gram = M.probe(M.make_method(name, ctx.T, 0, self.hparams), params, ctx.T)
+    self.reads_gram = M.probe(M.make_method(name, ctx.T, 0, self.hparams), params, ctx.T, name=name)
+    self.second_batch = name in M.SECOND_BATCH
 
   def _tx(self, seed):
     tx = M.make_method(self.name, self.ctx.T, seed, self.hparams)
@@ -288,7 +297,15 @@ class MethodRunner:
     if self._update is None or self._update_seed != trace_seed:
       self._update, self._update_seed = make_update(self._tx(trace_seed)), trace_seed
     state = self._tx(seed).init(params)
-    return train_run(self.ctx, self._update, params, state, seed=seed, score=np.mean)
+    return train_run(
+      self.ctx,
+      self._update,
+      params,
+      state,
+      seed=seed,
+      score=np.mean,
+      second_batch=self.second_batch,
+    )
 
 
 class GradCraftRunner:
