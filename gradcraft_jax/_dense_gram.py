@@ -131,10 +131,14 @@ def dense_vjp(fun, full_args, nums, has_aux, choose, caller="combined_value_and_
   """``fun``'s forward pass with zero perturbations on its covered dense
   outputs: ``(flat, plan, losses, aux_leaves, vjp_fn, acts)``, where
   ``vjp_fn(cotangent of the losses) -> (leaf cotangents, perturbation
-  cotangents)``; None when no dense use is covered."""
-  flat = Flat(fun, full_args, nums, has_aux, caller)
-  p = plan(flat, [*flat.diff, *flat.arrays], len(flat.diff), choose)
-  if not p.uses:
+  cotangents)``. With no covered use it is the plain pullback of the
+  traced function (``fun`` is traced once either way). None when the
+  analysis fails; the caller then takes its plain route (which raises the
+  user's own error, if that was the cause)."""
+  try:
+    flat = Flat(fun, full_args, nums, has_aux, caller)
+    p = plan(flat, [*flat.diff, *flat.arrays], len(flat.diff), choose)
+  except Exception:  # pylint: disable=broad-except
     return None
   g = perturbed_fn(p, flat.arrays)
   eqns = p.jaxpr.jaxpr.eqns

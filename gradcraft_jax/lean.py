@@ -199,7 +199,8 @@ def combined_value_and_grad(
     return grads, keep_state_unless(ok, new_state, method_state)
 
   def dense_step(params, method_state, *args, **extra_args):
-    """The step with the dense-layer identity; None if nothing is covered."""
+    """The step with the dense-layer identity (``fun`` traced once); None
+    if the analysis of ``fun`` failed."""
     full_args = (params, *args)
     single, nums = _split_args(full_args, argnums)
     choose = _dense_gram.any_dense if gram == "dense" else _dense_gram.cheaper_gram
