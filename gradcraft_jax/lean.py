@@ -40,7 +40,7 @@ import optax
 
 from gradcraft_jax import _dense_gram
 from gradcraft_jax._stacked import gram_matrix, select_leaves
-from gradcraft_jax.per_task import _split_args
+from gradcraft_jax.per_task import _plain_vjp, _split_args
 from gradcraft_jax.weighting import _all_finite, check_method, keep_state_unless, query_weights
 
 __all__ = ["combined_value_and_grad", "gram_coverage"]
@@ -245,25 +245,9 @@ def combined_value_and_grad(
       out = dense_step(params, method_state, *args, **extra_args)
       if out is not None:
         return out
-    full_args = (params, *args)
-    single, nums = _split_args(full_args, argnums)
-    primals = tuple(full_args[n] for n in nums)
-
-    def f_of_primals(*ps):
-      full = list(full_args)
-      for n, p in zip(nums, ps):
-        full[n] = p
-      return fun(*full)
-
-    if has_aux:
-      losses, vjp_fn, aux = jax.vjp(f_of_primals, *primals, has_aux=True)
-    else:
-      losses, vjp_fn = jax.vjp(f_of_primals, *primals)
-    if jnp.ndim(losses) != 1:
-      raise ValueError(
-        "combined_value_and_grad: fun must return a 1-D vector of task "
-        f"losses, got shape {jnp.shape(losses)}"
-      )
+    single, _, primals, f_of_primals, losses, vjp_fn, aux = _plain_vjp(
+      fun, (params, *args), argnums, has_aux, "combined_value_and_grad"
+    )
     t = losses.shape[0]
 
     eye = jnp.eye(t, dtype=losses.dtype)

@@ -23,6 +23,30 @@ def _split_args(args, argnums):
   return single, nums
 
 
+def _plain_vjp(fun, args, argnums, has_aux, caller):
+  """``fun``'s forward pass and VJP in the differentiated arguments:
+  ``(single, nums, primals, f_of_primals, losses, vjp_fn, aux)``."""
+  single, nums = _split_args(args, argnums)
+  primals = tuple(args[n] for n in nums)
+
+  def f_of_primals(*ps):
+    full = list(args)
+    for n, p in zip(nums, ps):
+      full[n] = p
+    return fun(*full)
+
+  aux = None
+  if has_aux:
+    losses, vjp_fn, aux = jax.vjp(f_of_primals, *primals, has_aux=True)
+  else:
+    losses, vjp_fn = jax.vjp(f_of_primals, *primals)
+  if jnp.ndim(losses) != 1:
+    raise ValueError(
+      f"{caller}: fun must return a 1-D vector of task losses, got shape {jnp.shape(losses)}"
+    )
+  return single, nums, primals, f_of_primals, losses, vjp_fn, aux
+
+
 def per_task_value_and_grad(
   fun: Callable[..., Any],
   argnums: int | Sequence[int] = 0,
@@ -95,24 +119,10 @@ def per_task_value_and_grad(
       out = dense_wrapped(args, kwargs)
       if out is not None:
         return out
-    single, nums = _split_args(args, argnums)
-    primals = tuple(args[n] for n in nums)
-
-    def f_of_primals(*ps):
-      full = list(args)
-      for n, p in zip(nums, ps):
-        full[n] = p
-      return fun(*full, **kwargs)
-
-    if has_aux:
-      losses, vjp_fn, aux = jax.vjp(f_of_primals, *primals, has_aux=True)
-    else:
-      losses, vjp_fn = jax.vjp(f_of_primals, *primals)
-    if jnp.ndim(losses) != 1:
-      raise ValueError(
-        "per_task_value_and_grad: fun must return a 1-D vector of task "
-        f"losses, got shape {jnp.shape(losses)}"
-      )
+    f = functools.partial(fun, **kwargs) if kwargs else fun
+    single, _, _, _, losses, vjp_fn, aux = _plain_vjp(
+      f, args, argnums, has_aux, "per_task_value_and_grad"
+    )
     t = losses.shape[0]
     eye = jnp.eye(t, dtype=losses.dtype)
     if chunk_size is None or chunk_size >= t:
