@@ -230,7 +230,8 @@ ffi::Error GramBf16(ffi::ThreadPool pool, Bf16Matrix x,
 
 
 // ---------------------------------------------------------------- weighted sum
-// out[k] = sum_i w[i] * x[i, k] for a row-major (T, n) float32 matrix, the
+// out[k] = sum_i w[i] * x[i, k] for a row-major (T, n) float32 matrix (and a
+// (1,) probe: 0 when every out[k] is finite, else NaN), the
 // sum over i in order (as XLA's unrolled fusion), in float32. The columns are
 // cut into parts by shape only and the parts run on XLA's intra-op thread
 // pool and the calling thread, so the pass over x uses every core (XLA:CPU
@@ -239,9 +240,14 @@ ffi::Error GramBf16(ffi::ThreadPool pool, Bf16Matrix x,
 constexpr int64_t kSumChunk = 2048;     // columns per L1-resident output chunk
 constexpr int64_t kSumPartElems = 1 << 18;
 
+// Returns sum_k out[k] * 0 over the part: 0 when every output is finite,
+// NaN otherwise (inf * 0 and NaN * 0 are NaN), for free while the chunk is
+// in L1: the caller's finiteness check needs no second pass over the output.
 GC_MULTIVERSION
-void PartSum(const float* x, const float* w, int64_t t, int64_t n, int64_t c0,
-             int64_t c1, float* out) {
+float PartSum(const float* x, const float* w, int64_t t, int64_t n, int64_t c0,
+              int64_t c1, float* out) {
+  Vec probe = Vec{};
+  float tail = 0.0f;
   for (int64_t s = c0; s < c1; s += kSumChunk) {
     const int64_t len = std::min(kSumChunk, c1 - s);
     float* o = out + s;
@@ -263,11 +269,17 @@ void PartSum(const float* x, const float* w, int64_t t, int64_t n, int64_t c0,
       const float wi = w[i];
       for (int64_t k = 0; k < len; ++k) o[k] += wi * xi[k];
     }
+    const int64_t body = len - len % kLanes;
+    for (int64_t k = 0; k < body; k += kLanes) probe += Load(o + k) * 0.0f;
+    for (int64_t k = body; k < len; ++k) tail += o[k] * 0.0f;
   }
+  for (int l = 0; l < kLanes; ++l) tail += probe[l];
+  return tail;
 }
 
 ffi::Error WeightedSum(ffi::ThreadPool pool, const float* x, const float* w,
-                       int64_t t, int64_t n, float* out) {
+                       int64_t t, int64_t n, float* out, float* finite_probe) {
+  *finite_probe = 0.0f;
   if (n == 0) return ffi::Error::Success();
   if (t == 0) {
     std::fill(out, out + n, 0.0f);
@@ -278,20 +290,24 @@ ffi::Error WeightedSum(ffi::ThreadPool pool, const float* x, const float* w,
   width = std::max<int64_t>(kSumChunk, (width + kSumChunk - 1) / kSumChunk * kSumChunk);
   parts = std::max<int64_t>(1, (n + width - 1) / width);
 
+  std::vector<float> probes(parts, 0.0f);
+  float* part_probes = probes.data();
   RunParts(pool, parts, [=](int64_t p) {
     const int64_t c0 = p * width, c1 = std::min(n, c0 + width);
-    PartSum(x, w, t, n, c0, c1, out);
+    part_probes[p] = PartSum(x, w, t, n, c0, c1, out);
   });
+  for (int64_t p = 0; p < parts; ++p) *finite_probe += probes[p];
   return ffi::Error::Success();
 }
 
 using F32Vector = ffi::Buffer<ffi::F32, 1>;
 
 ffi::Error WeightedSumF32(ffi::ThreadPool pool, F32Matrix x, F32Vector w,
-                          ffi::Result<F32Vector> out) {
+                          ffi::Result<F32Vector> out,
+                          ffi::Result<F32Vector> probe) {
   const auto d = x.dimensions();
   return WeightedSum(pool, x.typed_data(), w.typed_data(), d[0], d[1],
-                     out->typed_data());
+                     out->typed_data(), probe->typed_data());
 }
 
 }  // namespace
@@ -313,4 +329,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GradcraftWeightedSumF32, WeightedSumF32,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32Matrix>()
                                   .Arg<F32Vector>()
+                                  .Ret<F32Vector>()
                                   .Ret<F32Vector>());

@@ -78,18 +78,25 @@ def _gram_jvp(primals, tangents):
   return k, half + half.T
 
 
-def _ffi_weighted_sum(flat: jax.Array, w: jax.Array) -> jax.Array:
+def _ffi_weighted_sum(flat: jax.Array, w: jax.Array):
   return jax.ffi.ffi_call(
-    _WSUM_TARGET[0], jax.ShapeDtypeStruct(flat.shape[1:], jnp.float32), vmap_method="sequential"
+    _WSUM_TARGET[0],
+    (
+      jax.ShapeDtypeStruct(flat.shape[1:], jnp.float32),
+      jax.ShapeDtypeStruct((1,), jnp.float32),
+    ),
+    vmap_method="sequential",
   )(flat, w)
 
 
 @jax.custom_jvp
-def weighted_sum(flat: jax.Array, w: jax.Array) -> jax.Array:
-  """``w @ flat`` for a float32 ``(T, n)`` matrix and float32 ``(T,)``
-  weights, summed over the tasks in order in float32, the columns split over
-  XLA's intra-op thread pool. Only valid on CPU when :func:`available`.
-  Differentiable (a ``dot_general`` tangent rule) and batchable."""
+def weighted_sum(flat: jax.Array, w: jax.Array):
+  """``(w @ flat, probe)`` for a float32 ``(T, n)`` matrix and float32
+  ``(T,)`` weights: the sum over the tasks in order in float32, the columns
+  split over XLA's intra-op thread pool, and a ``(1,)`` probe that is 0 when
+  every output is finite and NaN otherwise (computed in the same pass). Only
+  valid on CPU when :func:`available`. Differentiable (a ``dot_general``
+  tangent rule; the probe's tangent is 0) and batchable."""
   return _ffi_weighted_sum(flat, w)
 
 
@@ -101,7 +108,8 @@ def _weighted_sum_jvp(primals, tangents):
   tangent = jax.lax.dot_general(w, dx, dims, precision=hi) + jax.lax.dot_general(
     dw, x, dims, precision=hi
   )
-  return weighted_sum(x, w), tangent
+  out, probe = weighted_sum(x, w)
+  return (out, probe), (tangent, jnp.zeros_like(probe))
 
 
 def supports(dtype) -> bool:
@@ -138,12 +146,14 @@ def available() -> bool:
     ):
       got = np.asarray(jax.jit(_ffi_gram)(x), np.float64)
       w = np.linspace(-1.0, 2.0, 5, dtype=np.float32)
-      got_sum = np.asarray(jax.jit(_ffi_weighted_sum)(x, w), np.float64)
+      got_sum, probe = jax.jit(_ffi_weighted_sum)(x, w)
+      got_sum = np.asarray(got_sum, np.float64)
     want = x.astype(np.float64) @ x.T.astype(np.float64)
     want_sum = w.astype(np.float64) @ x.astype(np.float64)
     return bool(
       np.allclose(got, want, rtol=1e-5, atol=1e-5)
       and np.allclose(got_sum, want_sum, rtol=1e-5, atol=1e-5)
+      and float(np.asarray(probe)[0]) == 0.0
     )
   except Exception:  # pylint: disable=broad-except
     return False

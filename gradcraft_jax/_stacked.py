@@ -319,12 +319,21 @@ def weighted_sum(stacked: Any, weights: jax.Array) -> Any:
   >>> weighted_sum({"a": jnp.array([[1., 2.], [3., 4.]])}, jnp.array([0.5, 1.]))
   {'a': Array([3.5, 5. ], dtype=float32)}
   """
+  return weighted_sum_checked(stacked, weights)[0]
+
+
+def weighted_sum_checked(stacked: Any, weights: jax.Array) -> tuple[Any, jax.Array]:
+  """:func:`weighted_sum` and whether every element of the result is finite
+  (a boolean scalar): on the CPU kernel's path the check comes from the same
+  pass, elsewhere from one reduction over the result that XLA fuses."""
   t = num_tasks(stacked)
   weights = jnp.asarray(weights)
   if weights.shape != (t,):
     raise ValueError(f"weights have shape {weights.shape}; expected ({t},)")
+  ok = jnp.array(True)
 
   def combine(leaf):
+    nonlocal ok
     acc = jnp.result_type(jnp.float32, leaf.dtype)
     w = weights.astype(acc)
     n = leaf.size // t if t else 0
@@ -337,11 +346,15 @@ def weighted_sum(stacked: Any, weights: jax.Array) -> Any:
     ):
       # The compiled CPU kernel: the same ordered float32 sum as the fused
       # loop below, with the columns split over XLA's intra-op thread pool
-      # (XLA:CPU runs that loop on one core).
+      # (XLA:CPU runs that loop on one core), and the finiteness probe.
       flat = leaf.reshape(t, n)
-      out = jax.lax.platform_dependent(
-        flat, w, cpu=_cpu_gram.weighted_sum, default=lambda x, v: _fused_sum(x, v, t, acc)
-      )
+
+      def fallback(x, v):
+        out = _fused_sum(x, v, t, acc)
+        return out, jnp.where(jnp.all(jnp.isfinite(out)), 0.0, jnp.nan).reshape(1)
+
+      out, probe = jax.lax.platform_dependent(flat, w, cpu=_cpu_gram.weighted_sum, default=fallback)
+      ok = ok & (probe[0] == 0.0)
       return out.reshape(leaf.shape[1:])
     if t <= _UNROLL_MAX_TASKS:
       # One fused elementwise pass: reads each task row once, casts inside
@@ -349,9 +362,7 @@ def weighted_sum(stacked: Any, weights: jax.Array) -> Any:
       # and keeps the leaf's sharding. (``jnp.sum(w[:, None] * leaf, 0)``
       # reduces over the major axis, which XLA:CPU runs thousands of times
       # slower.)
-      out = w[0] * leaf[0].astype(acc)
-      for i in range(1, t):
-        out = out + w[i] * leaf[i].astype(acc)
+      out = _fused_sum(leaf, w, t, acc)
     else:
       out = jax.lax.dot_general(
         w,
@@ -360,9 +371,11 @@ def weighted_sum(stacked: Any, weights: jax.Array) -> Any:
         precision=jax.lax.Precision.HIGHEST,
         preferred_element_type=acc,
       )
-    return out.astype(leaf.dtype)
+    out = out.astype(leaf.dtype)
+    ok = ok & jnp.all(jnp.isfinite(out))
+    return out
 
-  return jax.tree_util.tree_map(combine, stacked)
+  return jax.tree_util.tree_map(combine, stacked), ok
 
 
 def is_concrete_number(x: Any) -> bool:

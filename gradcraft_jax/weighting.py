@@ -38,7 +38,7 @@ from gradcraft_jax._stacked import (
   is_concrete_number,
   num_tasks,
   select_leaves,
-  weighted_sum,
+  weighted_sum_checked,
 )
 
 __all__ = [
@@ -324,11 +324,11 @@ def from_weighting(weighting: Weighting, *args, **kwargs) -> optax.GradientTrans
       extra_args,
       query=WeightsQuery(t, stacked=updates) if w.delegates else None,
     )
-    combined = weighted_sum(updates, weights)
     # Gradients the weighting does not read (loss-only methods, RLW) may be
-    # non-finite too: then the update is, and the state is kept as well. One
-    # reduction over the combined update (1/T of the input), fused by XLA.
-    ok = _all_finite(*jax.tree_util.tree_leaves(combined))
+    # non-finite too: then the update is, and the state is kept as well. The
+    # check is one reduction over the combined update (1/T of the input),
+    # or free in the CPU kernel's pass.
+    combined, ok = weighted_sum_checked(updates, weights)
     new_state = keep_state_unless(ok, new_state, state)
     return combined, new_state
 

@@ -213,7 +213,9 @@ def test_weighted_sum_kernel_matches_float64_numpy(t, n):
   rng = np.random.default_rng(t)
   x = rng.standard_normal((t, n)).astype(np.float32)
   w = rng.standard_normal(t).astype(np.float32)
-  got = np.asarray(jax.jit(_cpu_gram.weighted_sum)(x, w), np.float64)
+  got, probe = jax.jit(_cpu_gram.weighted_sum)(x, w)
+  got = np.asarray(got, np.float64)
+  assert float(probe[0]) == 0.0
   want = w.astype(np.float64) @ x.astype(np.float64)
   bound = 4e-7 * t * (np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)) + 1e-30
   assert np.all(np.abs(got - want) <= bound)
@@ -242,8 +244,29 @@ def test_weighted_sum_kernel_propagates_nonfinite():
   x = np.ones((3, 1 << 16), np.float32)
   x[1, 5] = np.inf
   x[2, 7] = np.nan
-  out = np.asarray(jax.jit(_cpu_gram.weighted_sum)(x, np.ones(3, np.float32)))
+  out, probe = jax.jit(_cpu_gram.weighted_sum)(x, np.ones(3, np.float32))
+  out = np.asarray(out)
   assert np.isinf(out[5]) and np.isnan(out[7]) and np.all(np.isfinite(np.delete(out, [5, 7])))
+  assert np.isnan(float(probe[0]))
+  x[2, 7] = 1.0  # an inf alone also trips the probe
+  assert np.isnan(float(jax.jit(_cpu_gram.weighted_sum)(x, np.ones(3, np.float32))[1][0]))
+
+
+@needs_kernel
+def test_core_keeps_state_on_kernel_probe():
+  """A stateful loss-only method (RLW: its weights never read the gradients)
+  on a leaf large enough for the kernel: an inf in one task's gradient makes
+  the update non-finite and keeps the state, via the kernel's probe."""
+  tx = gj.rlw(seed=1)
+  st = tx.init(None)
+  g = np.ones((2, 1 << 17), np.float32)
+  upd, st1 = jax.jit(tx.update)({"p": jnp.asarray(g)}, st)
+  assert np.all(np.isfinite(np.asarray(upd["p"])))
+  assert not np.array_equal(np.asarray(st1.key), np.asarray(st.key))
+  g[1, 123] = np.inf
+  upd, st2 = jax.jit(tx.update)({"p": jnp.asarray(g)}, st1)
+  assert not np.all(np.isfinite(np.asarray(upd["p"])))
+  np.testing.assert_array_equal(np.asarray(st2.key), np.asarray(st1.key))
 
 
 @pytest.mark.parametrize("t", [1, 3, 8, 70])
