@@ -336,7 +336,10 @@ def run_T(T, cfg: Cfg, methods, log):
       notes[name] = str(e)
     except Exception as e:  # noqa: BLE001 - reported, never dropped
       msg = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
-      notes[name] = f"error: {type(e).__name__}: {msg}"
+      if "needs at least" in msg:  # Krum, trimmed mean at T = 2: not applicable
+        notes[name] = "n/a: " + msg.split(":", 1)[-1].split("(")[0].strip()
+      else:
+        notes[name] = f"error: {type(e).__name__}: {msg}"
     log(f"T={T}: {name:<24} {time.perf_counter() - t0:.1f} s {notes.get(name, '')}")
   return settings, out, val_out, notes
 
