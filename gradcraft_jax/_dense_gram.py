@@ -77,9 +77,21 @@ class DenseUse:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   jaxpr: Any  # ClosedJaxpr, jit calls inlined
-  num_leaves: int
   uses: tuple  # DenseUse, one per covered leaf
   reasons: dict  # leaf index -> why it is not covered (or "dense")
+
+
+def check_loss_vector(losses, caller: str) -> None:
+  """The loss function's output must be the ``(T,)`` vector of task losses."""
+  if jnp.ndim(losses) != 1:
+    raise ValueError(
+      f"{caller}: fun must return a 1-D vector of task losses, got shape {jnp.shape(losses)}"
+    )
+
+
+def chooser(gram: str) -> Callable:
+  """The ``plan`` choice for a ``gram`` mode of the lean step."""
+  return any_dense if gram == "dense" else cheaper_gram
 
 
 def _is_array(x) -> bool:
@@ -108,16 +120,13 @@ class Flat:
     other = [next(arrays) if m else x for x, m in zip(self.other_leaves, self.mask)]
     primals = jax.tree_util.tree_unflatten(self.diff_tree, list(xs[:nd]))
     others = iter(jax.tree_util.tree_unflatten(self.other_tree, other))
-    full, k = [], 0
-    for n in range(len(self.full_args)):
-      full.append(primals[self.nums.index(n)] if n in self.nums else next(others))
-      k += 1
+    full = [
+      primals[self.nums.index(n)] if n in self.nums else next(others)
+      for n in range(len(self.full_args))
+    ]
     out = self.fun(*full)
     losses, rest = (out[0], out[1]) if self.has_aux else (out, None)
-    if jnp.ndim(losses) != 1:
-      raise ValueError(
-        f"{self.caller}: fun must return a 1-D vector of task losses, got shape {jnp.shape(losses)}"
-      )
+    check_loss_vector(losses, self.caller)
     rest_leaves, self.out_tree = jax.tree_util.tree_flatten(rest)
     return [losses, *rest_leaves]
 
@@ -296,7 +305,7 @@ def plan(fn: Callable, args: list, num_diff: int, choose: Callable = cheaper_gra
       reason = "dense"
       break
     reasons[k] = reason
-  return Plan(closed, n, tuple(covered), reasons)
+  return Plan(closed, tuple(covered), reasons)
 
 
 def perturbed_fn(p: Plan, args_after: list) -> Callable:

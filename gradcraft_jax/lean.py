@@ -76,11 +76,12 @@ def gram_coverage(
   def coverage(*args):
     single, nums = _split_args(args, argnums)
     flat = _dense_gram.Flat(fun, args, nums, has_aux)
-    choose = _dense_gram.any_dense if gram == "dense" else _dense_gram.cheaper_gram
-    p = _dense_gram.plan(flat, [*flat.diff, *flat.arrays], len(flat.diff), choose)
     paths = flat.leaf_paths(single)
     if gram == "pullback":
       return {path: "per-task pullback (gram='pullback')" for path in paths}
+    p = _dense_gram.plan(
+      flat, [*flat.diff, *flat.arrays], len(flat.diff), _dense_gram.chooser(gram)
+    )
     return {paths[k]: p.reasons[k] for k in range(len(paths))}
 
   return coverage
@@ -203,8 +204,7 @@ def combined_value_and_grad(
     if the analysis of ``fun`` failed."""
     full_args = (params, *args)
     single, nums = _split_args(full_args, argnums)
-    choose = _dense_gram.any_dense if gram == "dense" else _dense_gram.cheaper_gram
-    traced = _dense_gram.dense_vjp(fun, full_args, nums, has_aux, choose)
+    traced = _dense_gram.dense_vjp(fun, full_args, nums, has_aux, _dense_gram.chooser(gram))
     if traced is None:
       return None
     flat, p, losses, aux_leaves, vjp_fn, acts = traced

@@ -40,10 +40,7 @@ def _plain_vjp(fun, args, argnums, has_aux, caller):
     losses, vjp_fn, aux = jax.vjp(f_of_primals, *primals, has_aux=True)
   else:
     losses, vjp_fn = jax.vjp(f_of_primals, *primals)
-  if jnp.ndim(losses) != 1:
-    raise ValueError(
-      f"{caller}: fun must return a 1-D vector of task losses, got shape {jnp.shape(losses)}"
-    )
+  _dense_gram.check_loss_vector(losses, caller)
   return single, nums, primals, f_of_primals, losses, vjp_fn, aux
 
 

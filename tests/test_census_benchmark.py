@@ -3,11 +3,11 @@
 import csv
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from script_runs import run_quick
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "census_benchmark.py")
@@ -121,16 +121,7 @@ def test_shared_leaf_mask():
 @pytest.mark.slow
 def test_quick_run_writes_every_output(tmp_path):
   out = tmp_path / "census"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-    [sys.executable, SCRIPT, "--quick", "--out", str(out)],
-    capture_output=True,
-    text=True,
-    timeout=900,
-    cwd=ROOT,
-    env=env,
-  )
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  proc = run_quick(SCRIPT, out)
   for f in ("table.md", "table.csv", "results.json", "auc_by_method.png"):
     assert (out / f).is_file() and (out / f).stat().st_size > 0, f
   assert (out / "curves.png").is_file() and (out / "grad_cosines.png").is_file()

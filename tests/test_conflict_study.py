@@ -2,11 +2,11 @@
 
 import csv
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from script_runs import run_quick
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "conflict_study.py")
@@ -57,16 +57,7 @@ def test_relative_is_geometric_mean_over_tasks_and_seeds():
 @pytest.mark.slow
 def test_quick_run_writes_table_and_figures(tmp_path):
   out = tmp_path / "conflict"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-    [sys.executable, SCRIPT, "--quick", "--out", str(out)],
-    capture_output=True,
-    text=True,
-    timeout=900,
-    cwd=ROOT,
-    env=env,
-  )
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  run_quick(SCRIPT, out)
   for f in ("conflict_table.csv", "conflict_table.md", "conflict_vs_cosine.png"):
     assert (out / f).stat().st_size > 0, f
   assert (out / "conflict_vs_imbalance.png").stat().st_size > 0
