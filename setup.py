@@ -28,7 +28,7 @@ def _extensions():
       sources=["csrc/gram_cpu.cc"],
       include_dirs=[include],
       language="c++",
-      extra_compile_args=["-O3", "-std=c++17", "-Wno-psabi"],
+      extra_compile_args=["-O3", "-std=c++17", "-Wno-psabi", "-fno-math-errno"],
       optional=True,
     )
   ]

@@ -18,6 +18,7 @@
 // Loaded with ctypes and registered with jax.ffi by gradcraft_jax/_cpu_gram.py.
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -310,6 +311,200 @@ ffi::Error WeightedSumF32(ffi::ThreadPool pool, F32Matrix x, F32Vector w,
                      out->typed_data(), probe->typed_data());
 }
 
+
+// ---------------------------------------------------------------- GradDrop
+// GradDrop's combination (Chen et al., NeurIPS 2020, Algorithm 1) of a
+// row-major (T, n) float32 matrix with thresholds u (n,) and leaks (T,):
+// per column k, purity P = (1 + sum_i x_ik / sum_i |x_ik|) / 2 (1/2 where
+// every x_ik is 0), mask_ik = [P > u_k][x_ik > 0] + [P < u_k][x_ik < 0], and
+// out_k = sum_i (leak_i + (1 - leak_i) mask_ik) x_ik, every sum over i in
+// order in float32 (as the library's fused XLA chain). Columns are visited
+// in L1/L2-sized chunks, so x is read from memory once; the (1,) probe is 0
+// when every x is finite and NaN otherwise (x * 0, from the same pass).
+
+constexpr int64_t kDropChunk = 256;
+
+GC_MULTIVERSION
+float PartDrop(const float* x, const float* u, const float* leak, int64_t t,
+               int64_t n, int64_t c0, int64_t c1, float* out) {
+  float total[kDropChunk], mass[kDropChunk], probe[kDropChunk];
+  float up[kDropChunk], down[kDropChunk];
+  for (int64_t k = 0; k < kDropChunk; ++k) probe[k] = 0.0f;
+  for (int64_t s = c0; s < c1; s += kDropChunk) {
+    const int64_t len = std::min(kDropChunk, c1 - s);
+    const float* x0 = x + s;
+    for (int64_t k = 0; k < len; ++k) {
+      total[k] = x0[k];
+      mass[k] = std::fabs(x0[k]);
+      probe[k] += x0[k] * 0.0f;
+    }
+    for (int64_t i = 1; i < t; ++i) {
+      const float* xi = x + i * n + s;
+      for (int64_t k = 0; k < len; ++k) {
+        total[k] += xi[k];
+        mass[k] += std::fabs(xi[k]);
+        probe[k] += xi[k] * 0.0f;
+      }
+    }
+    const float* us = u + s;
+    for (int64_t k = 0; k < len; ++k) {
+      const bool pos = mass[k] > 0.0f;
+      const float ratio = pos ? total[k] / (pos ? mass[k] : 1.0f) : 0.0f;
+      const float p = 0.5f * (1.0f + ratio);
+      up[k] = p > us[k] ? 1.0f : 0.0f;
+      down[k] = p < us[k] ? 1.0f : 0.0f;
+    }
+    float* o = out + s;
+    for (int64_t i = 0; i < t; ++i) {
+      const float* xi = x + i * n + s;
+      const float li = leak[i], lc = 1.0f - leak[i];
+      for (int64_t k = 0; k < len; ++k) {
+        const float g = xi[k];
+        const float m = g > 0.0f ? up[k] : (g < 0.0f ? down[k] : 0.0f);
+        const float kept = (li + lc * m) * g;
+        o[k] = i == 0 ? kept : o[k] + kept;
+      }
+    }
+  }
+  float sum = 0.0f;
+  for (int64_t k = 0; k < kDropChunk; ++k) sum += probe[k];
+  return sum;
+}
+
+// Columns per part for an elementwise pass over a (t, n) matrix: parts are a
+// function of the shape only (results never depend on the thread count).
+int64_t PartWidth(int64_t t, int64_t n, int64_t part_elems, int64_t chunk,
+                  int64_t* parts_out) {
+  int64_t parts = std::clamp<int64_t>((t * n) / part_elems, 1, kMaxParts);
+  int64_t width = (n + parts - 1) / parts;
+  width = std::max<int64_t>(chunk, (width + chunk - 1) / chunk * chunk);
+  *parts_out = std::max<int64_t>(1, (n + width - 1) / width);
+  return width;
+}
+
+ffi::Error GradDropF32(ffi::ThreadPool pool, F32Matrix x, F32Vector u,
+                       F32Vector leak, ffi::Result<F32Vector> out,
+                       ffi::Result<F32Vector> probe) {
+  const auto d = x.dimensions();
+  const int64_t t = d[0], n = d[1];
+  float* o = out->typed_data();
+  float* pr = probe->typed_data();
+  *pr = 0.0f;
+  if (n == 0) return ffi::Error::Success();
+  if (t == 0) {
+    std::fill(o, o + n, 0.0f);
+    return ffi::Error::Success();
+  }
+  int64_t parts;
+  const int64_t width = PartWidth(t, n, kSumPartElems, kDropChunk, &parts);
+  std::vector<float> probes(parts, 0.0f);
+  float* part_probes = probes.data();
+  const float *xs = x.typed_data(), *us = u.typed_data(), *ls = leak.typed_data();
+  RunParts(pool, parts, [=](int64_t p) {
+    const int64_t c0 = p * width, c1 = std::min(n, c0 + width);
+    part_probes[p] = PartDrop(xs, us, ls, t, n, c0, c1, o);
+  });
+  for (int64_t p = 0; p < parts; ++p) *pr += probes[p];
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------- ExcessMTL
+// One pass of ExcessMTL (He et al., ICML 2024, Equations 6-7) over row-major
+// (T, n) float32 gradients g and running squared sums s: s_new = s + g^2 and
+// excess_i = sum_k g_ik^2 / sqrt(s_new_ik + 1e-7) (float32 terms, chunk sums
+// accumulated in float64 in a fixed order), and the (1,) finiteness probe of
+// g. s_new never overwrites s (a non-finite g must leave the caller able to
+// keep s: see KeepIfFinite).
+
+constexpr int64_t kExcessChunk = 1024;
+
+GC_MULTIVERSION
+float PartExcess(const float* g, const float* s, int64_t t, int64_t n,
+                 int64_t c0, int64_t c1, float* s_new, double* excess) {
+  float term[kExcessChunk];
+  Vec probe = Vec{};
+  float probe_tail = 0.0f;
+  for (int64_t i = 0; i < t; ++i) {
+    double acc = 0.0;
+    for (int64_t c = c0; c < c1; c += kExcessChunk) {
+      const int64_t len = std::min(kExcessChunk, c1 - c);
+      const float* gi = g + i * n + c;
+      const float* si = s + i * n + c;
+      float* oi = s_new + i * n + c;
+      for (int64_t k = 0; k < len; ++k) {
+        const float sq = gi[k] * gi[k];
+        const float sn = si[k] + sq;
+        oi[k] = sn;
+        term[k] = sq / std::sqrt(sn + 1e-7f);
+      }
+      const int64_t body = len - len % kLanes;
+      Vec lanes = Vec{};
+      for (int64_t k = 0; k < body; k += kLanes) {
+        lanes += Load(term + k);
+        probe += Load(gi + k) * 0.0f;
+      }
+      float part = 0.0f;
+      for (int l = 0; l < kLanes; ++l) part += lanes[l];
+      for (int64_t k = body; k < len; ++k) {
+        part += term[k];
+        probe_tail += gi[k] * 0.0f;
+      }
+      acc += part;
+    }
+    excess[i] = acc;
+  }
+  for (int l = 0; l < kLanes; ++l) probe_tail += probe[l];
+  return probe_tail;
+}
+
+ffi::Error ExcessF32(ffi::ThreadPool pool, F32Matrix g, F32Matrix s,
+                     ffi::Result<F32Matrix> s_new, ffi::Result<F32Vector> excess,
+                     ffi::Result<F32Vector> probe) {
+  const auto d = g.dimensions();
+  const int64_t t = d[0], n = d[1];
+  float* ex = excess->typed_data();
+  float* pr = probe->typed_data();
+  *pr = 0.0f;
+  std::fill(ex, ex + t, 0.0f);
+  if (n == 0 || t == 0) return ffi::Error::Success();
+  int64_t parts;
+  const int64_t width = PartWidth(t, n, kSumPartElems, kExcessChunk, &parts);
+  std::vector<double> partial(parts * t, 0.0);
+  std::vector<float> probes(parts, 0.0f);
+  double* part_excess = partial.data();
+  float* part_probes = probes.data();
+  const float *gs = g.typed_data(), *ss = s.typed_data();
+  float* os = s_new->typed_data();
+  RunParts(pool, parts, [=](int64_t p) {
+    const int64_t c0 = p * width, c1 = std::min(n, c0 + width);
+    part_probes[p] = PartExcess(gs, ss, t, n, c0, c1, os, part_excess + p * t);
+  });
+  for (int64_t i = 0; i < t; ++i) {
+    double sum = 0.0;
+    for (int64_t p = 0; p < parts; ++p) sum += partial[p * t + i];
+    ex[i] = static_cast<float>(sum);
+  }
+  for (int64_t p = 0; p < parts; ++p) *pr += probes[p];
+  return ffi::Error::Success();
+}
+
+// out = keep ? new : old, where out aliases `new` (input_output_aliases): no
+// work at all when keep is true, one copy of `old` otherwise.
+using PredScalar = ffi::Buffer<ffi::PRED, 0>;
+
+ffi::Error KeepIfFinite(ffi::AnyBuffer new_value, ffi::AnyBuffer old_value,
+                        PredScalar keep,
+                        ffi::Result<ffi::AnyBuffer> out) {
+  void* dst = out->untyped_data();
+  if (*keep.typed_data()) {
+    if (dst != new_value.untyped_data())
+      std::memcpy(dst, new_value.untyped_data(), new_value.size_bytes());
+  } else {
+    std::memcpy(dst, old_value.untyped_data(), old_value.size_bytes());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GradcraftGramF32, GramF32,
@@ -331,3 +526,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GradcraftWeightedSumF32, WeightedSumF32,
                                   .Arg<F32Vector>()
                                   .Ret<F32Vector>()
                                   .Ret<F32Vector>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GradcraftGradDropF32, GradDropF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<F32Vector>()
+                                  .Arg<F32Vector>()
+                                  .Ret<F32Vector>()
+                                  .Ret<F32Vector>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GradcraftExcessF32, ExcessF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<F32Matrix>()
+                                  .Ret<F32Matrix>()
+                                  .Ret<F32Vector>()
+                                  .Ret<F32Vector>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GradcraftKeepIfFinite, KeepIfFinite,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<PredScalar>()
+                                  .Ret<ffi::AnyBuffer>());

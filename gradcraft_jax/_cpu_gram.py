@@ -27,13 +27,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["available", "supports", "gram", "weighted_sum"]
+__all__ = [
+  "available",
+  "supports",
+  "gram",
+  "weighted_sum",
+  "graddrop",
+  "excess_pass",
+  "keep_if",
+]
 
 _TARGETS = {
   jnp.dtype(jnp.float32): ("gradcraft_jax_gram_f32", "GradcraftGramF32"),
   jnp.dtype(jnp.bfloat16): ("gradcraft_jax_gram_bf16", "GradcraftGramBf16"),
 }
 _WSUM_TARGET = ("gradcraft_jax_wsum_f32", "GradcraftWeightedSumF32")
+_DROP_TARGET = ("gradcraft_jax_graddrop_f32", "GradcraftGradDropF32")
+_EXCESS_TARGET = ("gradcraft_jax_excess_f32", "GradcraftExcessF32")
+_KEEP_TARGET = ("gradcraft_jax_keep_if", "GradcraftKeepIfFinite")
+_ELEMENTWISE = (_DROP_TARGET, _EXCESS_TARGET, _KEEP_TARGET)
 ENV_VAR = "GRADCRAFT_JAX_CPU_KERNEL"
 
 
@@ -112,6 +124,51 @@ def _weighted_sum_jvp(primals, tangents):
   return (out, probe), (tangent, jnp.zeros_like(probe))
 
 
+def graddrop(flat: jax.Array, u: jax.Array, leak: jax.Array):
+  """GradDrop's combination of a float32 ``(T, n)`` matrix with float32
+  thresholds ``u`` ``(n,)`` and leaks ``(T,)``: ``(out (n,), probe (1,))``,
+  the probe 0 when every input element is finite and NaN otherwise. One
+  read of ``flat`` (see ``csrc/gram_cpu.cc``). CPU only, when
+  :func:`available`; not differentiable (GradDrop's masks are piecewise
+  constant)."""
+  n = flat.shape[1]
+  return jax.ffi.ffi_call(
+    _DROP_TARGET[0],
+    (jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32)),
+    vmap_method="sequential",
+  )(flat, u, leak)
+
+
+def excess_pass(g: jax.Array, s: jax.Array):
+  """ExcessMTL's pass over float32 ``(T, n)`` gradients ``g`` and squared
+  sums ``s``: ``(s + g**2, excess (T,), probe (1,))`` with
+  ``excess_i = sum_k g_ik^2 / sqrt(s_new_ik + 1e-7)`` and the probe of
+  ``g``'s finiteness. One read of ``g`` and ``s``, one write. CPU only."""
+  t, n = g.shape
+  return jax.ffi.ffi_call(
+    _EXCESS_TARGET[0],
+    (
+      jax.ShapeDtypeStruct((t, n), jnp.float32),
+      jax.ShapeDtypeStruct((t,), jnp.float32),
+      jax.ShapeDtypeStruct((1,), jnp.float32),
+    ),
+    vmap_method="sequential",
+  )(g, s)
+
+
+def keep_if(keep: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+  """``new if keep else old`` for a boolean scalar ``keep``, written into
+  ``new``'s buffer (``input_output_aliases``): free when ``keep`` is true,
+  one copy of ``old`` otherwise (``jnp.where`` reads both and writes a
+  third buffer on one core). CPU only."""
+  return jax.ffi.ffi_call(
+    _KEEP_TARGET[0],
+    jax.ShapeDtypeStruct(new.shape, new.dtype),
+    vmap_method="sequential",
+    input_output_aliases={0: 0},
+  )(new, old, jnp.asarray(keep, jnp.bool_))
+
+
 def supports(dtype) -> bool:
   """Whether the kernel takes leaves of ``dtype`` (float32, bfloat16)."""
   return jnp.dtype(dtype) in _TARGETS
@@ -133,7 +190,7 @@ def available() -> bool:
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(path)
-    for name, symbol in (*_TARGETS.values(), _WSUM_TARGET):
+    for name, symbol in (*_TARGETS.values(), _WSUM_TARGET, *_ELEMENTWISE):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     x = np.random.default_rng(0).standard_normal((5, 1037)).astype(np.float32)
     # Usually first called while a transform is being traced, possibly under
@@ -148,12 +205,27 @@ def available() -> bool:
       w = np.linspace(-1.0, 2.0, 5, dtype=np.float32)
       got_sum, probe = jax.jit(_ffi_weighted_sum)(x, w)
       got_sum = np.asarray(got_sum, np.float64)
-    want = x.astype(np.float64) @ x.T.astype(np.float64)
-    want_sum = w.astype(np.float64) @ x.astype(np.float64)
+      # GradDrop with every leak 1 keeps everything: the column sums.
+      u = np.full(x.shape[1], 0.5, np.float32)
+      drop, drop_probe = jax.jit(graddrop)(x, u, np.ones(5, np.float32))
+      s = np.abs(x[::-1])
+      s_new, excess, excess_probe = jax.jit(excess_pass)(x, s)
+      kept = jax.jit(keep_if)(False, s_new, s)
+    x64 = x.astype(np.float64)
+    want = x64 @ x64.T
+    want_sum = w.astype(np.float64) @ x64
+    want_s = s + x64**2
+    want_excess = np.sum(x64**2 / np.sqrt(want_s + 1e-7), axis=1)
     return bool(
       np.allclose(got, want, rtol=1e-5, atol=1e-5)
       and np.allclose(got_sum, want_sum, rtol=1e-5, atol=1e-5)
+      and np.allclose(np.asarray(drop), x64.sum(0), rtol=1e-5, atol=1e-5)
+      and np.allclose(np.asarray(s_new), want_s, rtol=1e-6)
+      and np.allclose(np.asarray(excess), want_excess, rtol=1e-5)
+      and np.array_equal(np.asarray(kept), s)
       and float(np.asarray(probe)[0]) == 0.0
+      and float(np.asarray(drop_probe)[0]) == 0.0
+      and float(np.asarray(excess_probe)[0]) == 0.0
     )
   except Exception:  # pylint: disable=broad-except
     return False

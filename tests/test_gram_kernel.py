@@ -274,3 +274,118 @@ def test_sum_over_tasks(t):
   x = np.random.default_rng(t).standard_normal((t, 5, 3)).astype(np.float32)
   got = jax.jit(_stacked.sum_over_tasks)(jnp.asarray(x))
   np.testing.assert_allclose(got, x.astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------ GradDrop, ExcessMTL
+
+
+def _numpy_graddrop(j, u, leak):
+  """GradDrop's combination in float64, one task at a time (Algorithm 1)."""
+  total, mass = j.sum(0), np.abs(j).sum(0)
+  p = 0.5 * (1.0 + np.where(mass > 0, total / np.where(mass > 0, mass, 1.0), 0.0))
+  out = np.zeros(j.shape[1])
+  for i in range(j.shape[0]):
+    m = (p > u) * (j[i] > 0) + (p < u) * (j[i] < 0)
+    out += (leak[i] + (1 - leak[i]) * m) * j[i]
+  return out, p
+
+
+@needs_kernel
+@pytest.mark.parametrize("t,n,leaky", [(1, 70_001, False), (3, 300_007, True), (17, 65_536, True)])
+def test_graddrop_kernel_matches_float64_numpy(t, n, leaky):
+  """Tails, one and several parts; coordinates whose purity is within
+  float32 rounding of its threshold may go either way and are left out."""
+  rng = np.random.default_rng(t)
+  x = rng.standard_normal((t, n)).astype(np.float32)
+  x[:, :50] = np.abs(x[:, :50])  # same signs: purity 1
+  x[:, 50:60] = 0.0  # all zero: purity 1/2, nothing kept
+  u = rng.uniform(size=n).astype(np.float32)
+  leak = (rng.uniform(0, 0.5, t) if leaky else np.zeros(t)).astype(np.float32)
+  got, probe = jax.jit(_cpu_gram.graddrop)(x, u, leak)
+  assert float(probe[0]) == 0.0
+  want, p = _numpy_graddrop(x.astype(np.float64), u.astype(np.float64), leak.astype(np.float64))
+  clear = np.abs(p - u) > 1e-5
+  assert clear.mean() > 0.99
+  np.testing.assert_allclose(np.asarray(got)[clear], want[clear], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got)[50:60], 0.0)
+
+
+@needs_kernel
+def test_graddrop_uses_kernel_and_agrees_with_xla_chain(monkeypatch):
+  from gradcraft_jax.methods import _graddrop
+
+  t, n = 5, 1 << 17
+  g = {"a": jnp.asarray(np.random.default_rng(0).standard_normal((t, n // 4, 4)), jnp.float32)}
+  key = jax.random.PRNGKey(3)
+  leak = jnp.asarray([0.0, 0.1, 0.2, 0.0, 0.5], jnp.float32)
+  run = jax.jit(lambda g: gj.methods.graddrop_combine(g, key, leak=leak))
+  assert "gradcraft_jax_graddrop_f32" in run.lower(g).as_text()
+  got = run(g)["a"]
+  monkeypatch.setattr(_graddrop, "_kernel_leaf", lambda leaf, f: False)
+  xla = jax.jit(lambda g: gj.methods.graddrop_combine(g, key, leak=leak))
+  assert "gradcraft_jax_graddrop_f32" not in xla.lower(g).as_text()
+  np.testing.assert_allclose(got, xla(g)["a"], rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_graddrop_and_excess_kernels_report_nonfinite_and_keep_state():
+  t, n = 3, 1 << 16
+  x = np.ones((t, n), np.float32)
+  x[1, 5] = np.inf
+  assert np.isnan(float(jax.jit(_cpu_gram.graddrop)(x, np.zeros(n, np.float32), np.zeros(t))[1][0]))
+  assert np.isnan(float(jax.jit(_cpu_gram.excess_pass)(x, np.ones_like(x))[2][0]))
+  for tx in (gj.methods.graddrop(), gj.methods.excess_mtl(num_tasks=t)):
+    state = tx.init({"p": jnp.zeros(n)})
+    upd, new = jax.jit(tx.update)({"p": jnp.asarray(x)}, state)
+    assert np.isnan(np.asarray(upd["p"])).all()
+    jax.tree_util.tree_map(np.testing.assert_array_equal, new, state)
+
+
+@needs_kernel
+@pytest.mark.parametrize("t,n", [(1, 70_001), (4, 300_007)])
+def test_excess_kernel_matches_float64_numpy(t, n):
+  rng = np.random.default_rng(t)
+  g = rng.standard_normal((t, n)).astype(np.float32)
+  s = rng.uniform(0, 2, (t, n)).astype(np.float32)
+  s_new, excess, probe = jax.jit(_cpu_gram.excess_pass)(g, s)
+  assert float(probe[0]) == 0.0
+  g64 = g.astype(np.float64)
+  want_s = s + g64**2
+  np.testing.assert_allclose(s_new, want_s, rtol=1e-6)
+  np.testing.assert_allclose(excess, np.sum(g64**2 / np.sqrt(want_s + 1e-7), axis=1), rtol=1e-5)
+
+
+@needs_kernel
+def test_excess_mtl_on_kernel_equals_xla_path_over_steps(monkeypatch):
+  """Three steps on a tree with one kernel leaf and one small leaf, then an
+  inf in the small leaf: the kernel leaf's state is kept too (in place)."""
+  t = 3
+  rng = np.random.default_rng(1)
+  shapes = {"big": (1 << 16, 2), "small": (7,)}
+  grads = [
+    {k: jnp.asarray(rng.standard_normal((t, *s)), jnp.float32) for k, s in shapes.items()}
+    for _ in range(3)
+  ]
+  params = {k: jnp.zeros(s) for k, s in shapes.items()}
+
+  def steps(tx):
+    state, outs = tx.init(params), []
+    update = jax.jit(tx.update)
+    for g in grads:
+      out, state = update(g, state)
+      outs.append(out)
+    return outs, state, update
+
+  outs_k, state_k, update_k = steps(gj.methods.excess_mtl(num_tasks=t))
+  assert "gradcraft_jax_excess_f32" in update_k.lower(grads[0], state_k).as_text()
+  monkeypatch.setattr(_cpu_gram, "available", lambda: False)
+  outs_x, state_x, _ = steps(gj.methods.excess_mtl(num_tasks=t))
+  for a, b in zip(outs_k, outs_x):
+    jax.tree_util.tree_map(
+      lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-5, atol=1e-7), a, b
+    )
+  jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-5), state_k, state_x)
+  bad = dict(grads[0], small=grads[0]["small"].at[1, 2].set(jnp.inf))
+  upd, kept = update_k(bad, state_k)
+  assert np.isnan(np.asarray(upd["big"])).all()
+  jax.tree_util.tree_map(np.testing.assert_array_equal, kept, state_k)

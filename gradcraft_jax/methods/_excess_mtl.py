@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax._stacked import accumulation_dtype, weighted_sum
+from gradcraft_jax import _cpu_gram
+from gradcraft_jax._stacked import _KERNEL_SUM_MIN, accumulation_dtype, weighted_sum
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
-from gradcraft_jax.methods._trimmed_mean import _all_finite, _check_tasks, _refuse_query
+from gradcraft_jax.methods._trimmed_mean import _check_tasks, _refuse_query
 
 __all__ = ["excess_mtl", "excess_mtl_weights", "ExcessMTLState"]
 
@@ -65,6 +66,55 @@ def excess_mtl_weights(
   """
   scaled = jnp.where(use_base, excess / (base + 1e-7), excess)
   return jax.nn.softmax(jnp.log(weights) + robust_step_size * scaled)
+
+
+def _excess_pass(updates, sq_sum, t, acc):
+  """``S + G**2``, the excess risks :math:`\hat E` and whether ``G`` is
+  finite, leaf by leaf; large float32 leaves take the CPU kernel (one read
+  of ``G`` and ``S`` and one write of the new ``S`` on every core, the
+  finiteness check from the same pass), the others XLA. Also returns which
+  leaves took the kernel."""
+  new_leaves, on_kernel = [], []
+  excess = jnp.zeros((t,), acc)
+  finite = jnp.array(True)
+  treedef = jax.tree_util.tree_structure(sq_sum)
+  for s, g in zip(jax.tree_util.tree_leaves(sq_sum), jax.tree_util.tree_leaves(updates)):
+    n = g.size // t
+    if (
+      g.dtype == jnp.float32
+      and s.dtype == jnp.float32
+      and n >= _KERNEL_SUM_MIN
+      and jax.device_count() == 1
+      and _cpu_gram.available()
+    ):
+
+      def fallback(gf, sf):
+        sn = sf + jnp.square(gf)
+        e = jnp.sum(jnp.square(gf) / jnp.sqrt(sn + 1e-7), axis=1)
+        return sn, e, jnp.where(jnp.all(jnp.isfinite(gf)), 0.0, jnp.nan).reshape(1)
+
+      sn, e, probe = jax.lax.platform_dependent(
+        g.reshape(t, n), s.reshape(t, n), cpu=_cpu_gram.excess_pass, default=fallback
+      )
+      new_leaves.append(sn.reshape(s.shape))
+      excess = excess + e.astype(acc)
+      finite = finite & (probe[0] == 0.0)
+      on_kernel.append(True)
+      continue
+    sn = s + jnp.square(g.astype(s.dtype))
+    term = jnp.square(g.astype(acc)) / jnp.sqrt(sn.astype(acc) + 1e-7)
+    excess = excess + jnp.sum(term.reshape(t, -1), axis=1)
+    finite = finite & jnp.all(jnp.isfinite(g))
+    new_leaves.append(sn)
+    on_kernel.append(False)
+  return jax.tree_util.tree_unflatten(treedef, new_leaves), excess, finite, on_kernel
+
+
+def _keep_if(keep, new, old):
+  """``new`` if ``keep`` else ``old``: in place on CPU (the kernel's leaves)."""
+  return jax.lax.platform_dependent(
+    keep, new, old, cpu=_cpu_gram.keep_if, default=lambda k, a, b: jnp.where(k, a, b)
+  )
 
 
 def excess_mtl(
@@ -160,13 +210,7 @@ def excess_mtl(
         "given to init"
       )
     acc = accumulation_dtype(updates)
-    sq_sum = jax.tree_util.tree_map(
-      lambda s, g: s + jnp.square(g.astype(s.dtype)), state.sq_sum, updates
-    )
-    excess = jnp.zeros((t0,), acc)
-    for s, g in zip(jax.tree_util.tree_leaves(sq_sum), jax.tree_util.tree_leaves(updates)):
-      term = jnp.square(g.astype(acc)) / jnp.sqrt(s.astype(acc) + 1e-7)
-      excess = excess + jnp.sum(term.reshape(t0, -1), axis=1)
+    sq_sum, excess, finite, kernel_leaves = _excess_pass(updates, state.sq_sum, t0, acc)
     excess = excess.astype(jnp.float32)
     count = state.count
     in_warmup = count < warm
@@ -183,12 +227,24 @@ def excess_mtl(
     )
     weights = jnp.where(in_warmup, state.weights, stepped)
     out = weighted_sum(updates, weights.astype(acc))
-    finite = _all_finite(updates)
     out = jax.tree_util.tree_map(lambda x: jnp.where(finite, x, jnp.nan).astype(x.dtype), out)
-    new_state = ExcessMTLState(sq_sum, weights, base, warmup_sum, count + 1)
-    new_state = jax.tree_util.tree_map(
-      lambda new, old: jnp.where(finite, new, old).astype(old.dtype), new_state, state
+    # a non-finite input keeps the whole state: the kernel's leaves in place
+    # (no pass over them when finite), the others with `where`
+    sq_leaves, sq_def = jax.tree_util.tree_flatten(sq_sum)
+    old_leaves = jax.tree_util.tree_leaves(state.sq_sum)
+    sq_sum = jax.tree_util.tree_unflatten(
+      sq_def,
+      [
+        _keep_if(finite, new, old) if on_kernel else jnp.where(finite, new, old).astype(old.dtype)
+        for new, old, on_kernel in zip(sq_leaves, old_leaves, kernel_leaves)
+      ],
     )
-    return out, new_state
+    small = ExcessMTLState(None, weights, base, warmup_sum, count + 1)
+    small = jax.tree_util.tree_map(
+      lambda new, old: jnp.where(finite, new, old).astype(old.dtype),
+      small,
+      state._replace(sq_sum=None),
+    )
+    return out, small._replace(sq_sum=sq_sum)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

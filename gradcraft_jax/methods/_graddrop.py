@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax._stacked import sum_over_tasks
+from gradcraft_jax import _cpu_gram
+from gradcraft_jax._stacked import _KERNEL_SUM_MIN, sum_over_tasks
 from gradcraft_jax.methods._common import check_num_tasks
-from gradcraft_jax.methods._trimmed_mean import _all_finite, _check_tasks, _refuse_query
+from gradcraft_jax.methods._trimmed_mean import _check_tasks, _refuse_query
 
 __all__ = ["graddrop", "graddrop_combine", "GradDropState"]
 
@@ -67,26 +68,68 @@ def graddrop_combine(
     A pytree like the parameters, in the input dtypes (computed in at least
     float32).
   """
+  return _combine_checked(stacked, key, leak, f)[0]
+
+
+def _kernel_leaf(leaf: jax.Array, f) -> bool:
+  """Whether a leaf takes the CPU kernel: float32, large enough, the
+  default ``f`` (the kernel computes the identity purity itself)."""
+  t = leaf.shape[0]
+  n = leaf.size // t if t else 0
+  return (
+    f is _identity
+    and leaf.dtype == jnp.float32
+    and n >= _KERNEL_SUM_MIN
+    and jax.device_count() == 1
+    and _cpu_gram.available()
+  )
+
+
+def _combine_xla(g, u, lk, f, acc):
+  """Algorithm 1's combination of one ``(T, ...)`` leaf in XLA."""
+  total = sum_over_tasks(g)
+  mass = sum_over_tasks(jnp.abs(g))
+  pos = mass > 0
+  purity = 0.5 * (1.0 + jnp.where(pos, total / jnp.where(pos, mass, 1.0), 0.0))
+  fp = f(purity)
+  mask = ((fp > u)[None] & (g > 0)) | ((fp < u)[None] & (g < 0))
+  keep = mask.astype(acc) if lk is None else lk + (1.0 - lk) * mask.astype(acc)
+  return sum_over_tasks(keep * g)
+
+
+def _combine_checked(stacked: Any, key: jax.Array, leak, f) -> tuple[Any, jax.Array]:
+  """:func:`graddrop_combine` and whether every input element is finite.
+
+  Large float32 leaves with the default ``f`` take the CPU kernel
+  (``csrc/gram_cpu.cc``: the same float32 sums in the same order, one read
+  of the leaf on every core, the finiteness check from the same pass);
+  the others, and every leaf off CPU, the fused XLA chain."""
   leaves, treedef = jax.tree_util.tree_flatten(stacked)
   t = leaves[0].shape[0]
   out = []
+  finite = jnp.array(True)
   for idx, leaf in enumerate(leaves):
     acc = jnp.result_type(jnp.float32, leaf.dtype)
-    g = leaf.astype(acc)
-    total = sum_over_tasks(g)
-    mass = sum_over_tasks(jnp.abs(g))
-    pos = mass > 0
-    purity = 0.5 * (1.0 + jnp.where(pos, total / jnp.where(pos, mass, 1.0), 0.0))
-    fp = f(purity)
-    u = jax.random.uniform(jax.random.fold_in(key, idx), total.shape, acc)
-    mask = ((fp > u)[None] & (g > 0)) | ((fp < u)[None] & (g < 0))
-    if leak is None:
-      keep = mask.astype(acc)
+    u = jax.random.uniform(jax.random.fold_in(key, idx), leaf.shape[1:], acc)
+    lk = None if leak is None else jnp.asarray(leak, acc).reshape((t,) + (1,) * (leaf.ndim - 1))
+    if _kernel_leaf(leaf, f):
+      flat = leaf.reshape(t, -1)
+      leak_row = jnp.zeros((t,), acc) if leak is None else jnp.asarray(leak, acc)
+
+      def fallback(x, v, lr):
+        lr = None if leak is None else lr[:, None]
+        combined = _combine_xla(x, v, lr, f, acc)
+        return combined, jnp.where(jnp.all(jnp.isfinite(x)), 0.0, jnp.nan).reshape(1)
+
+      combined, probe = jax.lax.platform_dependent(
+        flat, u.reshape(-1), leak_row, cpu=_cpu_gram.graddrop, default=fallback
+      )
+      out.append(combined.reshape(leaf.shape[1:]))
+      finite = finite & (probe[0] == 0.0)
     else:
-      lk = jnp.asarray(leak, acc).reshape((t,) + (1,) * (g.ndim - 1))
-      keep = lk + (1.0 - lk) * mask.astype(acc)
-    out.append(sum_over_tasks(keep * g).astype(leaf.dtype))
-  return jax.tree_util.tree_unflatten(treedef, out)
+      out.append(_combine_xla(leaf.astype(acc), u, lk, f, acc).astype(leaf.dtype))
+      finite = finite & jnp.all(jnp.isfinite(leaf))
+  return jax.tree_util.tree_unflatten(treedef, out), finite
 
 
 def graddrop(
@@ -159,8 +202,7 @@ def graddrop(
     if leak is not None and jnp.shape(leak) != (t,):
       raise ValueError(f"graddrop: leak has shape {jnp.shape(leak)}, expected ({t},)")
     key, sub = jax.random.split(state.key)
-    out = graddrop_combine(updates, sub, leak=leak, f=f)
-    finite = _all_finite(updates)
+    out, finite = _combine_checked(updates, sub, leak, f)
     out = jax.tree_util.tree_map(lambda x: jnp.where(finite, x, jnp.nan).astype(x.dtype), out)
     # a non-finite input keeps the state (as the core does for weightings)
     return out, GradDropState(key=jnp.where(finite, key, state.key))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 import optax
 
 from gradcraft_jax.methods._common import check_int, check_num_tasks, empty_init, normalize_gram
@@ -17,14 +18,13 @@ from gradcraft_jax.weighting import Weighting, from_weighting
 __all__ = ["mgda", "mgda_weights"]
 
 
-def _affine_min_norm(k: jax.Array, support: jax.Array) -> jax.Array:
-  """Minimiser of ``w^T K w`` over ``{sum w = 1, w = 0 off support}``.
-
-  The KKT system ``[[K_SS, 1], [1^T, 0]] [w; lam] = [0; 1]`` is solved with
-  a symmetric pseudo-inverse at the fixed shape ``(T + 1, T + 1)`` (rows and
-  columns off the support zeroed), which also handles singular ``K_SS``
-  (e.g. the origin in the affine hull of the support), and one step of
-  iterative refinement.
+def _affine_min_norm_pinv(k: jax.Array, support: jax.Array) -> jax.Array:
+  """:func:`_affine_min_norm` for any support, also an affinely dependent
+  one: the KKT system ``[[K_SS, 1], [1^T, 0]] [w; lam] = [0; 1]`` solved
+  with a symmetric pseudo-inverse at the fixed shape ``(T + 1, T + 1)``
+  (rows and columns off the support zeroed), which also handles singular
+  ``K_SS`` (e.g. the origin in the affine hull of the support), and one
+  step of iterative refinement.
   """
   t = k.shape[0]
   m = support.astype(k.dtype)
@@ -40,6 +40,32 @@ def _affine_min_norm(k: jax.Array, support: jax.Array) -> jax.Array:
   x = solve(rhs)
   x = x + solve(rhs - a @ x)
   return x[:t] * m
+
+
+def _affine_min_norm(k: jax.Array, support: jax.Array) -> jax.Array:
+  r"""Minimiser of ``w^T K w`` over ``{sum w = 1, w = 0 off support}``.
+
+  With ``K = P^T P``, the matrix ``K_SS + 1 1^T = [P_S; 1^T]^T [P_S; 1^T]``
+  is positive definite exactly when the support's points are affinely
+  independent, which Wolfe's algorithm maintains; then the solution of
+  ``(K_SS + 1 1^T) v = 1`` gives ``w = v / (1^T v)`` (``K_SS v`` is a
+  multiple of ``1``: the KKT conditions). One Cholesky factorisation at the
+  fixed shape ``(T, T)`` (identity off the support) and one step of
+  iterative refinement; if the factorisation breaks down (a support that
+  float32 rounding made affinely dependent), the pseudo-inverse solve of
+  :func:`_affine_min_norm_pinv` (an ``eigh``, ten times dearer) is used
+  instead (``lax.cond``: only one branch runs).
+  """
+  m = support.astype(k.dtype)
+  a = m[:, None] * (k + 1.0) * m[None, :] + jnp.diag(1.0 - m)
+  factor = jnp.linalg.cholesky(a)
+  solve = lambda b: jax.scipy.linalg.cho_solve((factor, True), b)
+  v = solve(m)
+  v = v + solve(m - a @ v)
+  total = jnp.sum(v)
+  w = v / jnp.where(total > 0, total, 1.0) * m
+  ok = jnp.all(jnp.isfinite(w)) & (total > 0)
+  return jax.lax.cond(ok, lambda: w, lambda: _affine_min_norm_pinv(k, support))
 
 
 def _pairwise_frank_wolfe(k: jax.Array, w: jax.Array, iters: int) -> jax.Array:
