@@ -7,12 +7,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_quick(script: str, out) -> subprocess.CompletedProcess:
-  """``python <script> --quick --out <out>`` from the repository root on the
-  CPU backend; asserts a zero exit status (with the output's tail)."""
+def run_quick(script: str, out, *extra: str) -> subprocess.CompletedProcess:
+  """``python <script> --quick --out <out> [extra...]`` from the repository
+  root on the CPU backend; asserts a zero exit status (with the output's
+  tail)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-    [sys.executable, script, "--quick", "--out", str(out)],
+    [sys.executable, script, "--quick", "--out", str(out), *extra],
     capture_output=True,
     text=True,
     timeout=900,

@@ -13,6 +13,10 @@ SCRIPTS = [
   "bench_representation.py",
   "bench_train_step.py",
 ]
+# Smoke runs of a subset where a script loops over methods (each compiles its
+# own steps): one method of each path kind (GradCraft's extra columns, a Gram
+# method torchjd also has, a loss-only method).
+EXTRA = {"bench_train_step.py": ["--methods", "gradcraft", "upgrad", "nmt"]}
 
 
 @pytest.mark.slow
@@ -23,7 +27,7 @@ def test_benchmark_quick(script):
     pytest.skip(f"{script} not present")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-    [sys.executable, path, "--quick"],
+    [sys.executable, path, "--quick", *EXTRA.get(script, [])],
     cwd=ROOT,
     env=env,
     capture_output=True,

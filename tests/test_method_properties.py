@@ -7,6 +7,8 @@ where claimed; jit without retracing; input validation; use inside
 ``optax.chain``; propagation of non-finite inputs.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ from method_cases import CASES, IDS
 
 import gradcraft_jax as gj
 
+CASE = {c.name: c for c in CASES}
 ORDER_FREE = [c for c in CASES if c.order_free]
 # Methods whose fixed-iteration float32 solver has a documented accuracy
 # coarser than the default tolerances (see the method's docstring): CAGrad's
@@ -89,15 +92,24 @@ def extra_args(case, t, perm=None):
   return extra
 
 
+@functools.lru_cache(maxsize=None)
+def transform(name, t):
+  """``(tx, jitted tx.update)`` of a method for ``T`` tasks, built once per
+  test process: the tests of this file share the compiled updates (one
+  compile per method, task count and dtype)."""
+  tx = CASE[name].make(t)
+  return tx, jax.jit(tx.update)
+
+
 def run_steps(case, flats, losses, dtype=jnp.float32, jit=True, perm=None):
   """Runs one transform over a sequence of (T, D) gradients; returns the
   updates and the final state. ``perm``: the tasks were permuted (the extra
   arguments are permuted alike)."""
-  _, factory, needs_losses = case.name, case.make, case.needs_losses
+  needs_losses = case.needs_losses
   t = flats[0].shape[0]
-  tx = factory(t)
+  tx, jitted = transform(case.name, t)
   state = tx.init(params_like(dtype))
-  update = jax.jit(tx.update) if jit else tx.update
+  update = jitted if jit else tx.update
   outs = []
   for flat, loss in zip(flats, losses):
     kw = {"task_losses": jnp.asarray(loss, jnp.float32)} if needs_losses else {}
