@@ -187,15 +187,24 @@ void RunParts(ffi::ThreadPool& pool, int64_t parts, F fn) {
   shared->all_done.wait(lock, [&shared, parts] { return shared->done == parts; });
 }
 
+// Columns per part for a pass over a (t, n) matrix: parts are a function of
+// the shape only (results never depend on the thread count).
+int64_t PartWidth(int64_t t, int64_t n, int64_t part_elems, int64_t chunk,
+                  int64_t* parts_out) {
+  int64_t parts = std::clamp<int64_t>((t * n) / part_elems, 1, kMaxParts);
+  int64_t width = (n + parts - 1) / parts;
+  width = std::max<int64_t>(chunk, (width + chunk - 1) / chunk * chunk);
+  *parts_out = std::max<int64_t>(1, (n + width - 1) / width);
+  return width;
+}
+
 template <typename In>
 ffi::Error Gram(ffi::ThreadPool pool, const In* x, int64_t t, int64_t n,
                 float* out) {
   if (t == 0) return ffi::Error::Success();
   // Parts depend on the shape only: the float64 sum below has a fixed order.
-  int64_t parts = std::clamp<int64_t>((t * n) / kPartElems, 1, kMaxParts);
-  int64_t width = (n + parts - 1) / parts;
-  width = std::max<int64_t>(kChunk, (width + kChunk - 1) / kChunk * kChunk);
-  parts = std::max<int64_t>(1, (n + width - 1) / width);
+  int64_t parts;
+  const int64_t width = PartWidth(t, n, kPartElems, kChunk, &parts);
 
   std::vector<double> partial(parts * t * t, 0.0);
   double* part_sums = partial.data();
@@ -286,10 +295,8 @@ ffi::Error WeightedSum(ffi::ThreadPool pool, const float* x, const float* w,
     std::fill(out, out + n, 0.0f);
     return ffi::Error::Success();
   }
-  int64_t parts = std::clamp<int64_t>((t * n) / kSumPartElems, 1, kMaxParts);
-  int64_t width = (n + parts - 1) / parts;
-  width = std::max<int64_t>(kSumChunk, (width + kSumChunk - 1) / kSumChunk * kSumChunk);
-  parts = std::max<int64_t>(1, (n + width - 1) / width);
+  int64_t parts;
+  const int64_t width = PartWidth(t, n, kSumPartElems, kSumChunk, &parts);
 
   std::vector<float> probes(parts, 0.0f);
   float* part_probes = probes.data();
@@ -369,17 +376,6 @@ float PartDrop(const float* x, const float* u, const float* leak, int64_t t,
   float sum = 0.0f;
   for (int64_t k = 0; k < kDropChunk; ++k) sum += probe[k];
   return sum;
-}
-
-// Columns per part for an elementwise pass over a (t, n) matrix: parts are a
-// function of the shape only (results never depend on the thread count).
-int64_t PartWidth(int64_t t, int64_t n, int64_t part_elems, int64_t chunk,
-                  int64_t* parts_out) {
-  int64_t parts = std::clamp<int64_t>((t * n) / part_elems, 1, kMaxParts);
-  int64_t width = (n + parts - 1) / parts;
-  width = std::max<int64_t>(chunk, (width + chunk - 1) / chunk * chunk);
-  *parts_out = std::max<int64_t>(1, (n + width - 1) / width);
-  return width;
 }
 
 ffi::Error GradDropF32(ffi::ThreadPool pool, F32Matrix x, F32Vector u,
