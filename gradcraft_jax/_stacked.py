@@ -56,6 +56,29 @@ def sum_over_tasks(leaf: jax.Array, dtype=None) -> jax.Array:
   return out
 
 
+def kernel_pass(*leaves: jax.Array) -> bool:
+  """Whether a pass over these ``(T, ...)`` leaves takes a CPU kernel of
+  :mod:`gradcraft_jax._cpu_gram` (weighted sum, GradDrop, ExcessMTL): every
+  leaf float32, at least ``_KERNEL_SUM_MIN`` elements per task (below it the
+  call overhead dominates), one device and the kernel built. The kernel
+  itself is still chosen per platform while lowering
+  (``lax.platform_dependent``)."""
+  t = leaves[0].shape[0]
+  n = leaves[0].size // t if t else 0
+  return (
+    n >= _KERNEL_SUM_MIN
+    and all(leaf.dtype == jnp.float32 for leaf in leaves)
+    and jax.device_count() == 1
+    and _cpu_gram.available()
+  )
+
+
+def finite_probe(x: jax.Array) -> jax.Array:
+  """The kernels' finiteness probe in XLA (their off-CPU fallback): a
+  ``(1,)`` array, 0 when every element of ``x`` is finite, NaN otherwise."""
+  return jnp.where(jnp.all(jnp.isfinite(x)), 0.0, jnp.nan).reshape(1)
+
+
 def _fused_sum(flat, w, t, acc):
   out = w[0] * flat[0].astype(acc)
   for i in range(1, t):
@@ -336,22 +359,15 @@ def weighted_sum_checked(stacked: Any, weights: jax.Array) -> tuple[Any, jax.Arr
     nonlocal ok
     acc = jnp.result_type(jnp.float32, leaf.dtype)
     w = weights.astype(acc)
-    n = leaf.size // t if t else 0
-    if (
-      n >= _KERNEL_SUM_MIN
-      and leaf.dtype == jnp.float32
-      and acc == jnp.float32
-      and jax.device_count() == 1
-      and _cpu_gram.available()
-    ):
+    if kernel_pass(leaf):
       # The compiled CPU kernel: the same ordered float32 sum as the fused
       # loop below, with the columns split over XLA's intra-op thread pool
       # (XLA:CPU runs that loop on one core), and the finiteness probe.
-      flat = leaf.reshape(t, n)
+      flat = leaf.reshape(t, -1)
 
       def fallback(x, v):
         out = _fused_sum(x, v, t, acc)
-        return out, jnp.where(jnp.all(jnp.isfinite(out)), 0.0, jnp.nan).reshape(1)
+        return out, finite_probe(out)
 
       out, probe = jax.lax.platform_dependent(flat, w, cpu=_cpu_gram.weighted_sum, default=fallback)
       ok = ok & (probe[0] == 0.0)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax import _cpu_gram
-from gradcraft_jax._stacked import _KERNEL_SUM_MIN, accumulation_dtype, weighted_sum
+from gradcraft_jax._stacked import accumulation_dtype, finite_probe, kernel_pass, weighted_sum
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
 from gradcraft_jax.methods._trimmed_mean import _check_tasks, _refuse_query
 
@@ -68,6 +68,13 @@ def excess_mtl_weights(
   return jax.nn.softmax(jnp.log(weights) + robust_step_size * scaled)
 
 
+def _excess_xla(g, s, acc):
+  """``S + G**2`` and the excess risks of one ``(T, ...)`` leaf in XLA."""
+  sn = s + jnp.square(g.astype(s.dtype))
+  term = jnp.square(g.astype(acc)) / jnp.sqrt(sn.astype(acc) + 1e-7)
+  return sn, jnp.sum(term.reshape(g.shape[0], -1), axis=1)
+
+
 def _excess_pass(updates, sq_sum, t, acc):
   """``S + G**2``, the excess risks :math:`\hat E` and whether ``G`` is
   finite, leaf by leaf; large float32 leaves take the CPU kernel (one read
@@ -79,31 +86,21 @@ def _excess_pass(updates, sq_sum, t, acc):
   finite = jnp.array(True)
   treedef = jax.tree_util.tree_structure(sq_sum)
   for s, g in zip(jax.tree_util.tree_leaves(sq_sum), jax.tree_util.tree_leaves(updates)):
-    n = g.size // t
-    if (
-      g.dtype == jnp.float32
-      and s.dtype == jnp.float32
-      and n >= _KERNEL_SUM_MIN
-      and jax.device_count() == 1
-      and _cpu_gram.available()
-    ):
+    if kernel_pass(g, s):
 
       def fallback(gf, sf):
-        sn = sf + jnp.square(gf)
-        e = jnp.sum(jnp.square(gf) / jnp.sqrt(sn + 1e-7), axis=1)
-        return sn, e, jnp.where(jnp.all(jnp.isfinite(gf)), 0.0, jnp.nan).reshape(1)
+        return (*_excess_xla(gf, sf, jnp.float32), finite_probe(gf))
 
       sn, e, probe = jax.lax.platform_dependent(
-        g.reshape(t, n), s.reshape(t, n), cpu=_cpu_gram.excess_pass, default=fallback
+        g.reshape(t, -1), s.reshape(t, -1), cpu=_cpu_gram.excess_pass, default=fallback
       )
       new_leaves.append(sn.reshape(s.shape))
       excess = excess + e.astype(acc)
       finite = finite & (probe[0] == 0.0)
       on_kernel.append(True)
       continue
-    sn = s + jnp.square(g.astype(s.dtype))
-    term = jnp.square(g.astype(acc)) / jnp.sqrt(sn.astype(acc) + 1e-7)
-    excess = excess + jnp.sum(term.reshape(t, -1), axis=1)
+    sn, e = _excess_xla(g, s, acc)
+    excess = excess + e
     finite = finite & jnp.all(jnp.isfinite(g))
     new_leaves.append(sn)
     on_kernel.append(False)

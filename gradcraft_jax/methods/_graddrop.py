@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax import _cpu_gram
-from gradcraft_jax._stacked import _KERNEL_SUM_MIN, sum_over_tasks
+from gradcraft_jax._stacked import finite_probe, kernel_pass, sum_over_tasks
 from gradcraft_jax.methods._common import check_num_tasks
 from gradcraft_jax.methods._trimmed_mean import _check_tasks, _refuse_query
 
@@ -72,17 +72,9 @@ def graddrop_combine(
 
 
 def _kernel_leaf(leaf: jax.Array, f) -> bool:
-  """Whether a leaf takes the CPU kernel: float32, large enough, the
+  """Whether a leaf takes the CPU kernel: :func:`kernel_pass` and the
   default ``f`` (the kernel computes the identity purity itself)."""
-  t = leaf.shape[0]
-  n = leaf.size // t if t else 0
-  return (
-    f is _identity
-    and leaf.dtype == jnp.float32
-    and n >= _KERNEL_SUM_MIN
-    and jax.device_count() == 1
-    and _cpu_gram.available()
-  )
+  return f is _identity and kernel_pass(leaf)
 
 
 def _combine_xla(g, u, lk, f, acc):
@@ -111,15 +103,13 @@ def _combine_checked(stacked: Any, key: jax.Array, leak, f) -> tuple[Any, jax.Ar
   for idx, leaf in enumerate(leaves):
     acc = jnp.result_type(jnp.float32, leaf.dtype)
     u = jax.random.uniform(jax.random.fold_in(key, idx), leaf.shape[1:], acc)
-    lk = None if leak is None else jnp.asarray(leak, acc).reshape((t,) + (1,) * (leaf.ndim - 1))
     if _kernel_leaf(leaf, f):
       flat = leaf.reshape(t, -1)
       leak_row = jnp.zeros((t,), acc) if leak is None else jnp.asarray(leak, acc)
 
       def fallback(x, v, lr):
         lr = None if leak is None else lr[:, None]
-        combined = _combine_xla(x, v, lr, f, acc)
-        return combined, jnp.where(jnp.all(jnp.isfinite(x)), 0.0, jnp.nan).reshape(1)
+        return _combine_xla(x, v, lr, f, acc), finite_probe(x)
 
       combined, probe = jax.lax.platform_dependent(
         flat, u.reshape(-1), leak_row, cpu=_cpu_gram.graddrop, default=fallback
@@ -127,6 +117,7 @@ def _combine_checked(stacked: Any, key: jax.Array, leak, f) -> tuple[Any, jax.Ar
       out.append(combined.reshape(leaf.shape[1:]))
       finite = finite & (probe[0] == 0.0)
     else:
+      lk = None if leak is None else jnp.asarray(leak, acc).reshape((t,) + (1,) * (leaf.ndim - 1))
       out.append(_combine_xla(leaf.astype(acc), u, lk, f, acc).astype(leaf.dtype))
       finite = finite & jnp.all(jnp.isfinite(leaf))
   return jax.tree_util.tree_unflatten(treedef, out), finite
