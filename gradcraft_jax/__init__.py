@@ -23,8 +23,6 @@ re-exported here; ``gradcraft_jax.methods`` holds every method (GradCraft
 and NMT follow the same one-module-per-method rule as the others).
 """
 
-from gradcraft_jax import datasets  # noqa: F401  (the subpackage)
-
 # Step 1 and 3 of the core: Gram matrix and weighted sum of stacked gradients.
 from gradcraft_jax._stacked import gram_matrix, num_tasks, weighted_sum
 from gradcraft_jax.diagnostics import (
@@ -91,7 +89,15 @@ from gradcraft_jax.representation import representation_value_and_grad
 from gradcraft_jax.stages import PrioritizedResult, StageHistory, train_prioritized
 
 # Step 2 of the core: the weighting object and the transform built from it.
-from gradcraft_jax.weighting import Weighting, WeightsQuery, from_weighting, task_weights
+from gradcraft_jax.weighting import (
+  CoordinatewiseMethod,
+  Method,
+  Weighting,
+  from_weighting,
+  inject_hyperparams,
+  task_weights,
+  weighting_of,
+)
 
 # Wrappers: shared-only crafting, skipping non-finite steps, accumulation.
 from gradcraft_jax.wrappers import (
@@ -107,11 +113,25 @@ from gradcraft_jax.wrappers import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+  # ``gradcraft_jax.datasets`` (the bundled Census data) is imported on first
+  # use only: the training path never needs it.
+  if name == "datasets":
+    import importlib
+
+    return importlib.import_module("gradcraft_jax.datasets")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
   # the core: Gram matrix -> weighting -> weighted sum
+  "CoordinatewiseMethod",
+  "Method",
   "Weighting",
-  "WeightsQuery",
   "from_weighting",
+  "inject_hyperparams",
+  "weighting_of",
   "gram_matrix",
   "num_tasks",
   "pinv_psd",

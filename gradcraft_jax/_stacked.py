@@ -26,7 +26,14 @@ import numpy as np
 
 from gradcraft_jax import _cpu_gram
 
-__all__ = ["num_tasks", "gram_matrix", "weighted_sum", "accumulation_dtype", "select_leaves"]
+__all__ = [
+  "accumulation_dtype",
+  "cross_gram",
+  "gram_matrix",
+  "num_tasks",
+  "select_leaves",
+  "weighted_sum",
+]
 
 # Elements (T * columns) per block of the blocked CPU Gram contraction: a
 # (T, B) float32 block of ~192 KiB stays in L2 cache while it is multiplied
@@ -408,3 +415,66 @@ def is_concrete_number(x: Any) -> bool:
   if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
     return x.ndim == 0
   return False
+
+
+def cross_gram(stacked_1: Any, stacked_2: Any) -> jax.Array:
+  r"""The cross Gram matrix :math:`(K_{12})_{ij} = \langle g^{(1)}_i,
+  g^{(2)}_j\rangle` of two stacked gradient pytrees of the same structure.
+
+  Not symmetric in general. One read of each tree; accumulated in at least
+  float32 (float64 for float64 leaves).
+
+  Args:
+    stacked_1: stacked per-task gradients of the first batch (leading
+      axis ``T``).
+    stacked_2: those of an independent second batch (same structure and
+      shapes).
+
+  Returns:
+    ``(T, T)`` matrix.
+
+  >>> import jax.numpy as jnp
+  >>> a = {"w": jnp.array([[1., 0.], [0., 1.]])}
+  >>> b = {"w": jnp.array([[2., 1.], [0., 3.]])}
+  >>> cross_gram(a, b)
+  Array([[2., 0.],
+         [1., 3.]], dtype=float32)
+  """
+  leaves_1, tree_1 = jax.tree_util.tree_flatten(stacked_1)
+  leaves_2, tree_2 = jax.tree_util.tree_flatten(stacked_2)
+  if tree_1 != tree_2:
+    raise ValueError(
+      "cross_gram: the second batch's stacked gradients have another tree structure "
+      f"({tree_2}) than the first ({tree_1})"
+    )
+  t1, t2 = num_tasks(stacked_1), num_tasks(stacked_2)
+  if t1 != t2:
+    raise ValueError(f"cross_gram: the batches have {t1} and {t2} tasks")
+  acc = accumulation_dtype((leaves_1, leaves_2))
+  out = jnp.zeros((t1, t1), acc)
+  for a, b in zip(leaves_1, leaves_2):
+    if a.shape != b.shape:
+      raise ValueError(f"cross_gram: leaf shapes differ between the batches: {a.shape}, {b.shape}")
+    replicated = _explicit_replicated(a)
+    if replicated is not None:
+      # explicit-sharding meshes: contract the non-task axes in place and
+      # ask for a replicated (T, T) result (local products + one all-reduce),
+      # as gram_matrix does
+      axes = tuple(range(1, a.ndim))
+      out = out + jax.lax.dot_general(
+        a,
+        b,
+        ((axes, axes), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=acc,
+        out_sharding=replicated,
+      )
+      continue
+    out = out + jax.lax.dot_general(
+      a.reshape(t1, -1),
+      b.reshape(t1, -1),
+      (((1,), (1,)), ((), ())),
+      precision=jax.lax.Precision.HIGHEST,
+      preferred_element_type=acc,
+    )
+  return out

@@ -17,8 +17,8 @@ needed as a whole. :func:`combined_value_and_grad`
    ``(T, ...)`` gradient to its ``(T, T)`` Gram block as soon as it is
    produced: XLA frees each leaf's per-task gradients after its block, so
    the peak holds one or a few leaves' ``T`` copies, never all ``T x P``;
-3. asks the method for its weights (:func:`gradcraft_jax.task_weights`'
-   protocol, also through ``optax.inject_hyperparams``); methods that read
+3. asks the method's weighting (``method.weighting``, also for one built
+   by :func:`gradcraft_jax.inject_hyperparams`) for its weights; methods that read
    only the losses (``mean``, uncertainty weighting, DWA, NMT) skip step 2,
    so their step costs one forward and one backward pass, like a plain step;
 4. pulls back ``w`` once: the combined gradient, shaped like the parameters.
@@ -39,9 +39,10 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax import _dense_gram
+from gradcraft_jax._guards import all_finite, keep_state_unless
 from gradcraft_jax._stacked import gram_matrix, select_leaves
 from gradcraft_jax.per_task import _plain_vjp, _split_args
-from gradcraft_jax.weighting import _all_finite, check_method, keep_state_unless, query_weights
+from gradcraft_jax.weighting import weigh, weighting_of
 
 __all__ = ["combined_value_and_grad", "gram_coverage"]
 
@@ -101,10 +102,11 @@ def combined_value_and_grad(
   Args:
     fun: ``fun(params, *args)`` returning a ``(T,)`` vector of task losses
       (``(losses, aux)`` with ``has_aux=True``).
-    method: a method transform of the library (``gradcraft(...)``,
-      ``mgda()``, ``upgrad()``, ``nmt(...)``, ``mean()``, ...,
-      :func:`~gradcraft_jax.from_weighting`), possibly wrapped in
-      ``optax.inject_hyperparams``; not an ``optax.chain`` (chain the
+    method: a method of the library that weights the tasks
+      (``gradcraft(...)``, ``mgda()``, ``upgrad()``, ``nmt(...)``,
+      ``mean()``, ..., :func:`~gradcraft_jax.from_weighting`, also built by
+      :func:`~gradcraft_jax.inject_hyperparams`) or its
+      :class:`~gradcraft_jax.Weighting`; not an ``optax.chain`` (chain the
       optimizer after the combined gradient instead).
     argnums: which positional argument(s) of ``fun`` to differentiate, as in
       ``jax.grad`` (``0`` is ``params``).
@@ -155,8 +157,8 @@ def combined_value_and_grad(
   largest leaves, instead of all ``T`` copies of the parameters.
 
   Raises:
-    TypeError: at construction, if ``method`` is not a method transform of
-      the library.
+    TypeError: at construction, if ``method`` has no task weights (see
+      :func:`~gradcraft_jax.weighting_of`).
     ValueError: if ``fun`` does not return a 1-D vector of losses.
 
   >>> import jax, jax.numpy as jnp
@@ -174,7 +176,7 @@ def combined_value_and_grad(
   >>> bool(jnp.allclose(grads, ref, atol=1e-6))
   True
   """
-  check_method(method, "combined_value_and_grad")
+  weighting = weighting_of(method, "combined_value_and_grad")
   if gram not in _GRAM_MODES:
     raise ValueError(f"gram must be one of {_GRAM_MODES}, got {gram!r}")
   if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -186,17 +188,17 @@ def combined_value_and_grad(
     previous state, as on the stacked path (inputs the weighting does not
     read may be non-finite)."""
     task_losses = extra_args.pop("task_losses", losses)
-    weights, new_state = query_weights(
-      method,
+    weights, new_state = weigh(
+      weighting,
       method_state,
       num_tasks=losses.shape[0],
       gram_fn=gram_fn,
       task_losses=task_losses,
-      caller="combined_value_and_grad",
-      **extra_args,
+      dtype=jnp.result_type(jnp.float32, losses.dtype),
+      extra_args=extra_args,
     )
     grads = pull_back(jax.lax.stop_gradient(weights).astype(losses.dtype))
-    ok = _all_finite(*jax.tree_util.tree_leaves(grads))
+    ok = all_finite(grads)
     return grads, keep_state_unless(ok, new_state, method_state)
 
   def dense_step(params, method_state, *args, **extra_args):

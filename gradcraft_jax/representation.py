@@ -23,9 +23,8 @@ not matter.
 1. runs the model forward once (encoder, then heads);
 2. computes the stacked representation gradients :math:`\nabla_z l_i` (a
    batched backward pass through the heads only);
-3. gets task weights ``w`` from a library transform via
-   :func:`gradcraft_jax.weighting.task_weights` (any transform built by
-   ``from_weighting``);
+3. gets task weights ``w`` from the method's weighting
+   (:func:`gradcraft_jax.task_weights`);
 4. backpropagates the single scalar :math:`\sum_i w_i l_i` (weights held
    constant) through the whole model: one backward pass.
 
@@ -43,9 +42,8 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from gradcraft_jax.weighting import check_method, task_weights
+from gradcraft_jax.weighting import task_weights, weighting_of
 
 __all__ = ["representation_value_and_grad"]
 
@@ -53,7 +51,7 @@ __all__ = ["representation_value_and_grad"]
 def representation_value_and_grad(
   encoder_fn: Callable[..., Any],
   heads_fn: Callable[..., jax.Array],
-  tx: optax.GradientTransformation,
+  tx: Any,
 ) -> Callable[..., tuple[jax.Array, Any, jax.Array, Any]]:
   r"""Weighted multi-task gradient from representation-level task weights.
 
@@ -62,10 +60,11 @@ def representation_value_and_grad(
       any pytree of arrays, typically ``(B, H)``).
     heads_fn: ``heads_fn(params, z, *args) -> (T,)`` task losses (the
       task-specific part; it may read any entries of ``params``).
-    tx: any method transform of the library (e.g. ``gradcraft()``,
-      ``mgda()``, ``mean()``, or one wrapped in ``optax.inject_hyperparams``),
-      not an ``optax.chain`` of it; its state is
-      the ``state`` argument below (``tx.init(params)``).
+    tx: a method of the library that weights the tasks (e.g.
+      ``gradcraft()``, ``mgda()``, ``mean()``, or one built by
+      :func:`gradcraft_jax.inject_hyperparams`), not an ``optax.chain`` of
+      it, or its :class:`~gradcraft_jax.Weighting`; its state is the
+      ``state`` argument below (``tx.init(params)``).
 
   Returns:
     ``fn(params, state, *args, task_losses=None, **extra_args) ->
@@ -77,8 +76,7 @@ def representation_value_and_grad(
     ``task_losses`` (override with ``task_losses=``). Jittable.
 
   Raises:
-    TypeError: when called, if ``tx`` is not a method transform of the
-      library (possibly wrapped in ``optax.inject_hyperparams``).
+    TypeError: at construction, if ``tx`` has no task weights.
     ValueError: if ``heads_fn`` does not return a 1-D vector of losses.
 
   >>> import jax, jax.numpy as jnp, optax
@@ -93,7 +91,7 @@ def representation_value_and_grad(
   ((2, 2), (2,))
   """
 
-  check_method(tx, "representation_value_and_grad")
+  weighting = weighting_of(tx, "representation_value_and_grad")
 
   def fn(params, state, *args, task_losses=None, **extra_args):
     z, encoder_vjp = jax.vjp(lambda p: encoder_fn(p, *args), params)
@@ -109,11 +107,10 @@ def representation_value_and_grad(
     eye = jnp.eye(t, dtype=losses.dtype)
     z_grads = jax.vmap(lambda c: heads_vjp(c)[1])(eye)
     weights, new_state = task_weights(
-      tx,
+      weighting,
       z_grads,
       state,
       task_losses=losses if task_losses is None else task_losses,
-      _caller="representation_value_and_grad",
       **extra_args,
     )
     weights = jax.lax.stop_gradient(weights).astype(losses.dtype)

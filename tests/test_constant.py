@@ -2,7 +2,6 @@
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from method_helpers import rand_grads, update_of
 
@@ -31,8 +30,8 @@ def test_constant_is_mean_injectable_and_checked():
   (u,), _ = update_of(m.constant(np.full(4, 0.25)), [g])
   (v,), _ = update_of(m.mean(), [g])
   np.testing.assert_allclose(u, v, rtol=1e-12)
-  tx = optax.inject_hyperparams(m.constant)(weights=jnp.array([1.0, 2.0]))
-  w, _ = gj.task_weights(tx, None, tx.init(None), num_tasks_hint=2)
+  tx = gj.inject_hyperparams(m.constant)(weights=jnp.array([1.0, 2.0]))
+  w, _ = gj.task_weights(tx, None, tx.init(None), num_tasks=2)
   np.testing.assert_allclose(w, [1.0, 2.0])
   (u,), _ = update_of(m.constant(), [g])  # default: ones, the sum
   np.testing.assert_allclose(u, g.sum(0), rtol=1e-12)

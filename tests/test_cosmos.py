@@ -48,9 +48,8 @@ def test_cosmos_extreme_losses_finite_and_preference_at_update():
 
 
 def test_cosmos_injectable_penalty():
-  import optax
 
-  tx = optax.inject_hyperparams(m.cosmos)(preference=jnp.array([0.3, 0.7]), penalty=0.0)
+  tx = gj.inject_hyperparams(m.cosmos)(preference=jnp.array([0.3, 0.7]), penalty=0.0)
   l = jnp.array([1.0, 3.0])
   w, _ = gj.task_weights(tx, None, tx.init(None), task_losses=l)
   np.testing.assert_allclose(w, [0.3, 0.7], rtol=1e-6)  # penalty 0: linear scalarization

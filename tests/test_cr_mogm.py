@@ -91,8 +91,8 @@ def test_cr_mogm_initial_weights_alpha_bounds_and_non_methods():
 
 
 def test_cr_mogm_injectable_inside_and_out():
-  inner = optax.inject_hyperparams(m.dwa)(temperature=2.0, num_tasks=2)
-  tx = optax.inject_hyperparams(m.cr_mogm)(method=inner, alpha=0.5, num_tasks=2)
+  inner = gj.inject_hyperparams(m.dwa)(temperature=2.0, num_tasks=2)
+  tx = gj.inject_hyperparams(m.cr_mogm)(method=inner, alpha=0.5, num_tasks=2)
   state = tx.init({"w": jnp.zeros(3)})
   g = {"w": jnp.ones((2, 3))}
   for l in ([1.0, 1.0], [1.0, 2.0], [1.0, 2.0]):

@@ -6,7 +6,6 @@ one-step-lag rule (the next update's losses as the "after" losses)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from method_helpers import flat10, rand_grads, stacked10
 
@@ -100,7 +99,7 @@ def test_famo_weights_formula_and_logit_gradient():
 
 
 def test_famo_injectable_first_step_and_bad_after_losses():
-  tx = optax.inject_hyperparams(m.famo)(lr=0.1, weight_decay=0.0, num_tasks=2)
+  tx = gj.inject_hyperparams(m.famo)(lr=0.1, weight_decay=0.0, num_tasks=2)
   state = tx.init({"w": jnp.zeros(2)})
   g = {"w": jnp.eye(2)}
   upd, state = jax.jit(tx.update)(g, state, task_losses=jnp.array([1.0, 3.0]))

@@ -3,7 +3,6 @@ loop) and the gradient of torchjd's GeometricMean scalarizer."""
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from method_helpers import rand_grads, update_of
 
@@ -55,7 +54,7 @@ def test_gls_is_torchjd_geometric_mean_gradient():
 
 
 def test_gls_injectable_and_task_weights():
-  tx = optax.inject_hyperparams(m.gls)(num_tasks=2)
+  tx = gj.inject_hyperparams(m.gls)(num_tasks=2)
   l = jnp.array([1.0, 4.0])
   w, _ = gj.task_weights(tx, None, tx.init(None), task_losses=l)
   np.testing.assert_allclose(w, [1.0, 0.25], rtol=1e-6)

@@ -216,7 +216,7 @@ def test_inject_hyperparams():
   """Through optax.inject_hyperparams, with a hyperparameter changed in the
   state (the lean step must read it)."""
   t = 4
-  method = optax.inject_hyperparams(gj.gradcraft)(tau=0.5, eps=0.1, num_tasks=t)
+  method = gj.inject_hyperparams(gj.gradcraft)(tau=0.5, eps=0.1, num_tasks=t)
   rng = np.random.default_rng(3)
   params, x, y = _data(t, rng, jnp.float32)
   state = method.init(params)

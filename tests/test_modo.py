@@ -47,7 +47,7 @@ def test_cross_gram_argument_and_task_weights_agree():
   (o1,), _ = run(tx, [a], extras=[{"stacked_2": stacked(b)}])
   (o2,), _ = run(tx, [a], extras=[{"cross_gram": jnp.asarray(a @ b.T, jnp.float32)}])
   np.testing.assert_allclose(o1, o2, rtol=1e-5)
-  w, _ = gj.task_weights(tx, None, tx.init(None), cross_gram=a @ b.T, num_tasks_hint=3)
+  w, _ = gj.task_weights(tx, None, tx.init(None), cross_gram=a @ b.T, num_tasks=3)
   w2, _ = gj.task_weights(tx, stacked(a), tx.init(None), stacked_2=stacked(b))
   np.testing.assert_allclose(np.asarray(w), np.asarray(w2), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(w) @ a, o1, rtol=1e-5, atol=1e-6)

@@ -3,7 +3,6 @@ torchjd's PBI scalarizer and a NumPy formula of the paper's d1 + theta d2."""
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from method_helpers import rand_grads, update_of
 
@@ -39,7 +38,7 @@ def test_pbi_matches_torchjd_gradient():
 
 def test_pbi_preference_per_update_and_errors():
   l = jnp.array([1.0, 2.0, 0.5])
-  tx = optax.inject_hyperparams(m.pbi)(theta=2.0)
+  tx = gj.inject_hyperparams(m.pbi)(theta=2.0)
   state = tx.init(None)
   pref = np.array([0.2, 0.3, 0.5])
   w, _ = gj.task_weights(tx, None, state, task_losses=l, preference=jnp.asarray(pref))

@@ -5,7 +5,6 @@ update, and distributed like torchjd's Random weighting."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from method_helpers import flat10, rand_grads, stacked10
 from scipy import stats
@@ -19,7 +18,7 @@ def draws(tx, t, n):
   state = tx.init(None)
 
   def one(state, _):
-    w, state = gj.task_weights(tx, None, state, num_tasks_hint=t)
+    w, state = gj.task_weights(tx, None, state, num_tasks=t)
     return state, w
 
   _, ws = jax.lax.scan(one, state, None, length=n)
@@ -74,5 +73,5 @@ def test_rlw_seed_reproducible_and_injectable():
   a = draws(m.rlw(seed=5), 3, 4)
   b = draws(m.rlw(seed=5), 3, 4)
   np.testing.assert_array_equal(a, b)
-  tx = optax.inject_hyperparams(m.rlw, static_args=("seed",))(seed=5)
+  tx = gj.inject_hyperparams(m.rlw, static_args=("seed",))(seed=5)
   np.testing.assert_allclose(draws(tx, 3, 4), a, rtol=1e-6)

@@ -10,15 +10,16 @@ use. Checked here, independently of any method's math:
   declares (Gram matrix or ``None``, losses or ``None``, ``num_tasks``,
   unknown extra arguments);
 * for every weighting of the registry (``tests/method_cases.py``), plain
-  and wrapped in ``optax.inject_hyperparams``, the weights of
+  and wrapped in ``gradcraft_jax.inject_hyperparams``, the weights of
   ``task_weights`` are the ones the update implies: the update equals
   ``sum_i w_i g_i`` computed with NumPy from those weights, and both give
   the same new state; the registry's methods that are not weightings
   (``NOT_WEIGHTINGS``) are refused with a ``TypeError``;
 * a transform that is not a method (``optax.adam``, a chain, an
-  ``apply_if_finite`` wrapper) raises a ``TypeError`` saying so;
-* the legacy ``from_weighting(init_fn, weights_fn, name=...)`` and the names
-  moved out of ``gradcraft_jax.weighting`` still work and warn;
+  ``apply_if_finite`` wrapper, a method hidden by ``optax.inject_hyperparams``)
+  raises a ``TypeError`` saying so;
+* ``optax.inject_hyperparams`` around a method factory still gives the same
+  updates on the stacked path as ``gradcraft_jax.inject_hyperparams``;
 * ``mean`` makes no Gram pass (no contraction in its jaxpr or its HLO);
 * on non-finite input the update (and the weights) are non-finite and the
   state is kept; an empty tree passes through.
@@ -34,7 +35,6 @@ from method_cases import CASES, IDS
 
 import gradcraft_jax as gj
 import gradcraft_jax.methods as m
-from gradcraft_jax.methods import _common
 
 T = 3
 SHAPES = {"a": (2, 3), "b": (4,)}
@@ -168,8 +168,6 @@ def test_wrong_weight_shape_and_task_count_raise():
   fixed = gj.Weighting(counting_init, inverse_norm_weights, name="fixed", num_tasks=2)
   with pytest.raises(ValueError, match="fixed: built for num_tasks=2"):
     gj.from_weighting(fixed).update(g, jnp.zeros((), jnp.int32))
-  with pytest.raises(TypeError, match="takes a Weighting only"):
-    gj.from_weighting(fixed, inverse_norm_weights)
 
 
 def test_missing_losses_raise_with_the_method_name():
@@ -184,23 +182,23 @@ def test_missing_losses_raise_with_the_method_name():
 
 
 def inject_all(case, t):
-  """The method wrapped in ``optax.inject_hyperparams`` (state wrapped)."""
-  return optax.inject_hyperparams(lambda: case.make(t))()
+  """The method wrapped in ``gradcraft_jax.inject_hyperparams`` (state wrapped)."""
+  return gj.inject_hyperparams(lambda: case.make(t))()
 
 
 # Real injected hyperparameters (arrays in the state, used by the update).
 INJECTED = [
-  ("gradcraft", lambda t: optax.inject_hyperparams(gj.gradcraft)(tau=0.5, eps=0.1), False),
-  ("pcgrad_plus", lambda t: optax.inject_hyperparams(m.pcgrad_plus)(tau=0.3, eps=0.05), False),
+  ("gradcraft", lambda t: gj.inject_hyperparams(gj.gradcraft)(tau=0.5, eps=0.1), False),
+  ("pcgrad_plus", lambda t: gj.inject_hyperparams(m.pcgrad_plus)(tau=0.3, eps=0.05), False),
   (
     "cagrad",
-    lambda t: optax.inject_hyperparams(m.cagrad, static_args=("outer", "inner"))(c=0.4),
+    lambda t: gj.inject_hyperparams(m.cagrad, static_args=("outer", "inner"))(c=0.4),
     False,
   ),
-  ("dwa", lambda t: optax.inject_hyperparams(m.dwa)(1.5, num_tasks=t), True),
+  ("dwa", lambda t: gj.inject_hyperparams(m.dwa)(1.5, num_tasks=t), True),
   (
     "uncertainty_weighting",
-    lambda t: optax.inject_hyperparams(m.uncertainty_weighting)(0.1, num_tasks=t),
+    lambda t: gj.inject_hyperparams(m.uncertainty_weighting)(0.1, num_tasks=t),
     True,
   ),
 ]
@@ -281,11 +279,15 @@ def test_task_weights_refuses_methods_that_are_not_weightings(case):
   rng = np.random.default_rng(0)
   kw = update_kwargs(case, T, rng)
   g = stacked_of(rng.standard_normal((T, 10)))
-  for tx in (case.make(T), inject_all(case, T)):
-    with pytest.raises(TypeError, match="needs a method transform of gradcraft_jax"):
+  for tx in (case.make(T), optax.inject_hyperparams(lambda: case.make(T))()):
+    with pytest.raises(TypeError, match="task_weights needs a method of gradcraft_jax"):
       gj.task_weights(tx, g, tx.init(params_like()), **kw)
-    with pytest.raises(TypeError, match="caller needs a method transform"):
-      gj.weighting.check_method(tx, "caller")
+    with pytest.raises(TypeError, match="caller needs a method of gradcraft_jax"):
+      gj.weighting_of(tx, "caller")
+  with pytest.raises(TypeError, match="coordinate by coordinate"):
+    gj.weighting_of(case.make(T))
+  with pytest.raises(TypeError, match="inject_hyperparams needs a method"):
+    gj.inject_hyperparams(lambda: case.make(T))()
 
 
 @pytest.mark.parametrize("name,make,needs_losses", INJECTED, ids=[i[0] for i in INJECTED])
@@ -293,10 +295,36 @@ def test_task_weights_with_injected_hyperparameters(name, make, needs_losses):
   check_task_weights_match_update(make(T), needs_losses, None, seed=2)
 
 
+@pytest.mark.parametrize("name,make,needs_losses", INJECTED, ids=[i[0] for i in INJECTED])
+def test_optax_inject_hyperparams_still_works_on_the_stacked_path(name, make, needs_losses):
+  """optax's own wrapper around a method factory gives the updates and
+  hyperparameters that gradcraft_jax.inject_hyperparams gives."""
+  factory_args = {
+    "gradcraft": (gj.gradcraft, (), {"tau": optax.linear_schedule(0.0, 1.0, 4), "eps": 0.1}),
+    "pcgrad_plus": (m.pcgrad_plus, (), {"tau": 0.3, "eps": 0.05}),
+    "cagrad": (m.cagrad, (), {"c": 0.4}),
+    "dwa": (m.dwa, (1.5,), {"num_tasks": T}),
+    "uncertainty_weighting": (m.uncertainty_weighting, (0.1,), {"num_tasks": T}),
+  }
+  factory, args, kwargs = factory_args[name]
+  static = ("outer", "inner") if name == "cagrad" else ()
+  ours = gj.inject_hyperparams(factory, static_args=static)(*args, **kwargs)
+  theirs = optax.inject_hyperparams(factory, static_args=static)(*args, **kwargs)
+  rng = np.random.default_rng(7)
+  s_ours, s_theirs = ours.init(params_like()), theirs.init(params_like())
+  for _ in range(3):
+    g = stacked_of(rng.standard_normal((T, 10)))
+    kw = {"task_losses": jnp.asarray(rng.uniform(0.5, 2.0, T), jnp.float32)}
+    u_ours, s_ours = ours.update(g, s_ours, **kw)
+    u_theirs, s_theirs = theirs.update(g, s_theirs, **kw)
+    chex.assert_trees_all_close(u_ours, u_theirs, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(s_ours, s_theirs, rtol=1e-6, atol=1e-7)
+
+
 def test_task_weights_follow_an_injected_hyperparameter():
   """Changing the injected value in the state changes the weights as a
   freshly built transform with that value does."""
-  tx = optax.inject_hyperparams(gj.gradcraft)(tau=0.5, eps=0.1)
+  tx = gj.inject_hyperparams(gj.gradcraft)(tau=0.5, eps=0.1)
   state = tx.init(params_like())
   state.hyperparams["tau"] = jnp.asarray(0.0)
   g = stacked_of(np.random.default_rng(3).standard_normal((T, 10)))
@@ -307,9 +335,9 @@ def test_task_weights_follow_an_injected_hyperparameter():
 
 
 def test_task_weights_needs_a_task_count():
-  with pytest.raises(ValueError, match="num_tasks_hint"):
+  with pytest.raises(ValueError, match="num_tasks to fix T"):
     gj.task_weights(m.mean(), None, optax.EmptyState())
-  w, _ = gj.task_weights(m.mean(), None, optax.EmptyState(), num_tasks_hint=4)
+  w, _ = gj.task_weights(m.mean(), None, optax.EmptyState(), num_tasks=4)
   chex.assert_trees_all_close(w, jnp.full((4,), 0.25))
 
 
@@ -325,71 +353,62 @@ def test_task_weights_needs_a_task_count():
     # sgd's scale would map over a pytree answer and return -lr * w silently
     ("chain_sgd", lambda: optax.chain(m.mgda(), optax.sgd(0.1))),
     ("not_a_transform", lambda: object()),
+    ("optax_inject", lambda: optax.inject_hyperparams(m.mgda)()),
   ],
 )
 def test_task_weights_rejects_non_methods(what, make):
   tx = make()
   g = stacked_of(np.ones((T, 10)))
   state = tx.init(params_like()) if hasattr(tx, "init") else None
-  with pytest.raises(TypeError, match="needs a method transform of gradcraft_jax"):
+  with pytest.raises(TypeError, match="task_weights needs a method of gradcraft_jax"):
     gj.task_weights(tx, g, state)
-  with pytest.raises(TypeError, match="my_caller needs a method transform"):
-    gj.weighting.check_method(tx, "my_caller")
+  with pytest.raises(TypeError, match="my_caller needs a method of gradcraft_jax"):
+    gj.weighting_of(tx, "my_caller")
 
 
 @pytest.mark.parametrize("case", WEIGHTING_CASES, ids=WEIGHTING_IDS)
-def test_check_method_accepts_every_weighting(case):
-  gj.weighting.check_method(case.make(T), "caller")
-  gj.weighting.check_method(inject_all(case, T), "caller")
+def test_every_weighting_is_reachable(case):
+  """Each factory's transform carries its weighting, also through
+  gradcraft_jax.inject_hyperparams, with the same flags."""
+  tx, injected = case.make(T), inject_all(case, T)
+  assert isinstance(tx, gj.Method) and isinstance(injected, gj.Method)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  w, wi = gj.weighting_of(tx), gj.weighting_of(injected)
+  assert gj.weighting_of(w) is w
+  assert (w.name, w.needs_gram, w.needs_losses) == (wi.name, wi.needs_gram, wi.needs_losses)
 
 
-def test_query_weights_computes_the_gram_only_when_needed():
+def test_the_gram_is_computed_only_when_the_weighting_reads_it():
   calls = []
 
-  def gram_fn():
-    calls.append(1)
+  def gram_fn(leaves):
+    calls.append(leaves)
     return jnp.eye(T)
 
-  gj.weighting.query_weights(m.mean(), optax.EmptyState(), num_tasks=T, gram_fn=gram_fn, caller="t")
+  def weigh(tx):
+    return gj.weighting.weigh(
+      gj.weighting_of(tx),
+      optax.EmptyState(),
+      num_tasks=T,
+      gram_fn=gram_fn,
+      task_losses=None,
+      dtype=jnp.float32,
+      extra_args={},
+    )
+
+  weigh(m.mean())
   assert calls == []
-  w, _ = gj.weighting.query_weights(
-    m.mgda(), optax.EmptyState(), num_tasks=T, gram_fn=gram_fn, caller="t"
-  )
-  assert calls == [1]
+  w, _ = weigh(m.mgda())
+  assert calls == [None]
   chex.assert_trees_all_close(w, jnp.full((T,), 1.0 / T), rtol=1e-5)
 
 
-# ------------------------------------------------------- deprecation paths
+# ------------------------------------------------------- construction errors
 
 
-def test_legacy_from_weighting_still_works_and_warns():
-  def weights_fn(gram, state, losses, extra_args):
-    del losses, extra_args
-    return 1.0 / jnp.sqrt(jnp.diagonal(gram)), state
-
-  with pytest.warns(DeprecationWarning, match="from_weighting\\(init_fn, weights_fn"):
-    tx = gj.from_weighting(counting_init, weights_fn, name="legacy", expected_tasks=T)
-  flat = np.random.default_rng(4).standard_normal((T, 10))
-  upd, _ = tx.update(stacked_of(flat), tx.init(params_like()))
-  w = 1.0 / np.linalg.norm(flat, axis=1)
-  chex.assert_trees_all_close(upd, np_weighted_sum(flat, w), rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="legacy: built for num_tasks=3"):
-    tx.update(stacked_of(flat[:2]), tx.init(params_like()))
-
-
-@pytest.mark.parametrize(
-  "name", ["check_hyperparameter", "empty_init", "gram_scale", "normalize_gram", "pinv_psd"]
-)
-def test_moved_internals_warn(name):
-  with pytest.warns(DeprecationWarning, match=f"gradcraft_jax.weighting.{name} moved"):
-    obj = getattr(gj.weighting, name)
-  assert obj is getattr(_common, name)
-  assert name not in gj.weighting.__all__
-
-
-def test_unknown_weighting_attribute_raises():
-  with pytest.raises(AttributeError):
-    gj.weighting.no_such_name  # noqa: B018
+def test_from_weighting_takes_a_weighting_only():
+  with pytest.raises(TypeError, match="takes a gradcraft_jax.Weighting"):
+    gj.from_weighting(counting_init)
 
 
 # ------------------------------------------------------- no Gram pass for mean
@@ -418,17 +437,23 @@ def test_mean_makes_no_gram_pass():
 
 
 def reads_gram(tx, state, kw):
-  """Whether the method's weighting reads the Gram matrix (asked through
-  the query protocol with a Gram function that records its call)."""
+  """Whether the method's weighting reads the Gram matrix (asked with a Gram
+  function that records its call)."""
   calls = []
 
-  def gram_fn():
+  def gram_fn(leaves):
     calls.append(1)
     return jnp.eye(T)
 
   jax.eval_shape(  # traced only: nothing is computed
-    lambda state, kw: gj.weighting.query_weights(
-      tx, state, num_tasks=T, gram_fn=gram_fn, caller="test", **kw
+    lambda state, kw: gj.weighting.weigh(
+      gj.weighting_of(tx),
+      state,
+      num_tasks=T,
+      gram_fn=gram_fn,
+      task_losses=kw.get("task_losses"),
+      dtype=jnp.float32,
+      extra_args={k: v for k, v in kw.items() if k != "task_losses"},
     ),
     state,
     kw,

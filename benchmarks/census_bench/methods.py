@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import inspect
 
-import jax.numpy as jnp
-
 import gradcraft_jax
 import gradcraft_jax.methods as library_methods
-from gradcraft_jax.weighting import query_weights
 
 NMT = "nmt"
 # Display order of the methods known today; methods added later to the
@@ -118,35 +115,15 @@ def make_method(name: str, num_tasks: int, seed: int = 0, hparams: dict | None =
 
 
 def probe(tx, params, num_tasks: int, name: str = "") -> bool:
-  """Whether ``tx``'s weights read the Gram matrix (raises :class:`Skip`
-  when asking for its weights fails, e.g. it needs extra arguments). A
-  transform that is not a weighting (MoCo) runs as it is, as a method that
-  does not read the Gram matrix; the second-batch methods read it."""
+  """Whether ``tx``'s weights read the Gram matrix. A coordinate-wise
+  transform (MoCo, GradDrop, ...) has no weighting and runs as it is, as a
+  method that does not read the Gram matrix; the second-batch methods read
+  it."""
+  del params, num_tasks
   if name in SECOND_BATCH:
     return True
-  used = []
-
-  def gram_fn():
-    used.append(True)
-    return jnp.eye(num_tasks, dtype=jnp.float32)
-
-  try:
-    query_weights(
-      tx,
-      tx.init(params),
-      num_tasks=num_tasks,
-      gram_fn=gram_fn,
-      task_losses=jnp.ones((num_tasks,), jnp.float32),
-      caller="census_benchmark",
-    )
-  except TypeError as e:
-    if "method transform" in str(e):
-      return False  # its own transform, not a weighting: runs on the stacked path as is
-    raise Skip(f"skipped: {type(e).__name__}: {str(e).strip()[:100]}") from e
-  except Exception as e:  # noqa: BLE001 - reported in the table
-    msg = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-    raise Skip(f"skipped: its update needs more than losses and gradients ({msg})") from e
-  return bool(used)
+  weighting = getattr(tx, "weighting", None)
+  return weighting is not None and bool(weighting.needs_gram)
 
 
 def wrap_shared(tx, shared_mask):

@@ -149,3 +149,15 @@ def empty_init(params: Any) -> optax.EmptyState:
   """``init_fn`` of stateless methods."""
   del params
   return optax.EmptyState()
+
+
+def magnitude_scale(norms: jax.Array, tau) -> jax.Array:
+  """Magnitude factors ``s_i = tau * max_j n_j / n_i + 1 - tau``.
+
+  A task with ``n_i = 0`` gets ``s_i = 1`` (its gradient is zero in the
+  paper's setting, so any finite factor leaves it zero).
+  """
+  top = jnp.max(norms)
+  pos = norms > 0
+  ratio = jnp.where(pos, top / jnp.where(pos, norms, 1.0), 0.0)
+  return jnp.where(pos, tau * ratio + (1.0 - tau), 1.0)

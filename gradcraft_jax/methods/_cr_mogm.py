@@ -7,11 +7,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
-from gradcraft_jax.weighting import Weighting, check_method, from_weighting, query_weights
+from gradcraft_jax.weighting import Method, Weighting, from_weighting, weigh, weighting_of
 
 __all__ = ["cr_mogm", "cr_mogm_weights", "CRMOGMState"]
 
@@ -39,12 +38,12 @@ def cr_mogm_weights(new_weights: jax.Array, previous: jax.Array, *, alpha) -> ja
 
 
 def cr_mogm(
-  method: optax.GradientTransformation,
+  method: Any,
   alpha: float = 0.9,
   *,
   num_tasks: int,
   initial_weights: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""CR-MOGM: smooths any method's task weights with a moving average.
 
   Zhou, Zhang, Jiang, Zhong, Gu, Zhu, "On the Convergence of Stochastic
@@ -59,17 +58,16 @@ def cr_mogm(
   :math:`\hat\lambda_1` (the first update is the wrapped method's). Same
   convention as torchjd's ``CRMOGMWeighting`` (its ``alpha``; the paper's
   Corollary 1 lets :math:`\alpha_k` grow towards 1 as the learning rate
-  decays: schedule ``alpha`` with ``optax.inject_hyperparams``).
+  decays: schedule ``alpha`` with :func:`~gradcraft_jax.inject_hyperparams`).
 
-  It wraps any method transform of the library (also inside
-  ``optax.inject_hyperparams``): at each update it asks the method for its
-  weights (the ``WeightsQuery`` protocol, with whatever the method reads:
-  the Gram matrix, computed only if the method needs it, the losses, extra
-  arguments), updates the wrapped method's state, and returns the weighted
-  sum with the smoothed weights. It is itself a method built by
+  It wraps any method of the library that weights the tasks (also one built
+  by :func:`~gradcraft_jax.inject_hyperparams`): its weighting reads what
+  the wrapped weighting reads (the Gram matrix, computed only if needed,
+  the losses, extra arguments), calls it with the wrapped state, and
+  returns the smoothed weights. It is itself a method built by
   :func:`~gradcraft_jax.from_weighting`, so
-  :func:`~gradcraft_jax.task_weights`, ``optax.inject_hyperparams`` and the
-  lean training step work on it. When the wrapped weights are not finite
+  :func:`~gradcraft_jax.task_weights`, :func:`~gradcraft_jax.inject_hyperparams`
+  and the lean training step work on it. When the wrapped weights are not finite
   the update is NaN and the average is kept.
 
   Cost: the wrapped method's, plus ``O(T)``; state: the wrapped method's
@@ -79,17 +77,17 @@ def cr_mogm(
   gradients: not claimed).
 
   Args:
-    method: a method transform of the library.
+    method: a method of the library (or its :class:`~gradcraft_jax.Weighting`).
     alpha: EMA coefficient on the previous weights, in ``[0, 1]``
       (injectable). 0 returns the wrapped weights, 1 freezes them.
     num_tasks: the task count ``T``.
     initial_weights: optional ``(T,)`` :math:`\lambda_0`.
 
   Returns:
-    An optax transformation over stacked gradients.
+    A :class:`~gradcraft_jax.Method` over stacked gradients.
 
   Raises:
-    TypeError: if ``method`` is not a method transform of the library.
+    TypeError: if ``method`` has no task weights.
 
   >>> import jax.numpy as jnp
   >>> import gradcraft_jax as gj
@@ -100,8 +98,7 @@ def cr_mogm(
   >>> [round(float(x), 4) for x in state.weights]  # (.5, .5), then MGDA's (.9, .1)
   [0.7, 0.3]
   """
-  with jax.ensure_compile_time_eval():  # also when rebuilt inside a trace (inject_hyperparams)
-    check_method(method, "cr_mogm")
+  inner_w = weighting_of(method, "cr_mogm")
   check_hyperparameter("alpha", alpha, low=0.0, high=1.0, method="cr_mogm")
   check_num_tasks(num_tasks, "cr_mogm", required=True)
   if initial_weights is not None and jnp.shape(initial_weights) != (num_tasks,):
@@ -117,22 +114,18 @@ def cr_mogm(
       if initial_weights is None
       else jnp.asarray(initial_weights, dtype)
     )
-    return CRMOGMState(inner=method.init(params), weights=w0, count=jnp.asarray(start, jnp.int32))
+    return CRMOGMState(inner=inner_w.init(params), weights=w0, count=jnp.asarray(start, jnp.int32))
 
-  def weights_fn(gram, state, losses, *, num_tasks, query, **extra_args):
-    del gram
-    w_hat, inner = query_weights(
-      method,
+  def weights_fn(gram, state, losses, *, num_tasks, **extra_args):
+    w_hat, inner = weigh(
+      inner_w,
       state.inner,
       num_tasks=num_tasks,
-      gram_fn=query.gram_fn,
-      gram=query.gram,
-      stacked=query.stacked,
+      gram_fn=lambda leaves: gram,
       task_losses=losses,
-      caller="cr_mogm",
-      **extra_args,
+      dtype=jnp.float32 if losses is None else losses.dtype,
+      extra_args=extra_args,
     )
-    w_hat = jnp.asarray(w_hat)
     previous = jnp.where(state.count >= 1, state.weights.astype(w_hat.dtype), w_hat)
     lam = cr_mogm_weights(w_hat, previous, alpha=alpha)
     ok = jnp.all(jnp.isfinite(lam))
@@ -148,8 +141,9 @@ def cr_mogm(
       init_fn,
       weights_fn,
       name="cr_mogm",
-      needs_gram=False,
-      delegates=True,
+      needs_gram=inner_w.needs_gram,
+      needs_losses=inner_w.needs_losses,
       num_tasks=num_tasks,
+      gram_leaves=inner_w.gram_leaves,
     )
   )

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax import _cpu_gram
+from gradcraft_jax._guards import check_task_count
 from gradcraft_jax._stacked import accumulation_dtype, finite_probe, kernel_pass, weighted_sum
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
-from gradcraft_jax.methods._trimmed_mean import _check_tasks, _refuse_query
+from gradcraft_jax.weighting import CoordinatewiseMethod
 
 __all__ = ["excess_mtl", "excess_mtl_weights", "ExcessMTLState"]
 
@@ -197,10 +198,9 @@ def excess_mtl(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _refuse_query(updates, "excess_mtl")
     if not jax.tree_util.tree_leaves(updates):
       return updates, state
-    _check_tasks(updates, "excess_mtl", t0)
+    check_task_count(updates, "excess_mtl", t0)
     if jax.tree_util.tree_structure(updates) != jax.tree_util.tree_structure(state.sq_sum):
       raise ValueError(
         "excess_mtl: the stacked gradients do not have the structure of the parameters "
@@ -244,4 +244,4 @@ def excess_mtl(
     )
     return out, small._replace(sq_sum=sq_sum)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return CoordinatewiseMethod(init_fn, update_fn)

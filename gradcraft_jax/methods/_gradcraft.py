@@ -16,6 +16,7 @@ from gradcraft_jax._stacked import accumulation_dtype, is_concrete_number
 from gradcraft_jax.methods._common import (
   check_hyperparameter,
   check_num_tasks,
+  magnitude_scale,
   normalize_gram,
   pinv_psd,
 )
@@ -33,18 +34,6 @@ class GradCraftState(NamedTuple):
   """
 
   norm_ema: jax.Array
-
-
-def _safe_scale(norms: jax.Array, tau) -> jax.Array:
-  """Magnitude factors ``s_i = tau * max_j n_j / n_i + 1 - tau``.
-
-  A task with ``n_i = 0`` gets ``s_i = 1`` (its gradient is zero in the
-  paper's setting, so any finite factor leaves it zero).
-  """
-  top = jnp.max(norms)
-  pos = norms > 0
-  ratio = jnp.where(pos, top / jnp.where(pos, norms, 1.0), 0.0)
-  return jnp.where(pos, tau * ratio + (1.0 - tau), 1.0)
 
 
 def gradcraft_coefficients(
@@ -90,7 +79,7 @@ def gradcraft_coefficients(
   k = normalize_gram(gram)
   raw_norms = jnp.sqrt(jnp.clip(jnp.diagonal(k), 0.0))
   n = raw_norms if norms is None else jnp.asarray(norms, dtype)
-  s = _safe_scale(n, jnp.asarray(tau, dtype))
+  s = magnitude_scale(n, jnp.asarray(tau, dtype))
   h = s[:, None] * k * s[None, :]
   hat_norms = s * raw_norms
   conflict = h < 0  # (T, T); the diagonal is never negative

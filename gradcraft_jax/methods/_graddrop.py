@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import optax
 
 from gradcraft_jax import _cpu_gram
+from gradcraft_jax._guards import check_task_count
 from gradcraft_jax._stacked import finite_probe, kernel_pass, sum_over_tasks
 from gradcraft_jax.methods._common import check_num_tasks
-from gradcraft_jax.methods._trimmed_mean import _check_tasks, _refuse_query
+from gradcraft_jax.weighting import CoordinatewiseMethod
 
 __all__ = ["graddrop", "graddrop_combine", "GradDropState"]
 
@@ -186,10 +187,9 @@ def graddrop(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _refuse_query(updates, "graddrop")
     if not jax.tree_util.tree_leaves(updates):
       return updates, state
-    t = _check_tasks(updates, "graddrop", num_tasks)
+    t = check_task_count(updates, "graddrop", num_tasks)
     if leak is not None and jnp.shape(leak) != (t,):
       raise ValueError(f"graddrop: leak has shape {jnp.shape(leak)}, expected ({t},)")
     key, sub = jax.random.split(state.key)
@@ -198,4 +198,4 @@ def graddrop(
     # a non-finite input keeps the state (as the core does for weightings)
     return out, GradDropState(key=jnp.where(finite, key, state.key))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return CoordinatewiseMethod(init_fn, update_fn)

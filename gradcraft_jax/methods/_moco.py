@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gradcraft_jax._guards import all_finite, check_task_count
 from gradcraft_jax._stacked import gram_matrix, weighted_sum
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
 from gradcraft_jax.methods._cross_batch import project_simplex
-from gradcraft_jax.methods._trimmed_mean import _all_finite, _check_tasks, _refuse_query
+from gradcraft_jax.weighting import CoordinatewiseMethod
 
 __all__ = ["moco", "MoCoState"]
 
@@ -109,10 +110,9 @@ def moco(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _refuse_query(updates, "moco")
     if not jax.tree_util.tree_leaves(updates):
       return updates, state
-    _check_tasks(updates, "moco", t0)
+    check_task_count(updates, "moco", t0)
     if jax.tree_util.tree_structure(updates) != jax.tree_util.tree_structure(state.tracked):
       raise ValueError(
         "moco: the stacked gradients do not have the structure of the parameters given to init"
@@ -129,7 +129,7 @@ def moco(
     lam = project_simplex(lam - gamma * (k @ lam + rho * lam))
     out = weighted_sum(tracked, lam)
     out = jax.tree_util.tree_map(lambda x, g: x.astype(g.dtype), out, _first_row(updates))
-    finite = _all_finite(updates) & jnp.all(jnp.isfinite(k))
+    finite = all_finite(updates) & jnp.all(jnp.isfinite(k))
     out = jax.tree_util.tree_map(lambda x: jnp.where(finite, x, jnp.nan).astype(x.dtype), out)
     new_state = MoCoState(tracked=tracked, weights=lam.astype(state.weights.dtype))
     new_state = jax.tree_util.tree_map(
@@ -137,7 +137,7 @@ def moco(
     )
     return out, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return CoordinatewiseMethod(init_fn, update_fn)
 
 
 def _first_row(stacked):

@@ -18,9 +18,8 @@ from gradcraft_jax.methods._cross_batch import (
   guard_finite,
   project_simplex,
   read_cross_gram,
-  second_batch_transform,
 )
-from gradcraft_jax.weighting import Weighting
+from gradcraft_jax.weighting import Weighting, from_weighting
 
 __all__ = ["modo", "modo_weights", "MoDoState"]
 
@@ -124,6 +123,4 @@ def modo(
     new = modo_weights(k12, lam.astype(k12.dtype), gamma=gamma, rho=rho).astype(lam.dtype)
     return guard_finite(k12, new, MoDoState(weights=new), state)
 
-  return second_batch_transform(
-    Weighting(init_fn, weights_fn, name="modo", needs_gram=False, num_tasks=t0)
-  )
+  return from_weighting(Weighting(init_fn, weights_fn, name="modo", needs_gram=False, num_tasks=t0))

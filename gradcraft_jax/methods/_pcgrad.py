@@ -12,10 +12,10 @@ from gradcraft_jax.methods._common import (
   check_hyperparameter,
   check_int,
   check_num_tasks,
+  magnitude_scale,
   normalize_gram,
   task_permutations,
 )
-from gradcraft_jax.methods._gradcraft import _safe_scale
 from gradcraft_jax.weighting import Weighting, from_weighting
 
 __all__ = [
@@ -117,7 +117,7 @@ def pcgrad_plus_weights(gram: jax.Array, perms: jax.Array, *, tau, eps) -> jax.A
   k = normalize_gram(gram)
   dtype = k.dtype
   norms = jnp.sqrt(jnp.clip(jnp.diagonal(k), 0.0))
-  s = _safe_scale(norms, jnp.asarray(tau, dtype))
+  s = magnitude_scale(norms, jnp.asarray(tau, dtype))
   h = s[:, None] * k * s[None, :]
   hat_norms = s * norms
   target = jnp.asarray(eps, dtype) * hat_norms[:, None] * hat_norms[None, :]

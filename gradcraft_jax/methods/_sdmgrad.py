@@ -19,9 +19,8 @@ from gradcraft_jax.methods._cross_batch import (
   guard_finite,
   project_simplex,
   read_cross_gram,
-  second_batch_transform,
 )
-from gradcraft_jax.weighting import Weighting
+from gradcraft_jax.weighting import Weighting, from_weighting
 
 __all__ = ["sdmgrad", "sdmgrad_weights", "SDMGradState"]
 
@@ -170,6 +169,6 @@ def sdmgrad(
     new_state = SDMGradState(weights=w.astype(state.weights.dtype))
     return guard_finite(k12, upd_w, new_state, state)
 
-  return second_batch_transform(
+  return from_weighting(
     Weighting(init_fn, weights_fn, name="sdmgrad", needs_gram=False, num_tasks=t0)
   )

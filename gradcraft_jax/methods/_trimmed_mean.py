@@ -12,39 +12,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gradcraft_jax._guards import all_finite, check_task_count
 from gradcraft_jax._stacked import _UNROLL_MAX_TASKS
 from gradcraft_jax._stacked import num_tasks as _num_tasks
 from gradcraft_jax.methods._common import check_num_tasks, empty_init
-from gradcraft_jax.weighting import WeightsQuery
-from gradcraft_jax.weighting import _all_finite as _leaves_finite
+from gradcraft_jax.weighting import CoordinatewiseMethod
 
 __all__ = ["trimmed_mean", "trimmed_mean_combine"]
-
-
-def _check_tasks(stacked: Any, name: str, expected: int | None) -> int:
-  t = _num_tasks(stacked)
-  if expected is not None and t != int(expected):
-    raise ValueError(
-      f"{name}: built for num_tasks={expected} but the stacked gradients have {t} tasks "
-      "on their leading axis"
-    )
-  return t
-
-
-def _refuse_query(updates: Any, name: str) -> None:
-  """``TypeError`` for a :class:`~gradcraft_jax.WeightsQuery`: transforms
-  outside the Gram -> weights -> sum core have no task weights."""
-  if isinstance(updates, WeightsQuery):
-    raise TypeError(
-      f"{name} is not a weighting of the stacked gradients (see its docstring), so it has "
-      "no task weights: task_weights, the lean step and representation-level gradients do "
-      "not apply to it"
-    )
-
-
-def _all_finite(stacked: Any) -> jax.Array:
-  """Whether every leaf of a tree is finite (the core's check, on a tree)."""
-  return _leaves_finite(*jax.tree_util.tree_leaves(stacked))
 
 
 def trimmed_mean_combine(stacked: Any, trim_number: int) -> Any:
@@ -146,13 +120,12 @@ def trimmed_mean(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _refuse_query(updates, "trimmed_mean")
     if not jax.tree_util.tree_leaves(updates):
       return updates, state
-    _check_tasks(updates, "trimmed_mean", num_tasks)
+    check_task_count(updates, "trimmed_mean", num_tasks)
     out = trimmed_mean_combine(updates, trim_number)
-    finite = _all_finite(updates)
+    finite = all_finite(updates)
     out = jax.tree_util.tree_map(lambda x: jnp.where(finite, x, jnp.nan).astype(x.dtype), out)
     return out, state
 
-  return optax.GradientTransformationExtraArgs(empty_init, update_fn)
+  return CoordinatewiseMethod(empty_init, update_fn)
