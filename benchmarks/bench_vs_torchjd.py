@@ -51,7 +51,7 @@ def jax_methods():
     "cr_mogm": lambda t: gm.cr_mogm(gm.upgrad(), 0.9, num_tasks=t),
     # Krum is left out: it needs T >= 3 and the default task list starts at 2.
     "fairgrad": lambda t: gm.fairgrad(1.0),
-    "config": lambda t: gm.config(),
+    "conflict_free": lambda t: gm.conflict_free(),
     "dualproj": lambda t: gm.dualproj(),
     "trimmed_mean": lambda t: gm.trimmed_mean((t - 1) // 4),
     "graddrop": lambda t: gm.graddrop(),
@@ -79,7 +79,7 @@ def torchjd_methods():
       ta.CRMOGMWeighting(ta.UPGradWeighting(), alpha=0.9)
     ),
     "fairgrad": lambda t: ta.FairGrad(alpha=1.0),
-    "config": lambda t: ta.ConFIG(),
+    "conflict_free": lambda t: ta.ConFIG(),
     "dualproj": lambda t: ta.DualProj(),
     "trimmed_mean": lambda t: ta.TrimmedMean(trim_number=(t - 1) // 4),
     "graddrop": lambda t: ta.GradDrop(),

@@ -89,7 +89,7 @@ def main():
 
   optimizer = optax.adam(args.lr)
   t0 = time.perf_counter()
-  res = gradcraft_jax.train_prioritized(
+  res = gradcraft_jax.stages.train_prioritized(
     loss_fn,
     params0,
     batches,

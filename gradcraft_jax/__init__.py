@@ -6,47 +6,46 @@ the parameters whose leaves have a leading task axis ``T``):
 1. :func:`gram_matrix`: the ``(T, T)`` Gram matrix of the task gradients
    (skipped by methods that only read the losses);
 2. a :class:`Weighting`: Gram matrix, losses and state -> one weight per
-   task (``gradcraft_jax.methods``: one private module per method);
+   task;
 3. :func:`weighted_sum`: one combined update.
 
-:func:`from_weighting` turns a weighting into an optax transform; every
-factory (``gradcraft(...)``, ``mgda()``, ``mean()``, ``nmt(...)``, ...)
-returns one, to chain in front of any optax optimizer::
+Every factory (``gradcraft(...)``, ``mgda()``, ``mean()``, ``nmt(...)``, ...)
+returns a :class:`Method`, an optax transform that carries its weighting, to
+chain in front of any optax optimizer::
 
     losses, grads = gradcraft_jax.per_task_value_and_grad(loss_fn)(params, batch)
     tx = optax.chain(gradcraft_jax.gradcraft(tau=0.5, eps=0.1), optax.adam(1e-3))
     updates, opt_state = tx.update(grads, opt_state, params)
 
-Public modules: :mod:`gradcraft_jax.weighting` (the core), and the
-per-task, representation-level, diagnostics and stage-driver helpers
-re-exported here; ``gradcraft_jax.methods`` holds every method (GradCraft
-and NMT follow the same one-module-per-method rule as the others).
+or to pass to the lean training step :func:`combined_value_and_grad`, which
+forms the combined gradient without the stacked gradients.
+
+The top level holds the common path: the core, the gradient producers, the
+optax wrappers and every method factory. The rest lives in named modules:
+:mod:`gradcraft_jax.methods` (each method's state NamedTuple and pure
+``*_weights`` / ``*_step`` functions), :mod:`gradcraft_jax.diagnostics`
+(gradient cosines and conflict counts), :mod:`gradcraft_jax.stages` (NMT's
+stage driver), :mod:`gradcraft_jax.wrappers` (the wrappers' states) and
+:mod:`gradcraft_jax.datasets` (the bundled Census-Income data, imported on
+first use).
 """
 
-# Step 1 and 3 of the core: Gram matrix and weighted sum of stacked gradients.
-from gradcraft_jax._stacked import gram_matrix, num_tasks, weighted_sum
-from gradcraft_jax.diagnostics import (
-  GradientStats,
-  conflict_counts,
-  cosines_from_gram,
-  gradient_cosines,
-  gradient_stats,
-)
+from gradcraft_jax import diagnostics, methods, stages, wrappers
 
-# Per-task gradients and the training-step helpers built on the core.
+# Steps 1 and 3 of the core: Gram matrix and weighted sum of stacked gradients.
+from gradcraft_jax._stacked import cross_gram, gram_matrix, weighted_sum
+
+# Gradient producers: stacked per-task gradients, the lean step, representations.
 from gradcraft_jax.lean import combined_value_and_grad, gram_coverage
 
-# Every method, each a Weighting turned into an optax transform.
+# Every method factory.
 from gradcraft_jax.methods import (
-  GradCraftState,
-  NMTState,
   aligned_mtl,
   cagrad,
-  config,
+  conflict_free,
   constant,
   cosmos,
   cr_mogm,
-  cross_gram,
   dbmtl,
   dualproj,
   dwa,
@@ -55,8 +54,6 @@ from gradcraft_jax.methods import (
   famo,
   gls,
   gradcraft,
-  gradcraft_coefficients,
-  gradcraft_weights,
   graddrop,
   gradnorm,
   gradvac,
@@ -70,9 +67,6 @@ from gradcraft_jax.methods import (
   modo,
   nash_mtl,
   nmt,
-  nmt_loss,
-  nmt_update_multipliers,
-  nmt_weights,
   pbi,
   pcgrad,
   pcgrad_plus,
@@ -83,10 +77,8 @@ from gradcraft_jax.methods import (
   uncertainty_weighting,
   upgrad,
 )
-from gradcraft_jax.methods._common import pinv_psd
 from gradcraft_jax.per_task import per_task_value_and_grad
 from gradcraft_jax.representation import representation_value_and_grad
-from gradcraft_jax.stages import PrioritizedResult, StageHistory, train_prioritized
 
 # Step 2 of the core: the weighting object and the transform built from it.
 from gradcraft_jax.weighting import (
@@ -101,10 +93,7 @@ from gradcraft_jax.weighting import (
 
 # Wrappers: shared-only crafting, skipping non-finite steps, accumulation.
 from gradcraft_jax.wrappers import (
-  ApplyIfFiniteState,
   MultiSteps,
-  MultiStepsState,
-  SharedOnlyState,
   apply_if_finite,
   label_by_path,
   shared_only,
@@ -112,6 +101,74 @@ from gradcraft_jax.wrappers import (
 )
 
 __version__ = "0.1.0"
+
+__all__ = [
+  # the core: Gram matrix -> weighting -> weighted sum
+  "CoordinatewiseMethod",
+  "Method",
+  "Weighting",
+  "cross_gram",
+  "from_weighting",
+  "gram_matrix",
+  "inject_hyperparams",
+  "task_weights",
+  "weighted_sum",
+  "weighting_of",
+  # gradients
+  "combined_value_and_grad",
+  "gram_coverage",
+  "per_task_value_and_grad",
+  "representation_value_and_grad",
+  # wrappers
+  "MultiSteps",
+  "apply_if_finite",
+  "label_by_path",
+  "shared_only",
+  "task_sum",
+  # the two headline methods
+  "gradcraft",
+  "nmt",
+  # the methods they are compared with
+  "aligned_mtl",
+  "cagrad",
+  "conflict_free",
+  "constant",
+  "cosmos",
+  "cr_mogm",
+  "dbmtl",
+  "dualproj",
+  "dwa",
+  "excess_mtl",
+  "fairgrad",
+  "famo",
+  "gls",
+  "graddrop",
+  "gradnorm",
+  "gradvac",
+  "imtl",
+  "imtl_g",
+  "imtl_l",
+  "krum",
+  "mean",
+  "mgda",
+  "moco",
+  "modo",
+  "nash_mtl",
+  "pbi",
+  "pcgrad",
+  "pcgrad_plus",
+  "rlw",
+  "sdmgrad",
+  "stch",
+  "trimmed_mean",
+  "uncertainty_weighting",
+  "upgrad",
+  # modules
+  "diagnostics",
+  "methods",
+  "stages",
+  "wrappers",
+]
 
 
 def __getattr__(name):
@@ -122,90 +179,3 @@ def __getattr__(name):
 
     return importlib.import_module("gradcraft_jax.datasets")
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [
-  # the core: Gram matrix -> weighting -> weighted sum
-  "CoordinatewiseMethod",
-  "Method",
-  "Weighting",
-  "from_weighting",
-  "inject_hyperparams",
-  "weighting_of",
-  "gram_matrix",
-  "num_tasks",
-  "pinv_psd",
-  "task_weights",
-  "weighted_sum",
-  # wrappers
-  "ApplyIfFiniteState",
-  "MultiSteps",
-  "MultiStepsState",
-  "SharedOnlyState",
-  "apply_if_finite",
-  "label_by_path",
-  "shared_only",
-  "task_sum",
-  # gradients and diagnostics
-  "combined_value_and_grad",
-  "gram_coverage",
-  "per_task_value_and_grad",
-  "representation_value_and_grad",
-  "GradientStats",
-  "conflict_counts",
-  "cosines_from_gram",
-  "gradient_cosines",
-  "gradient_stats",
-  # GradCraft
-  "GradCraftState",
-  "gradcraft",
-  "gradcraft_coefficients",
-  "gradcraft_weights",
-  # NMT
-  "NMTState",
-  "nmt",
-  "nmt_loss",
-  "nmt_update_multipliers",
-  "nmt_weights",
-  "PrioritizedResult",
-  "StageHistory",
-  "train_prioritized",
-  # comparison methods
-  "aligned_mtl",
-  "cagrad",
-  "dbmtl",
-  "dwa",
-  "gradvac",
-  "imtl",
-  "imtl_g",
-  "mean",
-  "mgda",
-  "nash_mtl",
-  "pcgrad",
-  "pcgrad_plus",
-  "uncertainty_weighting",
-  "upgrad",
-  # issue 14: loss-only weightings, GradNorm, CR-MOGM
-  "cr_mogm",
-  "famo",
-  "gls",
-  "gradnorm",
-  "imtl_l",
-  "rlw",
-  "stch",
-  "constant",
-  "cosmos",
-  "pbi",
-  # issue 14: Gram-based, elementwise, cross-batch, full-gradient state
-  "config",
-  "cross_gram",
-  "dualproj",
-  "excess_mtl",
-  "fairgrad",
-  "graddrop",
-  "krum",
-  "moco",
-  "modo",
-  "sdmgrad",
-  "trimmed_mean",
-]

@@ -36,7 +36,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax import _dense_gram
 from gradcraft_jax._guards import all_finite, keep_state_unless
@@ -90,7 +89,7 @@ def gram_coverage(
 
 def combined_value_and_grad(
   fun: Callable[..., Any],
-  method: optax.GradientTransformation,
+  method: Any,
   argnums: int | Sequence[int] = 0,
   has_aux: bool = False,
   *,

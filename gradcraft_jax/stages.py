@@ -172,7 +172,7 @@ def train_prioritized(
       tenth of the stage, at least one step).
     eval_fn: optional ``params -> (T,)`` losses used for the targets instead.
     use_nmt_loss: if true, stages ``k >= 1`` take one gradient of the
-      scalar :func:`gradcraft_jax.nmt_loss` (one backward pass) instead of
+      scalar :func:`gradcraft_jax.methods.nmt_loss` (one backward pass) instead of
       running :func:`gradcraft_jax.nmt` on ``k + 1`` stacked task gradients;
       both give the same update.
 

@@ -115,7 +115,7 @@ CASES = [
   ),
   MethodCase("graddrop", lambda t: m.graddrop(seed=1, num_tasks=t), weighting=False),
   MethodCase("fairgrad", lambda t: m.fairgrad(2.0, num_tasks=t)),
-  MethodCase("config", lambda t: m.config(num_tasks=t)),
+  MethodCase("conflict_free", lambda t: m.conflict_free(num_tasks=t)),
   MethodCase("dualproj", lambda t: m.dualproj(num_tasks=t), nonconflicting=True),
   MethodCase("modo", lambda t: m.modo(0.1, num_tasks=t), extra=cross_gram_extra),
   MethodCase("sdmgrad", lambda t: m.sdmgrad(0.3, num_tasks=t), extra=cross_gram_extra),

@@ -61,7 +61,7 @@ def test_mkdocs_build_strict(tmp_path):
   # Objects are documented under their public names: stable anchors.
   for anchor in (
     "gradcraft_jax.gradcraft",
-    "gradcraft_jax.gradcraft_weights",
+    "gradcraft_jax.methods.gradcraft_weights",
     "gradcraft_jax.mgda",
     "gradcraft_jax.methods.mgda_weights",
     "gradcraft_jax.Weighting",

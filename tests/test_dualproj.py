@@ -9,10 +9,10 @@ from gram_method_helpers import rand_j, run, torch64
 from gradcraft_jax.methods import dualproj
 
 
-def primal_projection(j, pref=None):
+def primal_projection(j, preference=None):
   cp = pytest.importorskip("cvxpy")
   t, d = j.shape
-  target = (np.full(t, 1.0 / t) if pref is None else pref) @ j
+  target = (np.full(t, 1.0 / t) if preference is None else preference) @ j
   x = cp.Variable(d)
   cp.Problem(cp.Minimize(cp.sum_squares(x - target)), [j @ x >= 0]).solve()
   return x.value
@@ -44,6 +44,6 @@ def test_no_conflict_is_mean_and_preference():
   j = np.array([[1.0, 0.2, 0.0], [0.3, 1.0, 0.1], [0.0, 0.1, 2.0]])
   (out,), _ = run(dualproj(), [j])
   np.testing.assert_allclose(out, j.mean(0), rtol=1e-5)
-  pref = np.array([0.7, 0.2, 0.1])
-  (out,), _ = run(dualproj(pref=jnp.asarray(pref)), [j])
-  np.testing.assert_allclose(out, pref @ j, rtol=1e-5)
+  preference = np.array([0.7, 0.2, 0.1])
+  (out,), _ = run(dualproj(preference=jnp.asarray(preference)), [j])
+  np.testing.assert_allclose(out, preference @ j, rtol=1e-5)

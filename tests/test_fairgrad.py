@@ -95,9 +95,9 @@ def test_hyperparameters_validated_and_injectable():
 
   with pytest.raises(ValueError, match="alpha"):
     fairgrad(-1.0)
-  with pytest.raises(ValueError, match="max_iter"):
-    fairgrad(max_iter=0)
-  tx = optax.inject_hyperparams(fairgrad, static_args=("max_iter",))(alpha=2.0)
+  with pytest.raises(ValueError, match="num_iters"):
+    fairgrad(num_iters=0)
+  tx = optax.inject_hyperparams(fairgrad, static_args=("num_iters",))(alpha=2.0)
   j = np.diag([1.0, 4.0])
   (out,), _ = run(tx, [j])
   (ref,), _ = run(fairgrad(2.0), [j])

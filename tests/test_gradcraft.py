@@ -92,7 +92,7 @@ def test_zero_task_stays_zero_and_all_zero_gives_zero():
   for v in stacked.values():
     v[2] = 0.0
   with jax.enable_x64(True):
-    s, w = gj.gradcraft_coefficients(gj.gram_matrix(stacked), tau=1.0, eps=0.2)
+    s, w = gj.methods.gradcraft_coefficients(gj.gram_matrix(stacked), tau=1.0, eps=0.2)
     assert np.all(np.isfinite(s)) and np.all(np.isfinite(w))
     # the zero task receives no projection and is never used as a direction
     assert np.all(np.asarray(w)[2] == 0) and np.all(np.asarray(w)[:, 2] == 0)
@@ -113,7 +113,7 @@ def test_duplicate_tasks_give_minimum_norm_solution():
   stacked = {"a": flat[:, :12].reshape(5, 3, 4), "b": flat[:, 12:]}
   with jax.enable_x64(True):
     k = gj.gram_matrix(stacked)
-    s, w = gj.gradcraft_coefficients(k, tau=0.5, eps=0.1)
+    s, w = gj.methods.gradcraft_coefficients(k, tau=0.5, eps=0.1)
     update, _ = run(gj.gradcraft(0.5, 0.1), stacked)
   expected, _, _ = gradcraft_numpy(flat, 0.5, 0.1, pinv="plain")
   got = np.concatenate([np.ravel(update["a"]), np.ravel(update["b"])])
@@ -259,7 +259,7 @@ def test_multisteps_accumulates_then_applies():
 # ------------------------------------------------------------------ properties
 
 PAD_WIDTH = 40
-_coefficients = jax.jit(gj.gradcraft_coefficients)
+_coefficients = jax.jit(gj.methods.gradcraft_coefficients)
 
 
 @jax.jit

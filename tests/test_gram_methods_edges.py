@@ -11,7 +11,7 @@ from gradcraft_jax import methods as m
 
 MAKE = {
   "fairgrad": lambda t: m.fairgrad(2.0, num_tasks=t),
-  "config": lambda t: m.config(num_tasks=t),
+  "conflict_free": lambda t: m.conflict_free(num_tasks=t),
   "dualproj": lambda t: m.dualproj(num_tasks=t),
   "krum": lambda t: m.krum(0, num_tasks=t),
   "trimmed_mean": lambda t: m.trimmed_mean(1 if t >= 3 else 0, num_tasks=t),

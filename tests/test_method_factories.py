@@ -41,7 +41,7 @@ def test_hyperparameter_validation():
     lambda: m.dwa(0.0, num_tasks=2),
     lambda: m.imtl(-1, num_tasks=2),
     lambda: m.uncertainty_weighting(-1, num_tasks=2),
-    lambda: m.mgda(max_iters=0),
+    lambda: m.mgda(num_iters=0),
     lambda: m.dwa(num_tasks=0),
     lambda: m.gradvac(num_tasks=None),
   ]:

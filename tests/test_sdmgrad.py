@@ -30,5 +30,5 @@ def test_large_lambda_tends_to_mean_and_validation():
   np.testing.assert_allclose(out, a.mean(0), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="momentum"):
     sdmgrad(momentum=1.0, num_tasks=2)
-  with pytest.raises(ValueError, match="n_iter"):
-    sdmgrad(n_iter=0, num_tasks=2)
+  with pytest.raises(ValueError, match="num_iters"):
+    sdmgrad(num_iters=0, num_tasks=2)

@@ -57,10 +57,10 @@ BAD_ARGS = [
   (gj.gradcraft, {"norm_decay": 0.9}, "num_tasks"),
   # mean
   (m.mean, {"num_tasks": 0}, "num_tasks"),
-  # MGDA: max_iters a positive int
-  (m.mgda, {"max_iters": 0}, "max_iters"),
-  (m.mgda, {"max_iters": 2.5}, "max_iters"),
-  (m.mgda, {"max_iters": True}, "max_iters"),
+  # MGDA: num_iters a positive int
+  (m.mgda, {"num_iters": 0}, "num_iters"),
+  (m.mgda, {"num_iters": 2.5}, "num_iters"),
+  (m.mgda, {"num_iters": True}, "num_iters"),
   # PCGrad / PCGrad+: int seed; tau in [0, 1], eps >= 0
   (m.pcgrad, {"seed": 1.5}, "seed"),
   (m.pcgrad, {"seed": True}, "seed"),
@@ -79,9 +79,9 @@ BAD_ARGS = [
   # CAGrad: c >= 0, norm_eps >= 0, positive int iteration counts, bool rescale
   (m.cagrad, {"c": -0.1}, "c"),
   (m.cagrad, {"norm_eps": -1.0}, "norm_eps"),
-  (m.cagrad, {"outer": 0}, "outer"),
-  (m.cagrad, {"inner": 2.0}, "inner"),
-  (m.cagrad, {"outer": True}, "outer"),
+  (m.cagrad, {"outer_iters": 0}, "outer_iters"),
+  (m.cagrad, {"inner_iters": 2.0}, "inner_iters"),
+  (m.cagrad, {"outer_iters": True}, "outer_iters"),
   (m.cagrad, {"rescale": 1}, "rescale"),
   # DB-MTL: beta in [0, 1), beta_sigma >= 0, eps >= 0, num_tasks required
   (m.dbmtl, {"beta": 1.0, "num_tasks": 2}, "beta"),
@@ -94,16 +94,16 @@ BAD_ARGS = [
   # uncertainty weighting: lr >= 0, num_tasks required
   (m.uncertainty_weighting, {"lr": -1.0, "num_tasks": 2}, "lr"),
   (m.uncertainty_weighting, {"num_tasks": None}, "num_tasks"),
-  # Nash-MTL: positive int max_iter, ridge >= 0, max_norm >= 0
-  (m.nash_mtl, {"max_iter": 0}, "max_iter"),
-  (m.nash_mtl, {"max_iter": 3.0}, "max_iter"),
+  # Nash-MTL: positive int num_iters, ridge >= 0, max_norm >= 0
+  (m.nash_mtl, {"num_iters": 0}, "num_iters"),
+  (m.nash_mtl, {"num_iters": 3.0}, "num_iters"),
   (m.nash_mtl, {"ridge": -1.0}, "ridge"),
   (m.nash_mtl, {"max_norm": -1.0}, "max_norm"),
   # Aligned-MTL: scale_mode one of the documented modes
   (m.aligned_mtl, {"scale_mode": "max"}, "scale_mode"),
-  # UPGrad: positive int num_iter, reg_eps >= 0
-  (m.upgrad, {"num_iter": 0}, "num_iter"),
-  (m.upgrad, {"num_iter": False}, "num_iter"),
+  # UPGrad: positive int num_iters, reg_eps >= 0
+  (m.upgrad, {"num_iters": 0}, "num_iters"),
+  (m.upgrad, {"num_iters": False}, "num_iters"),
   (m.upgrad, {"reg_eps": -1.0}, "reg_eps"),
   # NMT: finite 1-D targets, lagrange_lr >= 0, lagrange_clip >= 0,
   # init_multiplier in [0, clip]
@@ -135,12 +135,12 @@ GOOD_ARGS = [
   (gj.gradcraft, {"tau": 0.0, "eps": 0.0}),
   (gj.gradcraft, {"tau": 1, "norm_decay": 0.0}),
   (gj.gradcraft, {"norm_decay": 0.99, "num_tasks": 2}),
-  (m.mgda, {"max_iters": 1}),
+  (m.mgda, {"num_iters": 1}),
   (m.pcgrad, {"seed": np.int32(3)}),
-  (m.cagrad, {"c": 0.0, "rescale": True, "outer": 1, "inner": 1}),
+  (m.cagrad, {"c": 0.0, "rescale": True, "outer_iters": 1, "inner_iters": 1}),
   (m.dbmtl, {"beta": 0.0, "num_tasks": 2}),
-  (m.nash_mtl, {"max_iter": 1, "ridge": 0.0}),
-  (m.upgrad, {"num_iter": 1, "reg_eps": 0.0}),
+  (m.nash_mtl, {"num_iters": 1, "ridge": 0.0}),
+  (m.upgrad, {"num_iters": 1, "reg_eps": 0.0}),
   (gj.nmt, {"targets": [0.5], "lagrange_lr": 0.0, "lagrange_clip": 0.0}),
 ]
 

@@ -192,7 +192,7 @@ INJECTED = [
   ("pcgrad_plus", lambda t: gj.inject_hyperparams(m.pcgrad_plus)(tau=0.3, eps=0.05), False),
   (
     "cagrad",
-    lambda t: gj.inject_hyperparams(m.cagrad, static_args=("outer", "inner"))(c=0.4),
+    lambda t: gj.inject_hyperparams(m.cagrad, static_args=("outer_iters", "inner_iters"))(c=0.4),
     False,
   ),
   ("dwa", lambda t: gj.inject_hyperparams(m.dwa)(1.5, num_tasks=t), True),
@@ -307,7 +307,7 @@ def test_optax_inject_hyperparams_still_works_on_the_stacked_path(name, make, ne
     "uncertainty_weighting": (m.uncertainty_weighting, (0.1,), {"num_tasks": T}),
   }
   factory, args, kwargs = factory_args[name]
-  static = ("outer", "inner") if name == "cagrad" else ()
+  static = ("outer_iters", "inner_iters") if name == "cagrad" else ()
   ours = gj.inject_hyperparams(factory, static_args=static)(*args, **kwargs)
   theirs = optax.inject_hyperparams(factory, static_args=static)(*args, **kwargs)
   rng = np.random.default_rng(7)

@@ -8,13 +8,20 @@ two headline methods, follow the same rule as the methods they are compared
 with (``_gradcraft.py``, ``_nmt.py``); the package namespace re-exports them
 all.
 
-Each module also exports the method's weighting as a pure function,
-``<method>_weights``, with one rule for their signatures: the first
-positional argument is what the weighting reads (the ``(T, T)`` Gram matrix
-for every method that reads it; the losses or the method's state arrays for
-loss-only methods; the task count for :func:`mean_weights`), everything else
-is keyword-only or the method's state arrays, and the result is the ``(T,)``
-weights ``w`` with update ``sum_i w_i g_i``.
+Each module also exports the method's state NamedTuple (``<Method>State``)
+and its weighting as a pure function, by one rule:
+
+* ``<method>_weights(reads, *state_arrays, **hyperparameters) -> (T,)``: the
+  first positional argument is what the weighting reads (the ``(T, T)`` Gram
+  matrix for every method that reads it, the cross Gram matrix for the
+  two-batch methods; the losses for loss-only methods; the task count for
+  :func:`mean_weights`), then the method's state arrays, then keyword-only
+  hyperparameters; the result is the ``(T,)`` weights ``w`` of the update
+  ``sum_i w_i g_i``;
+* ``<method>_step(...) -> (weights, new_state_arrays)``, same arguments,
+  where one computation gives both the weights and the method's next state
+  (DB-MTL, GradVac, SDMGrad, GradNorm, IMTL's and uncertainty weighting's
+  log-scale steps).
 """
 
 from gradcraft_jax.methods._aligned_mtl import (
@@ -23,12 +30,13 @@ from gradcraft_jax.methods._aligned_mtl import (
   aligned_mtl_weights,
 )
 from gradcraft_jax.methods._cagrad import cagrad, cagrad_weights
-from gradcraft_jax.methods._config import config, config_weights
+from gradcraft_jax.methods._common import pinv_psd
+from gradcraft_jax.methods._conflict_free import conflict_free, conflict_free_weights
 from gradcraft_jax.methods._constant import constant, constant_weights
 from gradcraft_jax.methods._cosmos import cosmos, cosmos_weights
 from gradcraft_jax.methods._cr_mogm import CRMOGMState, cr_mogm, cr_mogm_weights
 from gradcraft_jax.methods._cross_batch import cross_gram
-from gradcraft_jax.methods._dbmtl import DBMTLState, dbmtl, dbmtl_weights
+from gradcraft_jax.methods._dbmtl import DBMTLState, dbmtl, dbmtl_step
 from gradcraft_jax.methods._dualproj import dualproj, dualproj_weights
 from gradcraft_jax.methods._dwa import DWAState, dwa, dwa_weights
 from gradcraft_jax.methods._excess_mtl import ExcessMTLState, excess_mtl, excess_mtl_weights
@@ -48,7 +56,7 @@ from gradcraft_jax.methods._gradnorm import (
   gradnorm_step,
   gradnorm_weights,
 )
-from gradcraft_jax.methods._gradvac import GradVacState, gradvac, gradvac_weights
+from gradcraft_jax.methods._gradvac import GradVacState, gradvac, gradvac_step
 from gradcraft_jax.methods._imtl import (
   IMTLState,
   imtl,
@@ -79,7 +87,7 @@ from gradcraft_jax.methods._pcgrad import (
   pcgrad_weights,
 )
 from gradcraft_jax.methods._rlw import RLWState, rlw, rlw_weights
-from gradcraft_jax.methods._sdmgrad import SDMGradState, sdmgrad, sdmgrad_weights
+from gradcraft_jax.methods._sdmgrad import SDMGradState, sdmgrad, sdmgrad_step
 from gradcraft_jax.methods._stch import STCHState, stch, stch_weights
 from gradcraft_jax.methods._trimmed_mean import trimmed_mean, trimmed_mean_combine
 from gradcraft_jax.methods._uncertainty import (
@@ -90,6 +98,7 @@ from gradcraft_jax.methods._uncertainty import (
 from gradcraft_jax.methods._upgrad import dual_cone_weights, upgrad, upgrad_weights
 
 __all__ = [
+  "pinv_psd",
   "DBMTLState",
   "DWAState",
   "GradCraftState",
@@ -104,7 +113,7 @@ __all__ = [
   "cagrad",
   "cagrad_weights",
   "dbmtl",
-  "dbmtl_weights",
+  "dbmtl_step",
   "dual_cone_weights",
   "dwa",
   "dwa_weights",
@@ -112,7 +121,7 @@ __all__ = [
   "gradcraft_coefficients",
   "gradcraft_weights",
   "gradvac",
-  "gradvac_weights",
+  "gradvac_step",
   "imtl",
   "imtl_g",
   "imtl_g_weights",
@@ -135,7 +144,6 @@ __all__ = [
   "uncertainty_weights",
   "upgrad",
   "upgrad_weights",
-  # issue 14: loss-only weightings, GradNorm, CR-MOGM
   "CRMOGMState",
   "FAMOState",
   "GradNormState",
@@ -164,14 +172,13 @@ __all__ = [
   "cosmos_weights",
   "pbi",
   "pbi_weights",
-  # issue 14: Gram-based, elementwise, cross-batch, full-gradient state
   "ExcessMTLState",
   "GradDropState",
   "MoCoState",
   "MoDoState",
   "SDMGradState",
-  "config",
-  "config_weights",
+  "conflict_free",
+  "conflict_free_weights",
   "cross_gram",
   "dualproj",
   "dualproj_weights",
@@ -187,7 +194,7 @@ __all__ = [
   "modo",
   "modo_weights",
   "sdmgrad",
-  "sdmgrad_weights",
+  "sdmgrad_step",
   "trimmed_mean",
   "trimmed_mean_combine",
 ]

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import check_num_tasks, empty_init, normalize_gram
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["aligned_mtl", "aligned_mtl_weights", "aligned_mtl_balance"]
 
@@ -69,7 +68,7 @@ def aligned_mtl_balance(gram: jax.Array, scale_mode: str = "min") -> jax.Array:
 
 
 def aligned_mtl_weights(
-  gram: jax.Array, scale_mode: str = "min", pref: jax.Array | None = None
+  gram: jax.Array, *, scale_mode: str = "min", preference: jax.Array | None = None
 ) -> jax.Array:
   r"""Aligned-MTL weights on the raw gradients: ``B^T p`` (``B`` symmetric).
 
@@ -78,14 +77,12 @@ def aligned_mtl_weights(
   :math:`\sum_j (B p)_j g_j`.
   """
   t = gram.shape[0]
-  if pref is None:
-    pref = jnp.full((t,), 1.0 / t, gram.dtype)
-  return aligned_mtl_balance(gram, scale_mode) @ jnp.asarray(pref, gram.dtype)
+  if preference is None:
+    preference = jnp.full((t,), 1.0 / t, gram.dtype)
+  return aligned_mtl_balance(gram, scale_mode) @ jnp.asarray(preference, gram.dtype)
 
 
-def aligned_mtl(
-  scale_mode: str = "min", *, num_tasks: int | None = None
-) -> optax.GradientTransformationExtraArgs:
+def aligned_mtl(scale_mode: str = "min", *, num_tasks: int | None = None) -> Method:
   r"""Aligned-MTL (Senushkin et al., CVPR 2023, arXiv:2305.19000).
 
   Aligns the principal components of the gradient matrix: with
@@ -128,6 +125,6 @@ def aligned_mtl(
 
   def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
-    return aligned_mtl_weights(gram, scale_mode), state
+    return aligned_mtl_weights(gram, scale_mode=scale_mode), state
 
   return from_weighting(Weighting(empty_init, weights_fn, name="aligned_mtl", num_tasks=num_tasks))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import (
   check_flag,
@@ -19,7 +18,7 @@ from gradcraft_jax.methods._common import (
   normalize_gram,
   pinv_psd,
 )
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["cagrad", "cagrad_weights", "cagrad_simplex_solve"]
 
@@ -27,15 +26,21 @@ _GROWTH = 4.0
 
 
 def cagrad_simplex_solve(
-  k: jax.Array, a: jax.Array, rho: jax.Array, *, outer: int = 8, inner: int = 5, growth: float = 8.0
+  k: jax.Array,
+  a: jax.Array,
+  rho: jax.Array,
+  *,
+  outer_iters: int = 8,
+  inner_iters: int = 5,
+  growth: float = 8.0,
 ) -> jax.Array:
   r"""``argmin_{w in simplex} a^T w + rho sqrt(w^T K w)`` by a barrier method.
 
   The problem is written as the second-order-cone program
   :math:`\min a^\top w + \rho s` over :math:`w \ge 0`,
   :math:`\mathbf 1^\top w = 1`, :math:`s^2 \ge w^\top K w`, and solved by
-  the classic barrier method: for :math:`t = growth^k`, ``k < outer``,
-  ``inner`` damped Newton steps (step ``1/(1 + lambda)`` while the Newton
+  the classic barrier method: for :math:`t = growth^k`, ``k < outer_iters``,
+  ``inner_iters`` damped Newton steps (step ``1/(1 + lambda)`` while the Newton
   decrement ``lambda >= 1/4``, full steps after) on the self-concordant
   function
 
@@ -51,7 +56,7 @@ def cagrad_simplex_solve(
     k: ``(T, T)`` PSD matrix, scaled so its largest diagonal entry is about 1.
     a: ``(T,)`` linear term.
     rho: positive scalar.
-    outer, inner: static iteration counts.
+    outer_iters, inner_iters: static iteration counts.
     growth: factor between barrier parameters.
 
   Returns:
@@ -65,7 +70,7 @@ def cagrad_simplex_solve(
 
   def step(i, x):
     w, s = x[:-1], x[-1]
-    tb = growth ** (i // inner).astype(dtype)
+    tb = growth ** (i // inner_iters).astype(dtype)
     kw = k @ w
     r = s * s - w @ kw
     grad = jnp.concatenate([tb * a - 1.0 / w + 2.0 * kw / r, (tb * rho - 2.0 * s / r)[None]])
@@ -95,7 +100,7 @@ def cagrad_simplex_solve(
   w0 = jnp.full((t_dim,), 1.0 / t_dim, dtype)
   s0 = jnp.sqrt(jnp.clip(w0 @ k @ w0, 0.0)) + 1.0
   x0 = jnp.concatenate([w0, s0[None]])
-  x = jax.lax.fori_loop(0, outer * inner, step, x0)
+  x = jax.lax.fori_loop(0, outer_iters * inner_iters, step, x0)
   return x[:-1]
 
 
@@ -154,8 +159,8 @@ def cagrad_weights(
   c,
   rescale: bool = False,
   norm_eps: float = 1e-4,
-  outer: int = 12,
-  inner: int = 6,
+  outer_iters: int = 12,
+  inner_iters: int = 6,
 ) -> jax.Array:
   r"""CAGrad's update as weights on the raw gradients.
 
@@ -177,7 +182,7 @@ def cagrad_weights(
     c: ball radius factor ``>= 0``.
     rescale: divide by ``1 + c^2`` (the paper's / LibMTL's ``rescale=1``).
     norm_eps: relative threshold on ``||g_w||`` (torchjd's ``norm_eps``).
-    outer, inner: barrier-method iteration counts (static).
+    outer_iters, inner_iters: barrier-method iteration counts (static).
 
   Returns:
     ``(T,)`` weights.
@@ -192,7 +197,9 @@ def cagrad_weights(
   rho = c * jnp.sqrt(jnp.clip(mean @ a, 0.0))
   use_mean = ~(rho > 0)
   safe_rho = jnp.where(use_mean, 1.0, rho)
-  w = cagrad_simplex_solve(k, a, safe_rho, outer=outer, inner=inner, growth=_GROWTH)
+  w = cagrad_simplex_solve(
+    k, a, safe_rho, outer_iters=outer_iters, inner_iters=inner_iters, growth=_GROWTH
+  )
   w_pol, _, ok = _polish(k, a, safe_rho, w)
   w = jnp.where(ok, w_pol, w)
   gw = jnp.sqrt(jnp.clip(w @ k @ w, 0.0))
@@ -211,10 +218,10 @@ def cagrad(
   *,
   rescale: bool = False,
   norm_eps: float = 1e-4,
-  outer: int = 12,
-  inner: int = 6,
+  outer_iters: int = 12,
+  inner_iters: int = 6,
   num_tasks: int | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""CAGrad (Liu et al., NeurIPS 2021, arXiv:2110.14048).
 
   Maximises the worst local improvement :math:`\min_i \langle g_i, d\rangle`
@@ -249,7 +256,7 @@ def cagrad(
     rescale: divide the update by ``1 + c^2``.
     norm_eps: below ``||g_w|| < norm_eps * sqrt(tr K)`` the update is zero
       (torchjd's convention).
-    outer, inner: barrier-method iteration counts (static).
+    outer_iters, inner_iters: barrier-method iteration counts (static).
     num_tasks: optional task count; a mismatch raises at ``update``.
 
   Returns:
@@ -264,15 +271,20 @@ def cagrad(
   """
   check_hyperparameter("c", c, low=0.0, method="cagrad")
   check_hyperparameter("norm_eps", norm_eps, low=0.0, method="cagrad")
-  check_int("outer", outer, low=1, method="cagrad")
-  check_int("inner", inner, low=1, method="cagrad")
+  check_int("outer_iters", outer_iters, low=1, method="cagrad")
+  check_int("inner_iters", inner_iters, low=1, method="cagrad")
   check_flag("rescale", rescale, method="cagrad")
   check_num_tasks(num_tasks, "cagrad")
 
   def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
     return cagrad_weights(
-      gram, c=c, rescale=rescale, norm_eps=norm_eps, outer=outer, inner=inner
+      gram,
+      c=c,
+      rescale=rescale,
+      norm_eps=norm_eps,
+      outer_iters=outer_iters,
+      inner_iters=inner_iters,
     ), state
 
   return from_weighting(Weighting(empty_init, weights_fn, name="cagrad", num_tasks=num_tasks))

@@ -1,5 +1,5 @@
 """Helpers shared by the methods: validation, Gram normalisation, linear
-algebra (internal; ``pinv_psd`` is re-exported by the package)."""
+algebra (internal; ``pinv_psd`` is re-exported by :mod:`gradcraft_jax.methods`)."""
 
 from __future__ import annotations
 

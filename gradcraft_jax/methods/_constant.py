@@ -6,10 +6,9 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from gradcraft_jax.methods._common import check_num_tasks, empty_init
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["constant", "constant_weights"]
 
@@ -19,9 +18,7 @@ def constant_weights(weights: Any, *, dtype=jnp.float32) -> jnp.ndarray:
   return jnp.asarray(weights, dtype)
 
 
-def constant(
-  weights: Any = None, *, num_tasks: int | None = None
-) -> optax.GradientTransformationExtraArgs:
+def constant(weights: Any = None, *, num_tasks: int | None = None) -> Method:
   r"""Fixed task weights: the update is :math:`\sum_i c_i g_i`.
 
   The linear scalarization :math:`\sum_i c_i l_i` (torchjd's ``Constant``

@@ -6,10 +6,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks, empty_init
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["cosmos", "cosmos_weights"]
 
@@ -45,7 +44,7 @@ def cosmos(
   penalty: float = 1.0,
   *,
   num_tasks: int | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""COSMOS: a linear scalarization rewarded for alignment with a preference.
 
   Ruchte and Grabocka, "Scalable Pareto Front Approximation for Deep

@@ -10,13 +10,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
-__all__ = ["dbmtl", "dbmtl_weights", "DBMTLState"]
+__all__ = ["dbmtl", "dbmtl_step", "DBMTLState"]
 
 
 class DBMTLState(NamedTuple):
@@ -32,7 +31,7 @@ class DBMTLState(NamedTuple):
   norm_ema: jax.Array
 
 
-def dbmtl_weights(
+def dbmtl_step(
   gram: jax.Array,
   task_losses: jax.Array,
   norm_ema: jax.Array,
@@ -70,7 +69,7 @@ def dbmtl_weights(
 
 def dbmtl(
   beta: float = 0.9, beta_sigma: float = 0.5, *, num_tasks: int, eps: float = 1e-8
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""DB-MTL (Lin et al., 2023, arXiv:2308.12029) with averaged norms.
 
   1. *Loss-scale balancing*: every task is trained on
@@ -127,7 +126,7 @@ def dbmtl(
   def weights_fn(gram, state, losses, **extra_args):
     del extra_args
     count = state.count + 1
-    w, ema = dbmtl_weights(
+    w, ema = dbmtl_step(
       gram, losses, state.norm_ema, count, beta=beta, beta_sigma=beta_sigma, eps=eps
     )
     return w, DBMTLState(count=count, norm_ema=ema.astype(state.norm_ema.dtype))

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks, empty_init
 from gradcraft_jax.methods._upgrad import dual_cone_weights
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["dualproj", "dualproj_weights"]
 
 
 def dualproj_weights(
-  gram: jax.Array, *, pref: jax.Array | None = None, num_iter: int = 20, reg_eps: float = 0.0
+  gram: jax.Array, *, preference: jax.Array | None = None, num_iters: int = 20, reg_eps: float = 0.0
 ) -> jax.Array:
   r"""DualProj weights: :func:`dual_cone_weights` of the preference vector.
 
@@ -30,26 +29,26 @@ def dualproj_weights(
 
   Args:
     gram: ``(T, T)`` Gram matrix.
-    pref: ``(T,)`` preference weights, default ``1/T`` (the mean).
-    num_iter: interior-point iterations (static).
+    preference: ``(T,)`` preference weights, default ``1/T`` (the mean).
+    num_iters: interior-point iterations (static).
     reg_eps: ridge on the trace-normalised Gram matrix (torchjd: 1e-4).
 
   Returns:
-    ``(T,)`` weights ``v >= pref``.
+    ``(T,)`` weights ``v >= preference``.
   """
   t = gram.shape[0]
   dtype = gram.dtype
-  p = jnp.full((t,), 1.0 / t, dtype) if pref is None else jnp.asarray(pref, dtype)
-  return dual_cone_weights(gram, p, num_iter=num_iter, reg_eps=reg_eps)
+  p = jnp.full((t,), 1.0 / t, dtype) if preference is None else jnp.asarray(preference, dtype)
+  return dual_cone_weights(gram, p, num_iters=num_iters, reg_eps=reg_eps)
 
 
 def dualproj(
   *,
-  pref: jax.Array | None = None,
-  num_iter: int = 20,
+  preference: jax.Array | None = None,
+  num_iters: int = 20,
   reg_eps: float = 0.0,
   num_tasks: int | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""DualProj (Quinton and Rey, 2024; torchjd's ``DualProj``).
 
   The update is the projection of the (preference-weighted) mean gradient
@@ -64,15 +63,15 @@ def dualproj(
   of the individual gradients) this is one projection: one box-constrained
   dual QP :math:`\min_{v \ge p} v^\top K v` (:func:`dual_cone_weights`,
   fixed interior-point iterations plus an exact active-set polish), so its
-  cost is ``O(num_iter * T^3)`` after the Gram matrix.
+  cost is ``O(num_iters * T^3)`` after the Gram matrix.
 
   Versus torchjd's ``DualProj`` (quadprog on ``K / tr(K) + 1e-4 I``):
   ``reg_eps=1e-4`` solves the same QP; the default ``reg_eps=0`` solves the
   paper's unregularised projection (see :func:`~gradcraft_jax.upgrad`).
 
   Args:
-    pref: optional ``(T,)`` preference weights (default ``1/T``).
-    num_iter: interior-point iterations (static Python int).
+    preference: optional ``(T,)`` preference weights (default ``1/T``).
+    num_iters: interior-point iterations (static Python int).
     reg_eps: ridge on the trace-normalised Gram matrix, ``>= 0``.
     num_tasks: optional task count; a mismatch raises at ``update``.
 
@@ -86,14 +85,14 @@ def dualproj(
   >>> [round(float(x), 4) for x in upd["w"]]  # the mean (-.5, .25), projected
   [0.0, 0.25]
   """
-  if not isinstance(num_iter, int) or num_iter < 1:
-    raise ValueError(f"dualproj: num_iter must be a positive int, got {num_iter!r}")
+  if not isinstance(num_iters, int) or num_iters < 1:
+    raise ValueError(f"dualproj: num_iters must be a positive int, got {num_iters!r}")
   check_hyperparameter("reg_eps", reg_eps, low=0.0, method="dualproj")
   check_num_tasks(num_tasks, "dualproj")
 
   def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
-    w = dualproj_weights(gram, pref=pref, num_iter=num_iter, reg_eps=reg_eps)
+    w = dualproj_weights(gram, preference=preference, num_iters=num_iters, reg_eps=reg_eps)
     return w, state
 
   return from_weighting(Weighting(empty_init, weights_fn, name="dualproj", num_tasks=num_tasks))

@@ -6,11 +6,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["dwa", "dwa_weights", "DWAState"]
 
@@ -29,7 +28,9 @@ class DWAState(NamedTuple):
   prior_losses: jax.Array
 
 
-def dwa_weights(last_losses: jax.Array, prior_losses: jax.Array, temperature, count=2) -> jax.Array:
+def dwa_weights(
+  last_losses: jax.Array, prior_losses: jax.Array, *, temperature, count=2
+) -> jax.Array:
   r"""DWA weights :math:`w = T\,\mathrm{softmax}(r / \text{temperature})`.
 
   :math:`r_i = L_i(t-1) / L_i(t-2)` (taken as 1 where :math:`L_i(t-2) = 0`).
@@ -52,7 +53,7 @@ def dwa_weights(last_losses: jax.Array, prior_losses: jax.Array, temperature, co
   return jnp.where(jnp.asarray(count) >= 2, w, jnp.ones_like(w))
 
 
-def dwa(temperature: float = 2.0, *, num_tasks: int) -> optax.GradientTransformationExtraArgs:
+def dwa(temperature: float = 2.0, *, num_tasks: int) -> Method:
   r"""Dynamic Weight Average over stacked per-task gradients.
 
   Liu, Johns, Davison, "End-to-End Multi-Task Learning with Attention",
@@ -106,8 +107,8 @@ def dwa(temperature: float = 2.0, *, num_tasks: int) -> optax.GradientTransforma
     w = dwa_weights(
       state.last_losses.astype(losses.dtype),
       state.prior_losses.astype(losses.dtype),
-      jnp.asarray(temperature, losses.dtype),
-      state.count,
+      temperature=jnp.asarray(temperature, losses.dtype),
+      count=state.count,
     )
     new_state = DWAState(
       count=jnp.minimum(state.count + 1, 2).astype(jnp.int32),

@@ -11,7 +11,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax import _cpu_gram
 from gradcraft_jax._guards import check_task_count
@@ -116,8 +115,8 @@ def _keep_if(keep, new, old):
 
 
 def excess_mtl(
-  robust_step_size: float = 1.0, n_warmup_steps: int = 0, *, num_tasks: int
-) -> optax.GradientTransformationExtraArgs:
+  robust_step_size: float = 1.0, warmup_steps: int = 0, *, num_tasks: int
+) -> CoordinatewiseMethod:
   r"""ExcessMTL (He et al., ICML 2024, arXiv:2402.02009).
 
   Weights tasks by their estimated *excess* risk (distance to their own
@@ -132,7 +131,7 @@ def excess_mtl(
   the weights take an exponentiated-gradient step on the simplex
   (:func:`excess_mtl_weights`, with :math:`\hat E_i` divided by its
   baseline after the first step, Section 3.2), and the update is
-  :math:`\sum_i w_i g_i`. During the first ``n_warmup_steps`` updates the
+  :math:`\sum_i w_i g_i`. During the first ``warmup_steps`` updates the
   weights stay at ``1/T`` and the baseline is the mean excess risk seen
   (Appendix C.1); with ``0`` (default) the first update's excess risk is
   the baseline and is used raw once, as in the official code, LibMTL and
@@ -155,7 +154,7 @@ def excess_mtl(
 
   Args:
     robust_step_size: :math:`\eta > 0` (injectable).
-    n_warmup_steps: updates with uniform weights collecting the baseline
+    warmup_steps: updates with uniform weights collecting the baseline
       (static Python int ``>= 0``).
     num_tasks: the task count ``T`` (required).
 
@@ -174,11 +173,11 @@ def excess_mtl(
   check_hyperparameter(
     "robust_step_size", robust_step_size, low=0.0, low_open=True, method="excess_mtl"
   )
-  if isinstance(n_warmup_steps, bool) or not isinstance(n_warmup_steps, int) or n_warmup_steps < 0:
-    raise ValueError(f"excess_mtl: n_warmup_steps must be an int >= 0, got {n_warmup_steps!r}")
+  if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+    raise ValueError(f"excess_mtl: warmup_steps must be an int >= 0, got {warmup_steps!r}")
   check_num_tasks(num_tasks, "excess_mtl", required=True)
   t0 = int(num_tasks)
-  warm = n_warmup_steps
+  warm = warmup_steps
 
   def init_fn(params):
     if params is None or not jax.tree_util.tree_leaves(params):

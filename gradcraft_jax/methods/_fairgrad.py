@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import (
   check_hyperparameter,
@@ -17,7 +16,7 @@ from gradcraft_jax.methods._common import (
   empty_init,
   gram_scale,
 )
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["fairgrad", "fairgrad_weights"]
 
@@ -38,7 +37,7 @@ def _utility_change(w: jax.Array, delta: jax.Array, p: jax.Array) -> jax.Array:
   return jnp.sum(change)
 
 
-def _newton_solve(k: jax.Array, p: jax.Array, max_iter: int) -> jax.Array:
+def _newton_solve(k: jax.Array, p: jax.Array, num_iters: int) -> jax.Array:
   r"""Minimises :math:`f(w) = \frac12 w^\top K w - \sum_i h(w_i)` over
   ``w > 0`` (``K`` positive definite, ``p = 1/alpha > 0``).
 
@@ -80,11 +79,11 @@ def _newton_solve(k: jax.Array, p: jax.Array, max_iter: int) -> jax.Array:
     best = jnp.argmin(vals)
     return jnp.where(vals[best] <= 0, w + steps[best] * delta, w)
 
-  return jax.lax.fori_loop(0, max_iter, body, w0)
+  return jax.lax.fori_loop(0, num_iters, body, w0)
 
 
 def fairgrad_weights(
-  gram: jax.Array, *, alpha=1.0, max_iter: int = 25, ridge: float = 1e-6
+  gram: jax.Array, *, alpha=1.0, num_iters: int = 25, ridge: float = 1e-6
 ) -> jax.Array:
   r"""FairGrad weights: the ``w > 0`` with :math:`(K w)_i = w_i^{-1/\alpha}`.
 
@@ -97,7 +96,7 @@ def fairgrad_weights(
   .. math:: f(w) = \tfrac12 w^\top K w - \sum_i h(w_i), \qquad
      h(w) = \frac{w^{1-p}}{1-p}\ (p \ne 1), \quad h(w) = \log w\ (p = 1),
 
-  minimised by ``max_iter`` Newton steps with a vectorised line search
+  minimised by ``num_iters`` Newton steps with a vectorised line search
   (``alpha = 1`` is Nash-MTL's equation :math:`K w = 1/w`).
 
   The solve runs on :math:`\hat K = K/s + \text{ridge}\, I`,
@@ -120,7 +119,7 @@ def fairgrad_weights(
     alpha: fairness parameter ``alpha >= 0`` (1: proportional fairness,
       large: max-min fairness). ``alpha = 0`` gives the uniform weights
       ``1/T`` (linear scalarisation, Section 3 of the paper; as torchjd).
-    max_iter: Newton steps (static).
+    num_iters: Newton steps (static).
     ridge: relative ridge added to the normalised Gram matrix.
 
   Returns:
@@ -133,17 +132,17 @@ def fairgrad_weights(
   p = 1.0 / jnp.where(linear, 1.0, alpha)
   scale = gram_scale(gram)
   k = gram / scale + jnp.asarray(ridge, dtype) * jnp.eye(t, dtype=dtype)
-  w = _newton_solve(k, p, max_iter) * scale ** (-1.0 / (1.0 + p))
+  w = _newton_solve(k, p, num_iters) * scale ** (-1.0 / (1.0 + p))
   return jnp.where(linear, jnp.full((t,), 1.0 / t, dtype), w)
 
 
 def fairgrad(
   alpha: float = 1.0,
   *,
-  max_iter: int = 25,
+  num_iters: int = 25,
   ridge: float = 1e-6,
   num_tasks: int | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""FairGrad (Ban and Ji, ICML 2024, arXiv:2402.15638).
 
   The update is :math:`d = \sum_i w_i g_i` with ``w > 0`` solving
@@ -155,8 +154,8 @@ def fairgrad(
   Gram space by a fixed number of Newton steps on a strictly convex
   function (see :func:`fairgrad_weights` for the math and the accuracy).
 
-  Cost: the Gram matrix plus ``max_iter`` ``T x T`` Cholesky solves
-  (``O(max_iter * T^3)``), independent of the number of parameters.
+  Cost: the Gram matrix plus ``num_iters`` ``T x T`` Cholesky solves
+  (``O(num_iters * T^3)``), independent of the number of parameters.
   Stateless. The weights scale as :math:`s^{-1/(1+1/\alpha)}` when the Gram
   matrix scales by ``s``, so the update is not scale-invariant (it scales
   by :math:`c^{(1-\alpha)/(1+\alpha)}` when the gradients scale by ``c``).
@@ -169,7 +168,7 @@ def fairgrad(
 
   Args:
     alpha: fairness parameter ``>= 0`` (injectable).
-    max_iter: Newton steps (static Python int).
+    num_iters: Newton steps (static Python int).
     ridge: relative ridge on the normalised Gram matrix, ``>= 0``.
     num_tasks: optional task count; a mismatch raises at ``update``.
 
@@ -184,14 +183,14 @@ def fairgrad(
   >>> [round(float(x), 4) for x in upd["w"]]
   [1.0, 0.63]
   """
-  if not isinstance(max_iter, int) or max_iter < 1:
-    raise ValueError(f"fairgrad: max_iter must be a positive int, got {max_iter!r}")
+  if not isinstance(num_iters, int) or num_iters < 1:
+    raise ValueError(f"fairgrad: num_iters must be a positive int, got {num_iters!r}")
   check_hyperparameter("alpha", alpha, low=0.0, method="fairgrad")
   check_hyperparameter("ridge", ridge, low=0.0, method="fairgrad")
   check_num_tasks(num_tasks, "fairgrad")
 
   def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
-    return fairgrad_weights(gram, alpha=alpha, max_iter=max_iter, ridge=ridge), state
+    return fairgrad_weights(gram, alpha=alpha, num_iters=num_iters, ridge=ridge), state
 
   return from_weighting(Weighting(empty_init, weights_fn, name="fairgrad", num_tasks=num_tasks))

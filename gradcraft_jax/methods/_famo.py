@@ -10,7 +10,7 @@ import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["famo", "famo_weights", "famo_logit_gradient", "FAMOState"]
 
@@ -86,7 +86,7 @@ def famo(
   *,
   num_tasks: int,
   min_losses: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""FAMO: balances the tasks' log-loss decrease rates from the losses alone.
 
   Liu, Feng, Stone, Liu, "FAMO: Fast Adaptive Multitask Optimization",

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import check_num_tasks, empty_init
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["gls", "gls_weights"]
 
@@ -36,7 +35,7 @@ def gls_weights(task_losses: jax.Array) -> jax.Array:
   return jnp.exp(jnp.mean(logs) - logs) / t
 
 
-def gls(*, num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
+def gls(*, num_tasks: int | None = None) -> Method:
   r"""Geometric loss strategy: descend the geometric mean of the losses.
 
   Chennupati, Sistu, Yogamani, Rawashdeh, "MultiNet++: Multi-Stream Feature

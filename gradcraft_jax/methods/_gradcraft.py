@@ -20,7 +20,7 @@ from gradcraft_jax.methods._common import (
   normalize_gram,
   pinv_psd,
 )
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["gradcraft", "gradcraft_weights", "gradcraft_coefficients", "GradCraftState"]
 
@@ -56,7 +56,7 @@ def gradcraft_coefficients(
   \|\hat g_i\| \|\hat g_k\|` for every :math:`k \in C_i`. All ``T``
   masked systems are solved at once with ``vmap`` at the fixed shape
   ``(T, T)``: rows and columns outside :math:`C_i` are zeroed and the
-  pseudo-inverse (:func:`~gradcraft_jax.pinv_psd`) maps them to zero. Each
+  pseudo-inverse (:func:`~gradcraft_jax.methods.pinv_psd`) maps them to zero. Each
   system is solved in the basis of the unit conflicting gradients (Jacobi
   scaling), so its conditioning depends on their angles, not their norms;
   when they are linearly dependent the pseudo-inverse picks one solution,
@@ -131,7 +131,7 @@ def gradcraft_weights(gram: jax.Array, *, tau, eps, norms: jax.Array | None = No
 
 def gradcraft(
   tau: float = 0.5, eps: float = 0.0, norm_decay: float = 0.0, *, num_tasks: int | None = None
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""GradCraft (Bai et al., KDD 2024) over stacked per-task gradients.
 
   1. Magnitude adjustment towards the largest norm:

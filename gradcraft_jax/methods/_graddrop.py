@@ -11,7 +11,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax import _cpu_gram
 from gradcraft_jax._guards import check_task_count
@@ -130,7 +129,7 @@ def graddrop(
   leak: jax.Array | None = None,
   f: Callable[[jax.Array], jax.Array] = _identity,
   num_tasks: int | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> CoordinatewiseMethod:
   r"""GradDrop (Chen et al., NeurIPS 2020, arXiv:2010.06808).
 
   Gradient sign dropout: for every parameter coordinate, keep either only

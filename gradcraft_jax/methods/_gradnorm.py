@@ -6,11 +6,10 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["gradnorm", "gradnorm_weights", "gradnorm_step", "GradNormState"]
 
@@ -91,7 +90,7 @@ def gradnorm(
   *,
   num_tasks: int,
   leaves: Callable[[str], bool] | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""GradNorm: learns task weights that equalise the tasks' training rates.
 
   Chen, Badrinarayanan, Lee, Rabinovich, "GradNorm: Gradient Normalization

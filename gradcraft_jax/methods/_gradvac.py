@@ -6,7 +6,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
 from gradcraft_jax.methods._common import (
@@ -16,9 +15,9 @@ from gradcraft_jax.methods._common import (
   normalize_gram,
   task_permutations,
 )
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
-__all__ = ["gradvac", "gradvac_weights", "GradVacState"]
+__all__ = ["gradvac", "gradvac_step", "GradVacState"]
 
 
 class GradVacState(NamedTuple):
@@ -34,7 +33,7 @@ class GradVacState(NamedTuple):
   key: jax.Array
 
 
-def gradvac_weights(
+def gradvac_step(
   gram: jax.Array, phi: jax.Array, perms: jax.Array, *, beta
 ) -> tuple[jax.Array, jax.Array]:
   r"""GradVac's update as weights on the raw gradients, and the new targets.
@@ -103,9 +102,7 @@ def gradvac_weights(
   return jnp.sum(coef, axis=0), new_phi
 
 
-def gradvac(
-  beta: float = 0.5, seed: int = 0, *, num_tasks: int
-) -> optax.GradientTransformationExtraArgs:
+def gradvac(beta: float = 0.5, seed: int = 0, *, num_tasks: int) -> Method:
   r"""Gradient Vaccine over stacked per-task gradients.
 
   Wang, Tsvetkov, Firat, Cao, "Gradient Vaccine: Investigating and Improving
@@ -114,7 +111,7 @@ def gradvac(
   each task gradient is corrected towards the adaptive target
   :math:`\hat\phi_{ij}` (an EMA of the observed cosine similarities, kept in
   the state) whenever its cosine with another task's gradient falls below
-  it; see :func:`gradvac_weights` for the exact rule. The update is the
+  it; see :func:`gradvac_step` for the exact rule. The update is the
   **sum** of the corrected gradients (paper, LibMTL and torchjd's
   ``GradVac``).
 
@@ -153,7 +150,7 @@ def gradvac(
   def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
     key, perms = task_permutations(state.key, gram.shape[0])
-    w, phi = gradvac_weights(gram, state.phi, perms, beta=beta)
+    w, phi = gradvac_step(gram, state.phi, perms, beta=beta)
     return w, GradVacState(phi=phi.astype(state.phi.dtype), key=key)
 
   return from_weighting(Weighting(init_fn, weights_fn, name="gradvac", num_tasks=num_tasks))

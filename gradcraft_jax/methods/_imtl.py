@@ -6,7 +6,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
 from gradcraft_jax.methods._common import (
@@ -16,7 +15,7 @@ from gradcraft_jax.methods._common import (
   normalize_gram,
   pinv_psd,
 )
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["imtl_g", "imtl_g_weights", "imtl", "imtl_weights", "imtl_log_scale_step", "IMTLState"]
 
@@ -73,7 +72,7 @@ def imtl_g_weights(gram: jax.Array) -> jax.Array:
   return jnp.where(degenerate, 0.0, v / jnp.where(degenerate, 1.0, total))
 
 
-def imtl_g(*, num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
+def imtl_g(*, num_tasks: int | None = None) -> Method:
   r"""IMTL-G: the combination with equal projections on all task directions.
 
   Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, "Towards Impartial
@@ -121,7 +120,7 @@ def imtl_log_scale_step(log_scales: jax.Array, task_losses: jax.Array, lr) -> ja
   return log_scales - lr * (jnp.exp(log_scales) * task_losses - 1.0)
 
 
-def imtl(lr: float = 1e-2, *, num_tasks: int) -> optax.GradientTransformationExtraArgs:
+def imtl(lr: float = 1e-2, *, num_tasks: int) -> Method:
   r"""IMTL (hybrid): IMTL-L loss scales followed by IMTL-G.
 
   Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021.

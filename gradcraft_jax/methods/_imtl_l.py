@@ -6,12 +6,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
 from gradcraft_jax.methods._imtl import imtl_log_scale_step
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["imtl_l", "imtl_l_weights", "IMTLLState"]
 
@@ -32,7 +31,7 @@ def imtl_l_weights(log_scales: jax.Array) -> jax.Array:
   return jnp.exp(log_scales)
 
 
-def imtl_l(lr: float = 1e-2, *, num_tasks: int) -> optax.GradientTransformationExtraArgs:
+def imtl_l(lr: float = 1e-2, *, num_tasks: int) -> Method:
   r"""IMTL-L on its own: learnable loss scales, no gradient balancing.
 
   Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, "Towards Impartial

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import check_num_tasks, empty_init, normalize_gram
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["krum", "krum_weights"]
 
@@ -77,7 +76,7 @@ def krum(
   *,
   squared: bool = False,
   num_tasks: int | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""Krum / Multi-Krum (Blanchard et al., NeurIPS 2017; torchjd's ``Krum``).
 
   A robust aggregator from Byzantine-tolerant distributed learning, offered

@@ -3,10 +3,9 @@ r"""Equal weighting (EW): the mean of the task gradients."""
 from __future__ import annotations
 
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import check_num_tasks, empty_init
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["mean", "mean_weights"]
 
@@ -17,7 +16,7 @@ def mean_weights(num_tasks: int, *, dtype=None) -> jnp.ndarray:
   return jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
 
 
-def mean(*, num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
+def mean(*, num_tasks: int | None = None) -> Method:
   r"""Equal weighting: the update is :math:`\frac1T \sum_i g_i`.
 
   The baseline of every multi-task comparison (often called EW). A weighting

@@ -10,10 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
-import optax
 
 from gradcraft_jax.methods._common import check_int, check_num_tasks, empty_init, normalize_gram
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["mgda", "mgda_weights"]
 
@@ -91,7 +90,7 @@ def _pairwise_frank_wolfe(k: jax.Array, w: jax.Array, iters: int) -> jax.Array:
 
 
 def mgda_weights(
-  gram: jax.Array, *, max_iters: int | None = None, polish_iters: int = 200
+  gram: jax.Array, *, num_iters: int | None = None, polish_iters: int = 200
 ) -> jax.Array:
   r"""Weights on the simplex of the min-norm point of the convex hull.
 
@@ -124,7 +123,7 @@ def mgda_weights(
 
   Args:
     gram: ``(T, T)`` Gram matrix.
-    max_iters: number of active-set iterations (static; default
+    num_iters: number of active-set iterations (static; default
       ``4 T + 10``).
     polish_iters: number of final pairwise Frank-Wolfe steps (static).
 
@@ -134,8 +133,8 @@ def mgda_weights(
   k = normalize_gram(gram)
   t = k.shape[0]
   dtype = k.dtype
-  if max_iters is None:
-    max_iters = 4 * t + 10
+  if num_iters is None:
+    num_iters = 4 * t + 10
   tol = 100 * jnp.finfo(dtype).eps
   diag = jnp.diagonal(k)
   start = jnp.argmin(diag)
@@ -163,13 +162,11 @@ def mgda_weights(
     support = jnp.where(interior, major_support, minor_support)
     return w, support
 
-  w, _ = jax.lax.fori_loop(0, max_iters, body, (w0, s0))
+  w, _ = jax.lax.fori_loop(0, num_iters, body, (w0, s0))
   return _pairwise_frank_wolfe(k, w, polish_iters)
 
 
-def mgda(
-  max_iters: int | None = None, *, num_tasks: int | None = None
-) -> optax.GradientTransformationExtraArgs:
+def mgda(num_iters: int | None = None, *, num_tasks: int | None = None) -> Method:
   r"""MGDA: the min-norm convex combination of task gradients.
 
   The update is :math:`d = \sum_i w_i g_i` with
@@ -183,7 +180,7 @@ def mgda(
   aggregator.)
 
   Args:
-    max_iters: solver iterations (fixed; default ``4 T + 10``).
+    num_iters: solver iterations (fixed; default ``4 T + 10``).
     num_tasks: optional task count ``T``, checked at each update.
 
   Returns:
@@ -196,12 +193,12 @@ def mgda(
   >>> [round(float(x), 5) for x in upd["w"]]
   [0.5, 0.5]
   """
-  if max_iters is not None:
-    check_int("max_iters", max_iters, low=1, method="mgda")
+  if num_iters is not None:
+    check_int("num_iters", num_iters, low=1, method="mgda")
   check_num_tasks(num_tasks, "mgda")
 
   def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
-    return mgda_weights(gram, max_iters=max_iters), state
+    return mgda_weights(gram, num_iters=num_iters), state
 
   return from_weighting(Weighting(empty_init, weights_fn, name="mgda", num_tasks=num_tasks))

@@ -11,7 +11,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax._guards import all_finite, check_task_count
 from gradcraft_jax._stacked import gram_matrix, weighted_sum
@@ -37,7 +36,7 @@ class MoCoState(NamedTuple):
 
 def moco(
   beta: float = 0.5, gamma: float = 0.1, rho: float = 0.0, *, num_tasks: int
-) -> optax.GradientTransformationExtraArgs:
+) -> CoordinatewiseMethod:
   r"""MoCo (Fernando et al., ICLR 2023, arXiv:2210.12624), Algorithm 1.
 
   Stochastic MGDA is biased because the min-norm weights of noisy

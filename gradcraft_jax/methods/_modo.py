@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
 from gradcraft_jax.methods._cross_batch import (
@@ -19,7 +18,7 @@ from gradcraft_jax.methods._cross_batch import (
   project_simplex,
   read_cross_gram,
 )
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["modo", "modo_weights", "MoDoState"]
 
@@ -60,9 +59,7 @@ def modo_weights(cross_gram: jax.Array, weights: jax.Array, *, gamma=0.1, rho=0.
   return project_simplex(weights - gamma * grad)
 
 
-def modo(
-  gamma: float = 0.1, rho: float = 0.0, *, num_tasks: int
-) -> optax.GradientTransformationExtraArgs:
+def modo(gamma: float = 0.1, rho: float = 0.0, *, num_tasks: int) -> Method:
   r"""MoDo (Chen et al., NeurIPS 2023, arXiv:2305.20057).
 
   MGDA with double sampling: the task weights :math:`\lambda` (state) take

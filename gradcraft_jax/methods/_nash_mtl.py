@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import (
   check_hyperparameter,
@@ -17,12 +16,12 @@ from gradcraft_jax.methods._common import (
   empty_init,
   gram_scale,
 )
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["nash_mtl", "nash_mtl_weights"]
 
 
-def _newton_solve(k: jax.Array, max_iter: int) -> jax.Array:
+def _newton_solve(k: jax.Array, num_iters: int) -> jax.Array:
   """Minimises ``f(a) = a^T K a / 2 - sum_i log a_i`` over ``a > 0``.
 
   ``K`` must be positive definite (the caller adds a ridge). ``f`` is
@@ -57,11 +56,11 @@ def _newton_solve(k: jax.Array, max_iter: int) -> jax.Array:
     # against rounding anyway.
     return jnp.where(jnp.all(new > 0), new, a)
 
-  return jax.lax.fori_loop(0, max_iter, body, a0)
+  return jax.lax.fori_loop(0, num_iters, body, a0)
 
 
 def nash_mtl_weights(
-  gram: jax.Array, *, max_iter: int = 20, ridge: float = 1e-6, max_norm: float = 0.0
+  gram: jax.Array, *, num_iters: int = 20, ridge: float = 1e-6, max_norm: float = 0.0
 ) -> jax.Array:
   r"""Nash bargaining weights: the ``alpha > 0`` with ``K alpha = 1/alpha``.
 
@@ -88,7 +87,7 @@ def nash_mtl_weights(
 
   Args:
     gram: ``(T, T)`` Gram matrix.
-    max_iter: number of Newton steps (static).
+    num_iters: number of Newton steps (static).
     ridge: relative ridge added to the normalised Gram matrix.
     max_norm: if positive, the weights are scaled down so that
       ``||sum_i alpha_i g_i|| <= max_norm`` (the official code's and
@@ -102,7 +101,7 @@ def nash_mtl_weights(
   t = gram.shape[0]
   scale = gram_scale(gram)
   k = gram / scale + jnp.asarray(ridge, dtype) * jnp.eye(t, dtype=dtype)
-  alpha = _newton_solve(k, max_iter) / jnp.sqrt(scale)
+  alpha = _newton_solve(k, num_iters) / jnp.sqrt(scale)
   if isinstance(max_norm, (int, float)) and max_norm == 0:
     return alpha
   norm = jnp.sqrt(jnp.clip(alpha @ gram @ alpha, 0.0))
@@ -112,8 +111,8 @@ def nash_mtl_weights(
 
 
 def nash_mtl(
-  max_iter: int = 20, *, ridge: float = 1e-6, max_norm: float = 0.0, num_tasks: int | None = None
-) -> optax.GradientTransformationExtraArgs:
+  num_iters: int = 20, *, ridge: float = 1e-6, max_norm: float = 0.0, num_tasks: int | None = None
+) -> Method:
   r"""Nash-MTL (Navon et al., ICML 2022, arXiv:2202.01017).
 
   The update is :math:`d = \sum_i \alpha_i g_i` with :math:`\alpha > 0`
@@ -121,7 +120,7 @@ def nash_mtl(
   \rangle`): every task's directional derivative
   :math:`\langle g_i, d\rangle = 1/\alpha_i` is positive, and tasks with a
   small gradient get a large weight. Solved in Gram space by damped Newton
-  on a self-concordant convex function, a fixed ``max_iter`` steps (see
+  on a self-concordant convex function, a fixed ``num_iters`` steps (see
   :func:`nash_mtl_weights`).
 
   Differences from the official code (and torchjd's ``NashMTL``): they solve
@@ -134,7 +133,7 @@ def nash_mtl(
   the exact solution has norm ``sqrt(T)``.
 
   Args:
-    max_iter: Newton steps (static Python int).
+    num_iters: Newton steps (static Python int).
     ridge: relative ridge on the normalised Gram matrix, ``>= 0``.
     max_norm: clip the update norm to this value, ``0`` to disable.
     num_tasks: optional task count; a mismatch raises at ``update``.
@@ -149,13 +148,13 @@ def nash_mtl(
   >>> [round(float(x), 4) for x in upd["w"]]  # alpha_i = 1 / ||g_i||
   [1.0, 1.0]
   """
-  check_int("max_iter", max_iter, low=1, method="nash_mtl")
+  check_int("num_iters", num_iters, low=1, method="nash_mtl")
   check_hyperparameter("ridge", ridge, low=0.0, method="nash_mtl")
   check_hyperparameter("max_norm", max_norm, low=0.0, method="nash_mtl")
   check_num_tasks(num_tasks, "nash_mtl")
 
   def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
-    return nash_mtl_weights(gram, max_iter=max_iter, ridge=ridge, max_norm=max_norm), state
+    return nash_mtl_weights(gram, num_iters=num_iters, ridge=ridge, max_norm=max_norm), state
 
   return from_weighting(Weighting(empty_init, weights_fn, name="nash_mtl", num_tasks=num_tasks))

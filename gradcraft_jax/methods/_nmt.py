@@ -27,7 +27,7 @@ import optax
 
 from gradcraft_jax._stacked import accumulation_dtype, is_concrete_number
 from gradcraft_jax.methods._common import check_hyperparameter
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["nmt", "NMTState", "nmt_loss", "nmt_update_multipliers", "nmt_weights"]
 
@@ -174,7 +174,7 @@ def nmt_loss(task_losses: jax.Array, multipliers: jax.Array, targets: jax.Array)
 
 def nmt(
   targets: Sequence[float] | jax.Array, *, lagrange_lr, lagrange_clip, init_multiplier=0.0
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""NMT (Cheng et al., AAAI 2025): one prioritised stage as an optax transform.
 
   The stacked gradients have ``T = len(targets) + 1`` rows in priority

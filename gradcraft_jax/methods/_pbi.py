@@ -6,10 +6,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks, empty_init
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["pbi", "pbi_weights"]
 
@@ -46,7 +45,7 @@ def pbi(
   *,
   num_tasks: int | None = None,
   reference: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""PBI scalarization of the losses, as a loss-only weighting.
 
   Zhang and Li, "MOEA/D: A Multiobjective Evolutionary Algorithm Based on

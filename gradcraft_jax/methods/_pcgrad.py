@@ -6,7 +6,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import (
   check_hyperparameter,
@@ -16,7 +15,7 @@ from gradcraft_jax.methods._common import (
   normalize_gram,
   task_permutations,
 )
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = [
   "pcgrad",
@@ -138,7 +137,7 @@ def _random_order_transform(name, weights_of, seed, num_tasks):
   return from_weighting(Weighting(init_fn, weights_fn, name=name, num_tasks=num_tasks))
 
 
-def pcgrad(seed: int = 0, *, num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
+def pcgrad(seed: int = 0, *, num_tasks: int | None = None) -> Method:
   r"""PCGrad ("gradient surgery") over stacked per-task gradients.
 
   Yu, Kumar, Gupta, Levine, Hausman, Finn, "Gradient Surgery for Multi-Task
@@ -179,7 +178,7 @@ def pcgrad(seed: int = 0, *, num_tasks: int | None = None) -> optax.GradientTran
 
 def pcgrad_plus(
   tau: float = 0.5, eps: float = 0.0, seed: int = 0, *, num_tasks: int | None = None
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""PCGrad+: GradCraft's magnitude alignment, then PCGrad-style projections.
 
   The "PCGrad+" ablation of Bai et al., "GradCraft: Elevating Multi-task

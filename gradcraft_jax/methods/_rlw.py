@@ -6,10 +6,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import check_num_tasks
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["rlw", "rlw_weights", "RLWState"]
 
@@ -38,7 +37,7 @@ def rlw_weights(key: jax.Array, num_tasks: int, *, dtype=jnp.float32) -> jax.Arr
   return jax.nn.softmax(jax.random.normal(key, (num_tasks,), dtype))
 
 
-def rlw(seed: int = 0, *, num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
+def rlw(seed: int = 0, *, num_tasks: int | None = None) -> Method:
   r"""Random loss weighting: fresh random weights at every update.
 
   Lin, Ye, Zhang, Tsang, "Reasonable Effectiveness of Random Weighting: A

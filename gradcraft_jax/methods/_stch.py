@@ -7,11 +7,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["stch", "stch_weights", "STCHState"]
 
@@ -101,7 +100,7 @@ def stch(
   reference: Any = None,
   warmup_steps: int = 0,
   log_losses: bool = False,
-) -> optax.GradientTransformationExtraArgs:
+) -> Method:
   r"""Smooth Tchebycheff scalarization: descend a smoothed worst task.
 
   Lin, Zhang, Yang, Liu, Wang, Zhang, "Smooth Tchebycheff Scalarization for

@@ -10,7 +10,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax._guards import all_finite, check_task_count
 from gradcraft_jax._stacked import _UNROLL_MAX_TASKS
@@ -71,9 +70,7 @@ def trimmed_mean_combine(stacked: Any, trim_number: int) -> Any:
   return jax.tree_util.tree_map(one, stacked)
 
 
-def trimmed_mean(
-  trim_number: int = 1, *, num_tasks: int | None = None
-) -> optax.GradientTransformationExtraArgs:
+def trimmed_mean(trim_number: int = 1, *, num_tasks: int | None = None) -> CoordinatewiseMethod:
   r"""Coordinate-wise trimmed mean (Yin et al., ICML 2018; torchjd's
   ``TrimmedMean``).
 

@@ -6,11 +6,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax._stacked import accumulation_dtype
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = [
   "uncertainty_weighting",
@@ -43,9 +42,7 @@ def uncertainty_log_var_step(log_vars: jax.Array, task_losses: jax.Array, lr) ->
   return log_vars - lr * (1.0 - jnp.exp(-log_vars) * task_losses)
 
 
-def uncertainty_weighting(
-  lr: float = 1e-2, *, num_tasks: int
-) -> optax.GradientTransformationExtraArgs:
+def uncertainty_weighting(lr: float = 1e-2, *, num_tasks: int) -> Method:
   r"""Uncertainty weighting with learnable homoscedastic log-variances.
 
   Kendall, Gal, Cipolla, "Multi-Task Learning Using Uncertainty to Weigh

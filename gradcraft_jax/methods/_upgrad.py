@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import (
   check_hyperparameter,
@@ -17,7 +16,7 @@ from gradcraft_jax.methods._common import (
   empty_init,
   pinv_psd,
 )
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
 __all__ = ["upgrad", "upgrad_weights", "dual_cone_weights"]
 
@@ -28,7 +27,7 @@ def _max_step(x: jax.Array, dx: jax.Array) -> jax.Array:
   return jnp.minimum(1.0, jnp.min(ratio))
 
 
-def _box_qp(k: jax.Array, u: jax.Array, num_iter: int) -> jax.Array:
+def _box_qp(k: jax.Array, u: jax.Array, num_iters: int) -> jax.Array:
   r"""``w >= 0`` minimising ``(u + w)^T K (u + w)``: Mehrotra's primal-dual
   interior-point method with a fixed number of iterations, then one
   active-set polish.
@@ -74,7 +73,7 @@ def _box_qp(k: jax.Array, u: jax.Array, num_iter: int) -> jax.Array:
     return jnp.where(ok, new_w, w), jnp.where(ok, new_z, z)
 
   ones = jnp.ones((t,), dtype)
-  w, z = jax.lax.fori_loop(0, num_iter, body, (ones, ones))
+  w, z = jax.lax.fori_loop(0, num_iters, body, (ones, ones))
 
   free = (w >= z).astype(dtype)
   kf = free[:, None] * k * free[None, :]
@@ -86,7 +85,7 @@ def _box_qp(k: jax.Array, u: jax.Array, num_iter: int) -> jax.Array:
 
 
 def dual_cone_weights(
-  gram: jax.Array, u: jax.Array, *, num_iter: int = 20, reg_eps: float = 0.0
+  gram: jax.Array, u: jax.Array, *, num_iters: int = 20, reg_eps: float = 0.0
 ) -> jax.Array:
   r"""Weights ``v`` of the projection of ``J^T u`` onto the dual cone.
 
@@ -103,7 +102,7 @@ def dual_cone_weights(
   Args:
     gram: ``(T, T)`` Gram matrix.
     u: ``(T,)`` weights of the vector to project.
-    num_iter: interior-point iterations (static).
+    num_iters: interior-point iterations (static).
     reg_eps: ridge added to the trace-normalised Gram matrix.
 
   Returns:
@@ -113,11 +112,11 @@ def dual_cone_weights(
   dtype = gram.dtype
   tr = jnp.trace(gram)
   k = gram / jnp.where(tr > 0, tr, 1.0) + reg_eps * jnp.eye(t, dtype=dtype)
-  return u + _box_qp(k, u, num_iter)
+  return u + _box_qp(k, u, num_iters)
 
 
 def upgrad_weights(
-  gram: jax.Array, *, pref: jax.Array | None = None, num_iter: int = 20, reg_eps: float = 0.0
+  gram: jax.Array, *, preference: jax.Array | None = None, num_iters: int = 20, reg_eps: float = 0.0
 ) -> jax.Array:
   r"""UPGrad weights: ``sum_i v^{(i)}`` with ``v^{(i)}`` the dual-cone
   projection weights of ``p_i g_i`` (:func:`dual_cone_weights` with
@@ -125,8 +124,8 @@ def upgrad_weights(
 
   Args:
     gram: ``(T, T)`` Gram matrix.
-    pref: ``(T,)`` preference weights, default ``1/T`` (the mean).
-    num_iter: interior-point iterations (static).
+    preference: ``(T,)`` preference weights, default ``1/T`` (the mean).
+    num_iters: interior-point iterations (static).
     reg_eps: ridge on the trace-normalised Gram matrix (torchjd: 1e-4).
 
   Returns:
@@ -134,19 +133,17 @@ def upgrad_weights(
   """
   t = gram.shape[0]
   dtype = gram.dtype
-  if pref is None:
-    pref = jnp.full((t,), 1.0 / t, dtype)
-  pref = jnp.asarray(pref, dtype)
+  if preference is None:
+    preference = jnp.full((t,), 1.0 / t, dtype)
+  preference = jnp.asarray(preference, dtype)
   # Solve for u = e_i (better scaled), then multiply by p_i: v is linear
   # in u for u = p_i e_i, p_i >= 0.
   eye = jnp.eye(t, dtype=dtype)
-  v = jax.vmap(lambda e: dual_cone_weights(gram, e, num_iter=num_iter, reg_eps=reg_eps))(eye)
-  return pref @ v
+  v = jax.vmap(lambda e: dual_cone_weights(gram, e, num_iters=num_iters, reg_eps=reg_eps))(eye)
+  return preference @ v
 
 
-def upgrad(
-  *, num_iter: int = 20, reg_eps: float = 0.0, num_tasks: int | None = None
-) -> optax.GradientTransformationExtraArgs:
+def upgrad(*, num_iters: int = 20, reg_eps: float = 0.0, num_tasks: int | None = None) -> Method:
   r"""UPGrad (Quinton and Rey, 2024, arXiv:2406.16232).
 
   The update is the mean of the projections of the task gradients onto the
@@ -161,7 +158,7 @@ def upgrad(
   box-constrained QP :math:`\min_{v \ge e_i/T} v^\top K v` (see
   :func:`dual_cone_weights`), solved in Gram space by a fixed-iteration
   interior-point method plus an exact active-set polish, for all ``T`` tasks
-  at once with ``vmap``: ``O(T * num_iter * T^3)`` work, independent of the
+  at once with ``vmap``: ``O(T * num_iters * T^3)`` work, independent of the
   number of parameters.
 
   Versus torchjd's ``UPGrad`` (quadprog on ``K / tr(K) + 1e-4 I``): with
@@ -172,7 +169,7 @@ def upgrad(
   v_j`).
 
   Args:
-    num_iter: interior-point iterations (static Python int).
+    num_iters: interior-point iterations (static Python int).
     reg_eps: ridge on the trace-normalised Gram matrix, ``>= 0``.
     num_tasks: optional task count; a mismatch raises at ``update``.
 
@@ -186,12 +183,12 @@ def upgrad(
   >>> [round(float(x), 4) for x in upd["w"]]  # mean of (.5, .5) and (0, 1)
   [0.25, 0.75]
   """
-  check_int("num_iter", num_iter, low=1, method="upgrad")
+  check_int("num_iters", num_iters, low=1, method="upgrad")
   check_hyperparameter("reg_eps", reg_eps, low=0.0, method="upgrad")
   check_num_tasks(num_tasks, "upgrad")
 
   def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
-    return upgrad_weights(gram, num_iter=num_iter, reg_eps=reg_eps), state
+    return upgrad_weights(gram, num_iters=num_iters, reg_eps=reg_eps), state
 
   return from_weighting(Weighting(empty_init, weights_fn, name="upgrad", num_tasks=num_tasks))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gradcraft_jax.methods._common import (
   check_num_tasks,
@@ -17,12 +16,12 @@ from gradcraft_jax.methods._common import (
   normalize_gram,
   pinv_psd,
 )
-from gradcraft_jax.weighting import Weighting, from_weighting
+from gradcraft_jax.weighting import Method, Weighting, from_weighting
 
-__all__ = ["config", "config_weights"]
+__all__ = ["conflict_free", "conflict_free_weights"]
 
 
-def config_weights(gram: jax.Array, *, pref: jax.Array | None = None) -> jax.Array:
+def conflict_free_weights(gram: jax.Array, *, preference: jax.Array | None = None) -> jax.Array:
   r"""ConFIG (Equation 2 of Liu et al.) as weights on the raw gradients.
 
   With unit gradients :math:`u_i = g_i / \|g_i\|` (rows of ``U``, zero for a
@@ -41,7 +40,7 @@ def config_weights(gram: jax.Array, *, pref: jax.Array | None = None) -> jax.Arr
 
   Args:
     gram: ``(T, T)`` Gram matrix.
-    pref: optional ``(T,)`` preference vector (default ones).
+    preference: optional ``(T,)`` preference vector (default ones).
 
   Returns:
     ``(T,)`` weights (zero when every gradient is zero).
@@ -53,7 +52,7 @@ def config_weights(gram: jax.Array, *, pref: jax.Array | None = None) -> jax.Arr
   live = norms > 0
   inv_norms = jnp.where(live, 1.0 / jnp.where(live, norms, 1.0), 0.0)
   cos = inv_norms[:, None] * k * inv_norms[None, :]
-  p = jnp.ones((t,), dtype) if pref is None else jnp.asarray(pref, dtype)
+  p = jnp.ones((t,), dtype) if preference is None else jnp.asarray(preference, dtype)
   c = inv_norms * (pinv_psd(cos) @ p)
   kc = k @ c
   sq = c @ kc
@@ -63,9 +62,7 @@ def config_weights(gram: jax.Array, *, pref: jax.Array | None = None) -> jax.Arr
   return jnp.where(ok, jnp.sum(kc) / jnp.where(ok, sq, 1.0), 0.0) * c
 
 
-def config(
-  *, pref: jax.Array | None = None, num_tasks: int | None = None
-) -> optax.GradientTransformationExtraArgs:
+def conflict_free(*, preference: jax.Array | None = None, num_tasks: int | None = None) -> Method:
   r"""ConFIG (Liu, Chu, Thuerey, ICLR 2025, arXiv:2408.11104).
 
   The update is along :math:`\hat b`, the normalised least-squares solution
@@ -73,7 +70,7 @@ def config(
   direction with the same cosine to every task gradient (for ``p = 1``);
   its length is the sum of the projections of the gradients on it,
   :math:`d = (\sum_i g_i^\top \hat b)\, \hat b` (see
-  :func:`config_weights`). When the unit gradients are linearly
+  :func:`conflict_free_weights`). When the unit gradients are linearly
   independent :math:`u_i^\top \hat b = p_i / \|b\| > 0` for every task
   (no conflict); when they are dependent the least-squares solution need
   not satisfy every equation and no guarantee holds (e.g. ``g_2 = -g_1``
@@ -86,23 +83,25 @@ def config(
   paper is not included.
 
   Args:
-    pref: optional ``(T,)`` preference vector (default ones; injectable).
+    preference: optional ``(T,)`` preference vector (default ones; injectable).
     num_tasks: optional task count; a mismatch raises at ``update``.
 
   Returns:
     An optax transformation over stacked per-task gradients.
 
   >>> import jax.numpy as jnp
-  >>> tx = config()
+  >>> tx = conflict_free()
   >>> g = {"w": jnp.array([[1., 0.], [0., 2.]])}
   >>> upd, _ = tx.update(g, tx.init(None))
   >>> [round(float(x), 4) for x in upd["w"]]  # along (1, 1), length 3/sqrt(2)
   [1.5, 1.5]
   """
-  check_num_tasks(num_tasks, "config")
+  check_num_tasks(num_tasks, "conflict_free")
 
   def weights_fn(gram, state, losses, **extra_args):
     del losses, extra_args
-    return config_weights(gram, pref=pref), state
+    return conflict_free_weights(gram, preference=preference), state
 
-  return from_weighting(Weighting(empty_init, weights_fn, name="config", num_tasks=num_tasks))
+  return from_weighting(
+    Weighting(empty_init, weights_fn, name="conflict_free", num_tasks=num_tasks)
+  )
