@@ -26,7 +26,7 @@ import torch
 from flax import nnx
 from torch import nn
 
-__all__ = ["StackedDense", "torch_model", "to_torch", "max_loss_difference"]
+__all__ = ["StackedDense", "Ranking", "torch_model", "twin", "to_torch", "max_loss_difference"]
 
 
 class StackedDense(nn.Module):
@@ -209,9 +209,10 @@ class PLE(nn.Module):
 class Ranking(nn.Module):
   """``batch -> (T,)``: each task's mean BCE of the network's logits."""
 
-  def __init__(self, net: nn.Module):
+  def __init__(self, net: nn.Module, cfg: rm.RecsysConfig):
     super().__init__()
     self.net = net
+    self.cfg = cfg
 
   def forward(self, batch):
     logits = self.net(batch)
@@ -273,7 +274,21 @@ def torch_model(cfg: rm.RecsysConfig, params: Any) -> nn.Module:
   }
   if jax_names != used:
     raise ValueError(f"JAX parameters without a PyTorch twin: {sorted(jax_names - used)}")
-  return Ranking(net)
+  return Ranking(net, cfg)
+
+
+def twin(model: Ranking) -> Ranking:
+  """A second module tree holding the very same ``nn.Parameter`` objects as
+  ``model`` (no copy): for torchjd's ``autogram.Engine``, whose hooks stay on
+  the modules it is given, next to an unhooked ``model`` that trains the same
+  parameters."""
+  with torch.device("meta"):
+    other = Ranking(_CLASSES[model.cfg.model](model.cfg), model.cfg)
+  for (name, a), (name_b, b) in zip(model.named_modules(), other.named_modules()):
+    assert name == name_b, (name, name_b)
+    for pname, param in a.named_parameters(recurse=False):
+      setattr(b, pname, param)
+  return other
 
 
 def to_torch(batch: dict) -> dict:
