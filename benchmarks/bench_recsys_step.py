@@ -56,6 +56,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import gc
 import os
@@ -303,6 +304,7 @@ def run_cell(model, vocab, t, args):
   loss_fn = rm.make_loss_fn(graphdef)
   batch = rm.make_batch_fn(cfg)(0, args.batch)
   p_total = rm.num_params(params)
+  routes = collections.Counter(gj.gram_coverage(loss_fn)(params, batch).values())
   budget = args.mem_budget_gib * GIB
   resident = 3 * p_total * 4 + (0 if args.no_torch else 4 * p_total * 4)
 
@@ -347,6 +349,7 @@ def run_cell(model, vocab, t, args):
     single=single,
     temp=temp,
     reason=reason,
+    routes=routes,
   )
 
 
@@ -428,6 +431,20 @@ def table(cells, methods, torch):
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
   for cell in cells:
     lines += rows(cell, methods, torch)
+  return "\n".join(lines)
+
+
+def routes_table(cells):
+  """How the lean step forms each leaf's Gram block (``gram_coverage``), per
+  model and T (the routes do not depend on the table size)."""
+  lines = ["| model | T | leaves per route (`gram_coverage`) |", "|---|---:|---|"]
+  seen = set()
+  for cell in cells:
+    if (cell["model"], cell["t"]) in seen:
+      continue
+    seen.add((cell["model"], cell["t"]))
+    text = "; ".join(f"{reason}: {n}" for reason, n in sorted(cell["routes"].items()))
+    lines.append(f"| {cell['model']} | {cell['t']} | {text} |")
   return "\n".join(lines)
 
 
@@ -529,6 +546,8 @@ def main(argv=None):
   text = table(cells, args.methods, not args.no_torch)
   print()
   print(text)
+  print()
+  print(routes_table(cells))
   print(f"\ntotal {minutes:.1f} min")
   if args.out:
     cmd = "python " + " ".join(
@@ -563,6 +582,11 @@ def main(argv=None):
       "with other jobs; compare ratios within one cell.",
       "",
       text,
+      "",
+      "Routes of the lean step's Gram matrix, leaves per route or per reason for the "
+      "per-task pullback:",
+      "",
+      routes_table(cells),
       "",
     ]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
