@@ -36,7 +36,7 @@ from gradcraft_jax.diagnostics import (
 )
 
 # Per-task gradients and the training-step helpers built on the core.
-from gradcraft_jax.lean import combined_value_and_grad, gram_coverage
+from gradcraft_jax.lean import Coverage, FallbackWarning, combined_value_and_grad, gram_coverage
 
 # Every method, each a Weighting turned into an optax transform.
 from gradcraft_jax.methods import (
@@ -128,6 +128,8 @@ __all__ = [
   "task_sum",
   # gradients and diagnostics
   "combined_value_and_grad",
+  "Coverage",
+  "FallbackWarning",
   "gram_coverage",
   "per_task_value_and_grad",
   "representation_value_and_grad",

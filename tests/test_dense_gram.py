@@ -289,7 +289,7 @@ def test_per_task_gradients_equal_jacrev(model):
   assert plan.uses
   losses, stacked = jax.jit(gj.per_task_value_and_grad(fun))(params, *args)
   ref = jax.jacrev(fun)(params, *args)
-  _, plain = jax.jit(gj.per_task_value_and_grad(fun, dense=False))(params, *args)
+  _, plain = jax.jit(gj.per_task_value_and_grad(fun, gram="pullback"))(params, *args)
   tol = TOL.get(model, 1e-5)
   for a, b, c in zip(*(jax.tree_util.tree_leaves(x) for x in (stacked, ref, plain))):
     assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
