@@ -184,7 +184,7 @@ def jax_steps(cfg, params, methods):
     # GradCraft only: the routes this library's defaults replace (plain
     # batched pullback for the stacked gradients, per-task pullbacks for the
     # lean Gram matrix), and the stacked step's two parts timed apart.
-    per_task_vmap = gj.per_task_value_and_grad(loss, dense=False)
+    per_task_vmap = gj.per_task_value_and_grad(loss, gram="pullback")
 
     def stacked_vmap(p, s, x, y, tx=tx):
       losses, g = per_task_vmap(p, x, y)
@@ -529,7 +529,7 @@ def main(argv=None):
       "GradCraft: the defaults (stacked: dense weights' per-task gradients as one "
       "batched product in the stacked layout; lean: dense-layer Gram identity) "
       "next to the routes they replace (`per_task_value_and_grad(..., "
-      'dense=False)`, `combined_value_and_grad(..., gram="pullback")`), and the '
+      'gram="pullback")`, `combined_value_and_grad(..., gram="pullback")`), and the '
       "stacked step against its parts timed apart (per-task gradients alone + "
       "method, Adam and apply alone), all as ratios to the plain step of the "
       "same cell:",
