@@ -502,6 +502,16 @@ def test_nested_jit_with_shardings_or_donation_is_kept():
   assert cov["['head']"] == "dense"
   check_routes(fun, params, (x,), 2e-5, grams=("dense",))
 
+  @functools.partial(jax.jit, donate_argnums=1)
+  def donating_layer(h, w):
+    return jnp.tanh(h @ w)
+
+  def donating(p, x):
+    return jnp.mean((donating_layer(x, p["w"]) @ p["head"] - 1.0) ** 2, axis=0)
+
+  cov = gj.gram_coverage(donating, gram="dense")(params, x)
+  assert cov["['w']"] == "used by a jax.jit call with its own donation (not inlined)", cov
+
 
 # ----------------------------------------------------- one guarded route
 
