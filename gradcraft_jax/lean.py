@@ -127,8 +127,9 @@ def _plan_route(fun, full_args, nums, has_aux, gram, chunk_size) -> _Route:
     flat, p = _dense_gram.analyse(fun, full_args, nums, has_aux, choose, _CALLER)
     vjps = p.custom_vjps
   except _dense_gram.Fallback as e:
-    fallbacks.append((f"{e.reason}: every leaf takes its per-task pullback", e.__cause__))
-    leaf_reason = f"per-task pullback ({e.reason})"
+    if choose is not None:  # the dense route is lost (else: only the custom-VJP check)
+      fallbacks.append((f"{e.reason}: every leaf takes its per-task pullback", e.__cause__))
+      leaf_reason = f"per-task pullback ({e.reason})"
     vjps = _custom_vjps_of_plain(fun, full_args, nums)
   per_task_sum = vjps is None or bool(vjps)
   if vjps is None:

@@ -573,6 +573,16 @@ def test_untraceable_loss_falls_back_and_says_so(fun):
   ):
     with pytest.raises(RuntimeError, match="tracing fun with abstract arguments failed"):
       call()
+  # gram="pullback" loses no dense route: only the custom-VJP check is reported
+  cov = gj.gram_coverage(fun, gram="pullback")(params, x)
+  assert set(cov.values()) == {"per-task pullback (gram='pullback')"}
+  assert len(cov.fallbacks) == (0 if fun is numpy_read else 1)
+  (_, grads, _), messages = _fallback_messages(
+    lambda: gj.combined_value_and_grad(fun, method, gram="pullback")(params, method.init(params), x)
+  )
+  assert len(messages) == len(cov.fallbacks)
+  assert all(r in m for r, m in zip(cov.fallbacks, messages)), (cov.fallbacks, messages)
+  _close(grads, method.update(ref, method.init(params), params)[0], 2e-5)
   for call in (
     lambda: gj.per_task_value_and_grad(fun, on_fallback="silent")(params, x),
     lambda: gj.combined_value_and_grad(fun, method, on_fallback="silent")(
