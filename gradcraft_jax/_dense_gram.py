@@ -597,20 +597,29 @@ def block(use: DenseUse, act: jax.Array, d: jax.Array, acc) -> jax.Array:
   Uncentred, ``a a^T`` carries the offset squared, and a block whose
   cotangents nearly sum to zero over the rows (a normalisation after the
   layer) is a difference of such terms; centred, no term is larger than the
-  per-task gradients' own products. The extra cost is ``O(R C + T R F +
-  T^2 F)``. Products at ``HIGHEST`` precision in ``acc`` (at least float32),
-  as :func:`~gradcraft_jax.gram_matrix` forms the other blocks."""
+  per-task gradients' own products. ``c_t`` and ``e_t`` come out of the
+  same product as ``(a~ a~^T) d_t`` (two more rows, ``1^T`` and ``(a~
+  mu)^T``, under ``a~ a~^T``), so the extra cost is ``O(R C + T R F + T^2
+  F)`` with no extra pass over the cotangents. Products at ``HIGHEST``
+  precision in ``acc`` (at least float32), as
+  :func:`~gradcraft_jax.gram_matrix` forms the other blocks."""
   a2, d2 = _act_rows(use, act, d, acc)
+  r = a2.shape[0]
   mu = jnp.mean(a2, axis=0)  # (C,)
   ac = a2 - mu
-  aa = jnp.matmul(ac, ac.T, precision=_HIGHEST)  # (R, R)
-  m = jnp.einsum("rq,tqf->trf", aa, d2, precision=_HIGHEST)
-  k = jnp.einsum("srf,trf->st", d2, m, precision=_HIGHEST)
-  c = jnp.sum(d2, axis=1)  # (T, F)
-  e = jnp.einsum("r,trf->tf", jnp.matmul(ac, mu, precision=_HIGHEST), d2, precision=_HIGHEST)
+  rows = jnp.concatenate(
+    [
+      jnp.matmul(ac, ac.T, precision=_HIGHEST),  # (R, R)
+      jnp.ones((1, r), acc),
+      jnp.matmul(ac, mu, precision=_HIGHEST)[None],
+    ]
+  )  # (R + 2, R)
+  m = jnp.einsum("rq,tqf->trf", rows, d2, precision=_HIGHEST)  # (T, R + 2, F)
+  k = jnp.einsum("srf,trf->st", d2, m[:, :r], precision=_HIGHEST)
+  c, e = m[:, r], m[:, r + 1]  # (T, F) each
   ec = jnp.matmul(e, c.T, precision=_HIGHEST)  # ec[s, t] = e_s . c_t
   cc = jnp.matmul(c, c.T, precision=_HIGHEST)
-  return k + ec + ec.T + jnp.sum(mu * mu) * cc
+  return k + ec + ec.T + jnp.dot(mu, mu, precision=_HIGHEST) * cc
 
 
 def _act_rows(use: DenseUse, act, d, dtype=None):
