@@ -103,7 +103,9 @@ def per_task_value_and_grad(
     A function with the signature of ``fun`` returning ``(losses, grads)``
     (``((losses, aux), grads)`` with ``has_aux``), where ``grads`` has the
     structure of the differentiated argument(s) and every leaf a leading
-    task axis of size ``T``.
+    task axis of size ``T``. A Python scalar leaf gets an array gradient, as
+    with ``jax.jacrev``; an integer leaf the ``float0`` gradient that
+    ``jax.vjp`` gives it (no values; the Gram matrix counts it as zero).
 
   Raises:
     TypeError: if a differentiated leaf is complex (gradcraft-jax supports
