@@ -36,7 +36,7 @@ from gradcraft_jax import diagnostics, methods, stages, wrappers
 from gradcraft_jax._stacked import cross_gram, gram_matrix, weighted_sum
 
 # Gradient producers: stacked per-task gradients, the lean step, representations.
-from gradcraft_jax.lean import combined_value_and_grad, gram_coverage
+from gradcraft_jax.lean import Coverage, FallbackWarning, combined_value_and_grad, gram_coverage
 
 # Every method factory.
 from gradcraft_jax.methods import (
@@ -115,6 +115,8 @@ __all__ = [
   "weighted_sum",
   "weighting_of",
   # gradients
+  "Coverage",
+  "FallbackWarning",
   "combined_value_and_grad",
   "gram_coverage",
   "per_task_value_and_grad",

@@ -115,6 +115,9 @@ def num_tasks(stacked: Any) -> int:
   Raises:
     ValueError: if the tree has no leaves, a leaf is a scalar, or two leaves
       disagree on ``T``; the message names the offending leaf.
+    TypeError: if a leaf is complex (the methods' Gram matrices and
+      weightings are defined for real gradients; store a complex parameter
+      as its real and imaginary parts); the message names the leaf.
 
   >>> import jax.numpy as jnp
   >>> num_tasks({"w": jnp.zeros((3, 4, 5)), "b": jnp.zeros((3, 5))})
@@ -127,6 +130,12 @@ def num_tasks(stacked: Any) -> int:
     )
   first_path, first = leaves[0]
   for path, leaf in leaves:
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+      raise TypeError(
+        f"leaf {jax.tree_util.keystr(path) or '<root>'} is complex ({jnp.result_type(leaf)}); "
+        "stacked per-task gradients must be real (store a complex parameter as its real "
+        "and imaginary parts)"
+      )
     if jnp.ndim(leaf) == 0:
       raise ValueError(
         f"leaf {jax.tree_util.keystr(path) or '<root>'} is a scalar; every "
@@ -147,10 +156,17 @@ def accumulation_dtype(stacked: Any) -> jnp.dtype:
   """The dtype Gram matrices and weights are computed in: float32 at least.
 
   float64 leaves (with ``jax_enable_x64``) give float64; bf16/fp16/fp32 give
-  float32.
+  float32. ``float0`` leaves (the gradients of integer parameters) are
+  ignored.
   """
-  dtypes = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(stacked)]
+  dtypes = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(stacked) if not _is_float0(x)]
   return jnp.result_type(jnp.float32, *dtypes)
+
+
+def _is_float0(x) -> bool:
+  """The gradient of an integer or boolean parameter (``jax.dtypes.float0``:
+  no values, always zero)."""
+  return getattr(x, "dtype", None) == jax.dtypes.float0
 
 
 def _block_size(t: int) -> int:
@@ -290,7 +306,9 @@ def gram_matrix(stacked: Any) -> jax.Array:
      \sum_p G_{i,p} G_{j,p}
 
   Args:
-    stacked: pytree whose leaves have shape ``(T, ...)``.
+    stacked: pytree whose leaves have shape ``(T, ...)``; ``float0`` leaves
+      (the gradients of integer parameters, as ``jax.vjp`` returns them)
+      count as zero.
 
   Returns:
     ``(T, T)`` symmetric positive semi-definite matrix in
@@ -302,10 +320,10 @@ def gram_matrix(stacked: Any) -> jax.Array:
   Array([[5., 1.],
          [1., 2.]], dtype=float32)
   """
-  num_tasks(stacked)
+  t = num_tasks(stacked)
   acc = accumulation_dtype(stacked)
-  grams = [_leaf_gram(x, acc) for x in jax.tree_util.tree_leaves(stacked)]
-  k = sum(grams[1:], grams[0])
+  grams = [_leaf_gram(x, acc) for x in jax.tree_util.tree_leaves(stacked) if not _is_float0(x)]
+  k = sum(grams[1:], grams[0]) if grams else jnp.zeros((t, t), acc)
   return 0.5 * (k + k.T)
 
 
@@ -364,6 +382,8 @@ def weighted_sum_checked(stacked: Any, weights: jax.Array) -> tuple[Any, jax.Arr
 
   def combine(leaf):
     nonlocal ok
+    if _is_float0(leaf):  # the gradient of an integer parameter: no values
+      return np.zeros(leaf.shape[1:], jax.dtypes.float0)
     acc = jnp.result_type(jnp.float32, leaf.dtype)
     w = weights.astype(acc)
     if kernel_pass(leaf):

@@ -28,63 +28,240 @@ The result equals ``method.update(stacked, state, params, task_losses=losses,
 :func:`gradcraft_jax.per_task_value_and_grad`, to floating-point rounding
 (the weighted sum is formed by the backward pass instead of by
 :func:`gradcraft_jax.weighted_sum`).
+
+Step 4 needs the backward pass to be linear in the cotangent, which every
+JAX primitive's is, and ``jax.custom_jvp``'s (JAX derives its transpose),
+but not necessarily a ``jax.custom_vjp`` rule (gradient clipping applies
+``clip`` to the cotangent). When the differentiated arguments reach a
+``jax.custom_vjp`` (or ``fun`` cannot be traced to find out), the combined
+gradient is instead the weighted sum of the ``T`` per-task pullbacks, as on
+the stacked path: exact, with the stacked path's memory, and reported
+(``on_fallback``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from gradcraft_jax import _dense_gram
+from gradcraft_jax._dense_gram import FallbackWarning
 from gradcraft_jax._guards import all_finite, keep_state_unless
-from gradcraft_jax._stacked import gram_matrix, select_leaves
-from gradcraft_jax.per_task import _plain_vjp, _split_args
+from gradcraft_jax._stacked import gram_matrix, select_leaves, weighted_sum
+from gradcraft_jax.per_task import _check_gram, _plain_vjp, _split_args
 from gradcraft_jax.weighting import weigh, weighting_of
 
-__all__ = ["combined_value_and_grad", "gram_coverage"]
+__all__ = ["combined_value_and_grad", "gram_coverage", "Coverage", "FallbackWarning"]
 
-_GRAM_MODES = ("auto", "dense", "pullback")
+_CALLER = "combined_value_and_grad"
+
+
+class Coverage(dict):
+  """``{key path: reason}`` for every differentiated leaf (see
+  :func:`gram_coverage`), with two attributes:
+
+  * ``combined``: how the step forms the combined gradient, ``"one
+    pullback of the weighted losses"`` or ``"weighted sum of per-task
+    pullbacks"`` (a ``jax.custom_vjp`` is reached, or ``fun`` could not be
+    traced to look for one);
+  * ``fallbacks``: the reasons the step leaves a fast route, as it reports
+    them (``on_fallback``); empty when it takes them all.
+  """
+
+  def __init__(self, reasons: dict, combined: str, fallbacks: tuple):
+    super().__init__(reasons)
+    self.combined = combined
+    self.fallbacks = tuple(fallbacks)
+
+
+_ONE_PULLBACK = "one pullback of the weighted losses"
+_PER_TASK_SUM = "weighted sum of per-task pullbacks"
+
+
+@dataclasses.dataclass
+class _Route:
+  """What the step does for one call, decided at trace time."""
+
+  flat: Any  # _dense_gram.Flat, None when the analysis failed
+  plan: Any  # _dense_gram.Plan, None when the analysis failed
+  dense: bool  # whether the dense-layer route (perturbed function) is taken
+  chunk_size: int | None  # the chunk size actually used
+  per_task_sum: bool  # combined gradient as the weighted sum of per-task pullbacks
+  fallbacks: list  # (reason, cause) pairs, in order
+  leaf_reason: str  # the coverage of every leaf when the dense route is not taken
+
+
+def _custom_vjps_of_plain(fun, full_args, nums):
+  """The ``jax.custom_vjp`` functions the differentiated arguments reach,
+  from a trace of ``fun`` with the other arguments as they are (concrete
+  when they are), or None if that trace fails too."""
+  primals = tuple(full_args[n] for n in nums)
+
+  def f_of_primals(*ps):
+    full = list(full_args)
+    for n, p in zip(nums, ps):
+      full[n] = p
+    return fun(*full)
+
+  try:
+    closed = jax.make_jaxpr(f_of_primals)(*primals)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return _dense_gram.custom_vjps(closed.jaxpr, len(jax.tree_util.tree_leaves(primals)))
+
+
+def _plan_route(fun, full_args, nums, has_aux, gram, chunk_size) -> _Route:
+  """The analysis, the custom-VJP rule and the chunking, decided together
+  (the same decisions for the step and for :func:`gram_coverage`)."""
+  fallbacks = []
+  choose = _dense_gram.chooser(gram) if chunk_size is None else None
+  if gram == "pullback":
+    leaf_reason = "per-task pullback (gram='pullback')"
+  else:
+    leaf_reason = "per-task pullback (chunk_size: Gram rows from forward-mode products)"
+  flat = p = None
+  try:
+    flat, p = _dense_gram.analyse(fun, full_args, nums, has_aux, choose, _CALLER)
+    vjps = p.custom_vjps
+  except _dense_gram.Fallback as e:
+    if choose is not None:  # the dense route is lost (else: only the custom-VJP check)
+      fallbacks.append((f"{e.reason}: every leaf takes its per-task pullback", e.__cause__))
+      leaf_reason = f"per-task pullback ({e.reason})"
+    vjps = _custom_vjps_of_plain(fun, full_args, nums)
+  per_task_sum = vjps is None or bool(vjps)
+  if vjps is None:
+    what = "fun could not be traced to look for jax.custom_vjp rules"
+  else:
+    what = (
+      f"the parameters reach jax.custom_vjp rule(s) {', '.join(vjps)}, which need not be "
+      "linear in the cotangent"
+    )
+  if per_task_sum:
+    fallbacks.append(
+      (
+        f"{what}: the combined gradient is the weighted sum of per-task pullbacks "
+        "(the stacked path's memory)",
+        None,
+      )
+    )
+  if chunk_size is not None and per_task_sum:
+    fallbacks.append(
+      (
+        "chunk_size is not used: the chunked Gram matrix needs forward-mode "
+        "derivatives, which a jax.custom_vjp does not have; the Gram matrix comes "
+        "from all T per-task pullbacks at once",
+        None,
+      )
+    )
+    chunk_size = None
+    if p is not None:
+      leaf_reason = "per-task pullback (chunk_size given)"
+  dense = p is not None and choose is not None
+  return _Route(flat, p, dense, chunk_size, per_task_sum, fallbacks, leaf_reason)
+
+
+def _acc_dtype(leaves):
+  """The dtype of the Gram blocks: at least float32, float64 with float64
+  leaves (integer leaves have no gradient and do not count)."""
+  dtypes = [jnp.result_type(x) for x in leaves]
+  return jnp.result_type(jnp.float32, *[d for d in dtypes if jnp.issubdtype(d, jnp.inexact)])
+
+
+def _build(route: _Route, leaves, arrays):
+  """The dense route's forward pass and VJP (:func:`_dense_gram.build`),
+  with the blocks of the covered leaves traced as a check."""
+  p = route.plan
+  acc = _acc_dtype(leaves)
+
+  def check(acts, ds):
+    return [_dense_gram.block(u, acts[j], ds[j], acc) for j, u in enumerate(p.uses)]
+
+  return _dense_gram.build(route.flat, p, leaves, arrays, check)
+
+
+def _take_dense(route: _Route, leaves, arrays):
+  """``_build``'s result, or None after recording why the dense route is
+  left (then every leaf takes its per-task pullback)."""
+  try:
+    return _build(route, leaves, arrays)
+  except _dense_gram.Fallback as e:
+    route.fallbacks.append((f"{e.reason}: every leaf takes its per-task pullback", e.__cause__))
+    route.dense = False
+    route.leaf_reason = f"per-task pullback ({e.reason})"
+    return None
 
 
 def gram_coverage(
-  fun: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False, *, gram="auto"
-) -> Callable[..., dict]:
+  fun: Callable[..., Any],
+  argnums: int | Sequence[int] = 0,
+  has_aux: bool = False,
+  *,
+  gram="auto",
+  chunk_size: int | None = None,
+) -> Callable[..., Coverage]:
   """Which parameter leaves :func:`combined_value_and_grad` covers with the
-  dense-layer identity, and why the others are not.
+  dense-layer identity, why the others are not, and which fast routes the
+  step leaves.
 
   Returns:
-    ``coverage(params, *args) -> {key path: reason}``, where the reason is
-    ``"dense"`` for a leaf whose Gram block comes from activations and output
-    cotangents (its only use is one dense product and the identity is the
-    cheaper route there, or ``gram="dense"``), and otherwise says why the leaf
-    keeps its per-task pullback (``"used by conv_general_dilated"``, ``"used
-    more than once"``, ...). Trace-time only: nothing is computed.
+    ``coverage(params, *args) -> Coverage``, a dict ``{key path: reason}``
+    where the reason is ``"dense"`` for a leaf whose Gram block comes from
+    activations and output cotangents (its only use is one real
+    floating-point dense product and the identity is the cheaper route
+    there, or ``gram="dense"``), and otherwise says why the leaf keeps its
+    per-task pullback (``"used by conv_general_dilated"``, ``"used more than
+    once"``, ``"cast to int8"``, ``"per-task pullback (tracing fun with
+    abstract arguments failed (...))"``, ...); its ``combined`` and
+    ``fallbacks`` attributes (:class:`Coverage`) say how the combined
+    gradient is formed and list what the step reports through
+    ``on_fallback``. It runs the step's own analysis and traces its dense
+    route abstractly (``jax.eval_shape``), so it agrees with the step,
+    fallbacks included. Trace-time only: nothing is computed.
 
   >>> import jax.numpy as jnp
   >>> def fun(p, x):
   ...   h = jnp.tanh(x @ p["w"] + p["b"])
   ...   return jnp.stack([jnp.sum(h), jnp.sum(h ** 2)])
   >>> p = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
-  >>> gram_coverage(fun)(p, jnp.ones((2, 8)))
+  >>> cov = gram_coverage(fun)(p, jnp.ones((2, 8)))
+  >>> cov
   {"['b']": 'used by broadcast_in_dim', "['w']": 'dense'}
+  >>> cov.combined, cov.fallbacks
+  ('one pullback of the weighted losses', ())
   """
-  if gram not in _GRAM_MODES:
-    raise ValueError(f"gram must be one of {_GRAM_MODES}, got {gram!r}")
+  _check_gram(gram)
+  _check_chunk_size(chunk_size)
 
   def coverage(*args):
     single, nums = _split_args(args, argnums)
-    flat = _dense_gram.Flat(fun, args, nums, has_aux)
-    paths = flat.leaf_paths(single)
-    if gram == "pullback":
-      return {path: "per-task pullback (gram='pullback')" for path in paths}
-    p = _dense_gram.plan(
-      flat, [*flat.diff, *flat.arrays], len(flat.diff), _dense_gram.chooser(gram)
-    )
-    return {paths[k]: p.reasons[k] for k in range(len(paths))}
+    _dense_gram.check_real_leaves(tuple(args[n] for n in nums), "gram_coverage")
+    route = _plan_route(fun, args, nums, has_aux, gram, chunk_size)
+    if route.dense:
+      flat = route.flat
+      jax.eval_shape(lambda ls, xs: _take_dense(route, ls, xs) and None, flat.diff, flat.arrays)
+    paths = _leaf_paths(args, nums, single)
+    if route.dense:
+      reasons = {paths[k]: route.plan.reasons[k] for k in range(len(paths))}
+    else:
+      reasons = dict.fromkeys(paths, route.leaf_reason)
+    combined = _PER_TASK_SUM if route.per_task_sum else _ONE_PULLBACK
+    return Coverage(reasons, combined, tuple(r for r, _ in route.fallbacks))
 
   return coverage
+
+
+def _leaf_paths(args, nums, single):
+  primals = tuple(args[n] for n in nums)
+  tree = primals[0] if single else primals
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _check_chunk_size(chunk_size):
+  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
 def combined_value_and_grad(
@@ -95,6 +272,7 @@ def combined_value_and_grad(
   *,
   chunk_size: int | None = None,
   gram: str = "auto",
+  on_fallback: str = "warn",
 ) -> Callable[..., Any]:
   r"""Task losses and a method's combined gradient, without stacked gradients.
 
@@ -118,17 +296,32 @@ def combined_value_and_grad(
       pass then holds ``chunk_size`` cotangents of every activation instead
       of ``T``, and ``chunk_size`` copies of the parameters, at the cost of
       ``T`` forward-mode passes. Same result to rounding. The dense-layer
-      identity (``gram``) is not used with ``chunk_size``.
+      identity (``gram``) is not used with ``chunk_size``. Forward mode
+      cannot differentiate a ``jax.custom_vjp``: when the parameters reach
+      one, ``chunk_size`` is not used (reported through ``on_fallback``).
     gram: how the Gram matrix is formed. ``"auto"`` (default): for every
-      parameter whose only use is one dense product ``y = a W`` (any
-      ``dot_general`` without batch dimensions, found in the traced
-      function; see :func:`gram_coverage`), its block is
-      :math:`\langle (a a^\top) d_s, d_t\rangle` from the activations ``a``
-      and the per-task output cotangents ``d_t``, when that is cheaper than
-      the weight gradients (fewer rows than input features); every other
-      leaf's block comes from its per-task pullbacks. ``"dense"``: the
-      identity for every dense use found, even where dearer. ``"pullback"``:
-      per-task pullbacks for every leaf. All three are exact.
+      real floating-point parameter whose only use is one real
+      floating-point dense product ``y = a W`` (any ``dot_general`` without
+      batch dimensions, found in the traced function through reshapes,
+      transposes and float-to-float casts; see :func:`gram_coverage`), its
+      block is :math:`\langle (a a^\top) d_s, d_t\rangle` from the
+      activations ``a`` and the per-task output cotangents ``d_t``
+      (evaluated with ``a`` centred, so a large common offset in ``a`` does
+      not cancel), when that is cheaper than the weight gradients (fewer
+      rows than input features); every other leaf's block comes from its
+      per-task pullbacks. ``"dense"``: the identity for every dense use
+      found, even where dearer. ``"pullback"``: per-task pullbacks for
+      every leaf. The three are equal in exact arithmetic; in floating point
+      the centred identity is as accurate as the per-task pullbacks against
+      a float64 reference, also for inputs with a large common offset
+      (``docs/scaling.md`` has the measured errors).
+    on_fallback: what to do when a fast route cannot be taken and the step
+      takes its plain route instead (same result, more time or memory):
+      ``fun`` cannot be traced with abstract arguments, the analysis fails,
+      or the parameters reach a ``jax.custom_vjp`` (see below).
+      ``"warn"`` (default): a :class:`~gradcraft_jax.FallbackWarning`, once
+      per trace; ``"silent"``; ``"raise"``: a ``RuntimeError``.
+      :func:`gram_coverage` lists the same reasons.
 
   Returns:
     ``step(params, method_state, *args, **extra_args) -> (losses, grads,
@@ -155,10 +348,22 @@ def combined_value_and_grad(
   Compiled temporary memory: activations plus the per-task gradients of the
   largest leaves, instead of all ``T`` copies of the parameters.
 
+  Custom derivatives: one backward pass of the weighted losses equals the
+  weighted sum of the per-task gradients only if the backward pass is
+  linear in the cotangent. ``jax.custom_jvp`` rules are (JAX derives their
+  transpose); a ``jax.custom_vjp`` rule need not be (gradient clipping is
+  not), and the library cannot tell. So when the differentiated arguments
+  reach a ``jax.custom_vjp`` (inside ``jit``, ``scan``, ``cond``, ``remat``,
+  ... too), or ``fun`` cannot be traced to find out, the combined gradient
+  is the weighted sum of the ``T`` per-task pullbacks (the stacked path's
+  memory), reported through ``on_fallback``.
+
   Raises:
     TypeError: at construction, if ``method`` has no task weights (see
-      :func:`~gradcraft_jax.weighting_of`).
-    ValueError: if ``fun`` does not return a 1-D vector of losses.
+      :func:`~gradcraft_jax.weighting_of`); at the call, if a differentiated
+      leaf is complex.
+    ValueError: if ``fun`` does not return a 1-D vector of real losses.
+    RuntimeError: with ``on_fallback="raise"``, when a fast route is left.
 
   >>> import jax, jax.numpy as jnp
   >>> import gradcraft_jax as gj
@@ -176,10 +381,9 @@ def combined_value_and_grad(
   True
   """
   weighting = weighting_of(method, "combined_value_and_grad")
-  if gram not in _GRAM_MODES:
-    raise ValueError(f"gram must be one of {_GRAM_MODES}, got {gram!r}")
-  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  _check_gram(gram)
+  _check_chunk_size(chunk_size)
+  _dense_gram.check_on_fallback(on_fallback)
 
   def weigh_and_pull_back(losses, method_state, extra_args, gram_fn, pull_back):
     """The method's weights (its Gram pass through ``gram_fn``), then one
@@ -200,21 +404,23 @@ def combined_value_and_grad(
     ok = all_finite(grads)
     return grads, keep_state_unless(ok, new_state, method_state)
 
-  def dense_step(params, method_state, *args, **extra_args):
-    """The step with the dense-layer identity (``fun`` traced once); None
-    if the analysis of ``fun`` failed."""
-    full_args = (params, *args)
-    single, nums = _split_args(full_args, argnums)
-    traced = _dense_gram.dense_vjp(fun, full_args, nums, has_aux, _dense_gram.chooser(gram))
-    if traced is None:
-      return None
-    flat, p, losses, aux_leaves, vjp_fn, acts = traced
+  def per_task_sum(vjp_leaves, t, dtype):
+    """The combined gradient as the weighted sum of the ``T`` per-task
+    pullbacks (exact for any backward rule, linear in the cotangent or
+    not)."""
+    eye = jnp.eye(t, dtype=dtype)
+    return lambda w: weighted_sum(jax.vmap(vjp_leaves)(eye), w)
+
+  def dense_step(route, traced, single, method_state, extra_args):
+    """The step on the dense route (``fun`` traced once)."""
+    flat, p = route.flat, route.plan
+    losses, aux_leaves, vjp_fn, acts = traced
     nd = len(flat.diff)
     t = losses.shape[0]
     eye = jnp.eye(t, dtype=losses.dtype)
     paths = flat.leaf_paths(single)
     covered = {u.leaf: j for j, u in enumerate(p.uses)}
-    acc = jnp.result_type(jnp.float32, *[x.dtype for x in flat.diff])
+    acc = _acc_dtype(flat.diff)
 
     def gram_fn(leaves=None):
       sel = [leaves is None or bool(leaves(path)) for path in paths]
@@ -231,9 +437,11 @@ def combined_value_and_grad(
           k_mat = k_mat + _dense_gram.block(u, acts[j], g_zs[j], acc)
       return 0.5 * (k_mat + k_mat.T)
 
-    grads, new_state = weigh_and_pull_back(
-      losses, method_state, extra_args, gram_fn, lambda w: vjp_fn(w)[0]
-    )
+    if route.per_task_sum:
+      pull_back = per_task_sum(lambda c: vjp_fn(c)[0], t, losses.dtype)
+    else:
+      pull_back = lambda w: vjp_fn(w)[0]  # noqa: E731
+    grads, new_state = weigh_and_pull_back(losses, method_state, extra_args, gram_fn, pull_back)
     grads = jax.tree_util.tree_unflatten(flat.diff_tree, grads)
     grads = grads[0] if single else grads
     if has_aux:
@@ -242,15 +450,20 @@ def combined_value_and_grad(
     return losses, grads, new_state
 
   def step(params, method_state, *args, **extra_args):
-    if gram != "pullback" and chunk_size is None:
-      out = dense_step(params, method_state, *args, **extra_args)
-      if out is not None:
-        return out
+    full_args = (params, *args)
+    single, nums = _split_args(full_args, argnums)
+    _dense_gram.check_real_leaves(tuple(full_args[n] for n in nums), _CALLER)
+    route = _plan_route(fun, full_args, nums, has_aux, gram, chunk_size)
+    traced = _take_dense(route, route.flat.diff, route.flat.arrays) if route.dense else None
+    for reason, cause in route.fallbacks:
+      _dense_gram.report(on_fallback, _CALLER, reason, cause)
+    if traced is not None:
+      return dense_step(route, traced, single, method_state, extra_args)
     single, _, primals, f_of_primals, losses, vjp_fn, aux = _plain_vjp(
-      fun, (params, *args), argnums, has_aux, "combined_value_and_grad"
+      fun, full_args, argnums, has_aux, _CALLER
     )
     t = losses.shape[0]
-
+    chunk = route.chunk_size
     eye = jnp.eye(t, dtype=losses.dtype)
 
     def gram_fn(leaves=None):
@@ -279,11 +492,11 @@ def combined_value_and_grad(
         g = jax.vmap(vjp_fn)(cots)
         return jax.vmap(lambda tangents: jax.jvp(losses_only, primals, tangents)[1])(g)
 
-      nchunks = -(-t // chunk_size)
-      pad = nchunks * chunk_size - t
+      nchunks = -(-t // chunk)
+      pad = nchunks * chunk - t
       cots = jnp.concatenate([eye, jnp.zeros((pad, t), eye.dtype)])
-      k = jax.lax.map(rows, cots.reshape(nchunks, chunk_size, t))
-      k = k.reshape(nchunks * chunk_size, t)[:t]
+      k = jax.lax.map(rows, cots.reshape(nchunks, chunk, t))
+      k = k.reshape(nchunks * chunk, t)[:t]
       acc = jnp.result_type(jnp.float32, k.dtype)
       k = k.astype(acc)
       return 0.5 * (k + k.T)
@@ -292,8 +505,8 @@ def combined_value_and_grad(
       losses,
       method_state,
       extra_args,
-      gram_fn if chunk_size is None or chunk_size >= t else gram_fn_chunked,
-      vjp_fn,
+      gram_fn if chunk is None or chunk >= t else gram_fn_chunked,
+      per_task_sum(vjp_fn, t, losses.dtype) if route.per_task_sum else vjp_fn,
     )
     grads = grads[0] if single else grads
     value = (losses, aux) if has_aux else losses

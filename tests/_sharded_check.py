@@ -49,6 +49,7 @@ if __name__ == "__main__":
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   )
 
+import chex  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
@@ -156,9 +157,19 @@ def _elements(shape_str):
 
 
 def _close(a, b, rtol=1e-4, atol=1e-5):
+  """Same tree structure and every leaf close (a structure mismatch is a
+  difference, not a shorter comparison)."""
+  try:
+    chex.assert_trees_all_equal_structs(a, b)
+    chex.assert_trees_all_equal_shapes(a, b)
+  except AssertionError:
+    return False
   return all(
-    np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    jax.tree_util.tree_leaves(
+      jax.tree_util.tree_map(
+        lambda x, y: bool(np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)), a, b
+      )
+    )
   )
 
 

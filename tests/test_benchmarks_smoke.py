@@ -14,6 +14,7 @@ SCRIPTS = [
   "bench_representation.py",
   "bench_train_step.py",
   "bench_recsys_step.py",
+  "dense_gram_accuracy.py",
 ]
 # Smoke runs of a subset where a script loops over methods (each compiles its
 # own steps): one method of each path kind (GradCraft's extra columns, a Gram

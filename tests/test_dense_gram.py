@@ -12,6 +12,7 @@ fails here instead of passing on the pullbacks.
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +38,19 @@ def _probe():
 
 def _keys(n):
   return list(jax.random.split(jax.random.PRNGKey(7), n))
+
+
+def _assert_close(actual, expected, tol, rtol=0.0):
+  """Same structure, shapes and dtypes, and every leaf within ``tol`` of
+  the expected leaf's largest entry (compared in float32)."""
+  chex.assert_trees_all_equal_structs(actual, expected)
+  chex.assert_trees_all_equal_shapes_and_dtypes(actual, expected)
+
+  def leaf(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=tol * (np.max(np.abs(b)) + 1e-6))
+
+  jax.tree_util.tree_map(leaf, actual, expected)
 
 
 # ----------------------------------------------------------------- models
@@ -178,9 +192,7 @@ def test_gram_and_update_equal_stacked(model, gram):
   scale = float(jnp.max(jnp.abs(k_direct)))
   np.testing.assert_allclose(np.asarray(k_ref), np.asarray(k_direct), atol=tol * scale)
   np.testing.assert_allclose(np.asarray(k_lean), np.asarray(k_ref), atol=tol * scale)
-  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref)):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    np.testing.assert_allclose(a, b, atol=tol * (np.max(np.abs(b)) + 1e-6))
+  _assert_close(grads, ref, tol)
 
 
 @pytest.mark.parametrize("gram", ["dense", "auto"])
@@ -220,9 +232,7 @@ def test_selected_leaves():
   _, grads, _ = lean(params, method.init(params), *args)
   _, stacked = gj.per_task_value_and_grad(fun)(params, *args)
   ref, _ = method.update(stacked, method.init(params), params)
-  chex_like = zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref))
-  for a, b in chex_like:
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(b)) + 1e-6))
+  _assert_close(grads, ref, 2e-5, rtol=2e-5)
 
 
 def test_has_aux_and_argnums_with_dense_gram():
@@ -240,8 +250,8 @@ def test_has_aux_and_argnums_with_dense_gram():
   (l2, aux2), stacked = gj.per_task_value_and_grad(fun, argnums=(0, 1), has_aux=True)(params, *args)
   ref, _ = method.update(stacked, state, (params, args[0]), task_losses=l2)
   np.testing.assert_allclose(aux["sum"], aux2["sum"], rtol=1e-6)
-  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_equal_structs(grads, ref)
+  chex.assert_trees_all_close(grads, ref, rtol=1e-4, atol=1e-6)
   cov = gj.gram_coverage(fun, argnums=(0, 1), has_aux=True)(params, *args)
   assert cov["[0]['w1']"] == "dense"
   assert cov["[1]"] == "dense"  # x: the other operand of the same product
@@ -291,11 +301,8 @@ def test_per_task_gradients_equal_jacrev(model):
   ref = jax.jacrev(fun)(params, *args)
   _, plain = jax.jit(gj.per_task_value_and_grad(fun, gram="pullback"))(params, *args)
   tol = TOL.get(model, 1e-5)
-  for a, b, c in zip(*(jax.tree_util.tree_leaves(x) for x in (stacked, ref, plain))):
-    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
-    a, b, c = (np.asarray(v, np.float32) for v in (a, b, c))
-    np.testing.assert_allclose(a, b, atol=tol * (np.max(np.abs(b)) + 1e-6))
-    np.testing.assert_allclose(a, c, atol=tol * (np.max(np.abs(c)) + 1e-6))
+  _assert_close(stacked, ref, tol)
+  _assert_close(stacked, plain, tol)
 
 
 def test_flax_nnx_and_linen_models():
@@ -339,5 +346,4 @@ def test_flax_nnx_and_linen_models():
     losses, grads, _ = jax.jit(gj.combined_value_and_grad(fun, method))(params, st, x)
     _, stacked = gj.per_task_value_and_grad(fun)(params, x)
     ref, _ = method.update(stacked, st, params, task_losses=losses)
-    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * (float(jnp.max(jnp.abs(b))) + 1))
+    _assert_close(grads, ref, 1e-6, rtol=1e-4)

@@ -19,6 +19,7 @@ passes through.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +35,7 @@ from test_compat_matrix import (
   init_params,
   make_batch,
   reads_what_was_poisoned,
+  same_tree,
   task_losses_fn,
 )
 
@@ -92,10 +94,8 @@ def assert_finite(tree, what):
 
 
 def same(a, b):
-  return all(
-    np.array_equal(np.asarray(x), np.asarray(y))
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
-  )
+  """Same tree structure and every leaf equal (NaN differs from NaN)."""
+  return same_tree(a, b)
 
 
 @pytest.mark.parametrize("case", FAULT_CASES, ids=FAULT_IDS)
@@ -139,8 +139,7 @@ def test_training_survives_injected_faults(case):
   for batch in good_batches:
     losses, grads = grads_of(clean_params, batch)
     clean_params, clean_state, _ = clean_step(clean_params, clean_state, grads, losses, dyn)
-  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(clean_params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(params, clean_params, rtol=1e-5, atol=1e-6)
 
 
 def _bad_inputs(case, kind):
