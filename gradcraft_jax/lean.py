@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcraft_jax import _dense_gram
+from gradcraft_jax import _dense_gram, _lean_routes
 from gradcraft_jax._stacked import gram_matrix, select_leaves
 from gradcraft_jax.per_task import _plain_vjp, _split_args
 from gradcraft_jax.weighting import _all_finite, check_method, keep_state_unless, query_weights
@@ -79,10 +79,8 @@ def gram_coverage(
     paths = flat.leaf_paths(single)
     if gram == "pullback":
       return {path: "per-task pullback (gram='pullback')" for path in paths}
-    p = _dense_gram.plan(
-      flat, [*flat.diff, *flat.arrays], len(flat.diff), _dense_gram.chooser(gram)
-    )
-    return {paths[k]: p.reasons[k] for k in range(len(paths))}
+    reasons = _lean_routes.analyse(flat, _dense_gram.chooser(gram)).reasons
+    return {paths[k]: reasons[k] for k in range(len(paths))}
 
   return coverage
 
@@ -204,15 +202,11 @@ def combined_value_and_grad(
     if the analysis of ``fun`` failed."""
     full_args = (params, *args)
     single, nums = _split_args(full_args, argnums)
-    traced = _dense_gram.dense_vjp(fun, full_args, nums, has_aux, _dense_gram.chooser(gram))
+    traced = _lean_routes.lean_vjp(fun, full_args, nums, has_aux, _dense_gram.chooser(gram))
     if traced is None:
       return None
-    flat, p, losses, aux_leaves, vjp_fn, acts = traced
-    nd = len(flat.diff)
-    t = losses.shape[0]
-    eye = jnp.eye(t, dtype=losses.dtype)
+    flat, losses, aux_leaves = traced.flat, traced.losses, traced.aux_leaves
     paths = flat.leaf_paths(single)
-    covered = {u.leaf: j for j, u in enumerate(p.uses)}
     acc = jnp.result_type(jnp.float32, *[x.dtype for x in flat.diff])
 
     def gram_fn(leaves=None):
@@ -222,16 +216,10 @@ def combined_value_and_grad(
           "combined_value_and_grad: the leaf selection matches none of the "
           f"gradient leaves; their key paths are {paths}"
         )
-      g_leaves, g_zs = jax.vmap(vjp_fn)(eye)
-      rest = [g_leaves[k] for k in range(nd) if sel[k] and k not in covered]
-      k_mat = gram_matrix(rest).astype(acc) if rest else jnp.zeros((t, t), acc)
-      for j, u in enumerate(p.uses):
-        if sel[u.leaf]:
-          k_mat = k_mat + _dense_gram.block(u, acts[j], g_zs[j], acc)
-      return 0.5 * (k_mat + k_mat.T)
+      return traced.gram(sel, acc)
 
     grads, new_state = weigh_and_pull_back(
-      losses, method_state, extra_args, gram_fn, lambda w: vjp_fn(w)[0]
+      losses, method_state, extra_args, gram_fn, traced.pull_back
     )
     grads = jax.tree_util.tree_unflatten(flat.diff_tree, grads)
     grads = grads[0] if single else grads
