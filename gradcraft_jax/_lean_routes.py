@@ -113,9 +113,7 @@ def _batched(jaxpr, leaf, uses_of, outs, num_tasks, choose):
   why = choose(r, c, f, num_tasks)
   if why is not None:
     return None, why.replace("dense,", "dense (batched),", 1)
-  use = _dense_gram.DenseUse(
-    leaf, i, act_pos, tuple(rest.index(j) for j in a_con), (), (), r, c, f
-  )
+  use = _dense_gram.DenseUse(leaf, i, act_pos, tuple(rest.index(j) for j in a_con), (), (), r, c, f)
   nbatch = math.prod(a_aval.shape[j] for j in a_b)
   return BatchedUse(leaf, i, act_pos, tuple(a_b), nbatch, use), None
 
@@ -134,23 +132,16 @@ def analyse(flat, choose: Callable) -> Routes:
   p = _dense_gram.plan(flat, [*flat.diff, *flat.arrays], n, choose)
   jaxpr = p.jaxpr.jaxpr
   num_tasks = jaxpr.outvars[0].aval.shape[0]
-  # gram="dense": the identity wherever it applies, task-local leaves included
-  forced = [u.leaf for u in p.uses] if choose is _dense_gram.any_dense else []
-  sp = _reach.split(jaxpr, n, num_tasks, forced)
-  head = set(sp.head_leaves)
   reasons = dict(p.reasons)
-  for k in head:
-    reasons[k] = _local_label(sp.leaf_reach[k], p.reasons[k])
-  dense = tuple(u for u in p.uses if u.leaf not in head)
-  covered = {u.leaf for u in dense}
   uses_of, outs = _uses(jaxpr)
-  batched, tables = [], []
+  covered = {u.leaf for u in p.uses}
+  batched, tables = {}, {}
   for k in range(n):
-    if k in head or k in covered:
+    if k in covered:
       continue
     b, why = _batched(jaxpr, k, uses_of, outs, num_tasks, choose)
     if b is not None:
-      batched.append(b)
+      batched[k] = b
       reasons[k] = "dense (batched)"
       continue
     if why is not None:
@@ -158,11 +149,21 @@ def analyse(flat, choose: Callable) -> Routes:
       continue
     tab, why = _embedding_gram.find(jaxpr, k, uses_of, outs)
     if tab is not None:
-      tables.append(tab)
+      tables[k] = tab
       reasons[k] = "embedding"
     elif why is not None:
       reasons[k] = why
-  return Routes(p.jaxpr, num_tasks, dense, tuple(batched), tuple(tables), sp, reasons)
+  # gram="dense": the identity wherever it applies, task-local leaves included
+  forced = sorted(covered) if choose is _dense_gram.any_dense else []
+  pinned = sorted(covered | set(batched) | set(tables))
+  sp = _reach.split(jaxpr, n, num_tasks, forced, pinned)
+  head = set(sp.head_leaves)
+  for k in head:
+    reasons[k] = _local_label(sp.leaf_reach[k], p.reasons[k])
+  dense = tuple(u for u in p.uses if u.leaf not in head)
+  batched = tuple(b for k, b in batched.items() if k not in head)
+  tables = tuple(tab for k, tab in tables.items() if k not in head)
+  return Routes(p.jaxpr, num_tasks, dense, batched, tables, sp, reasons)
 
 
 # ----------------------------------------------------------------- evaluation
@@ -281,15 +282,54 @@ def _sliced_dot_cot(eqn, pos, vals, cot, a, j):
 
 def _sliced_broadcast_cot(eqn, val, cot, a):
   """Per-slice cotangents ``(n, *operand.shape)`` of a broadcast_in_dim's
-  operand, the task axis ``a`` being a new output axis."""
+  operand broadcast along the task axis ``a`` of the output (a new axis, or
+  one of size 1 in the operand)."""
   oshape = tuple(eqn.outvars[0].aval.shape)
   shape = oshape[:a] + oshape[a + 1 :]
-  bd = tuple(d - (d > a) for d in eqn.params["broadcast_dimensions"])
+  bd = list(eqn.params["broadcast_dimensions"])
+  x = val
+  if a in bd:  # a size-1 dimension of the operand
+    x = jnp.squeeze(val, bd.index(a))
+    bd.remove(a)
+  bd = tuple(d - (d > a) for d in bd)
 
   def one(c):
-    return jax.vjp(lambda x: jax.lax.broadcast_in_dim(x, shape, bd), val)[1](c)[0]
+    return jax.vjp(lambda x: jax.lax.broadcast_in_dim(x, shape, bd), x)[1](c)[0]
 
-  return jax.vmap(one, in_axes=a)(cot)
+  out = jax.vmap(one, in_axes=a)(cot)
+  return out.reshape((oshape[a], *jnp.shape(val)))
+
+
+def _sliced_elementwise_cot(eqn, pos, vals, cot, a):
+  """Per-slice cotangents ``(n, *operand.shape)`` of an elementwise
+  operation's operand ``pos``, a scalar or of size 1 along the task axis
+  ``a`` of the output."""
+  oshape = tuple(eqn.outvars[0].aval.shape)
+  nd = len(oshape)
+  ops, axes = [], []
+  for p, x in enumerate(vals):
+    if jnp.ndim(x) == nd and jnp.shape(x)[a] == oshape[a] and p != pos:
+      ops.append(x)
+      axes.append(a)
+    elif jnp.ndim(x) == nd:
+      ops.append(jnp.squeeze(jnp.asarray(x), a))
+      axes.append(None)
+    else:
+      ops.append(x)
+      axes.append(None)
+
+  def one(*args):
+    *xs, c = args
+
+    def f(x):
+      ys = list(xs)
+      ys[pos] = x
+      return _bind(eqn, ys)[0]
+
+    return jax.vjp(f, ops[pos])[1](c)[0]
+
+  out = jax.vmap(one, in_axes=(*axes, a))(*ops, cot)
+  return out.reshape((oshape[a], *jnp.shape(vals[pos])))
 
 
 @dataclasses.dataclass
@@ -361,14 +401,12 @@ def lean_vjp(fun, full_args, nums, has_aux, choose, caller="combined_value_and_g
     _run(jaxpr, env, sp.trunk, post=post)
     return [_read(env, v) for v in sp.bvars], (recs, [_read(env, v) for v in sp.head_reads])
 
-  bvals, trunk_vjp, (recs, reads) = jax.vjp(
-    trunk, [leaves[k] for k in tleaf], zs, has_aux=True
-  )
+  bvals, trunk_vjp, (recs, reads) = jax.vjp(trunk, [leaves[k] for k in tleaf], zs, has_aux=True)
 
   subst = [s for s in sp.sites if s.kind in ("task", "axis")]
   subst_at = {(s.eqn, s.pos): j for j, s in enumerate(subst)}
   out_site = next((j for j, s in enumerate(subst) if s.eqn < 0), None)
-  sliced = [s for s in sp.sites if s.kind in ("dot", "broadcast")]
+  sliced = [s for s in sp.sites if s.kind not in ("task", "axis")]
   zc_eqns = sorted({s.eqn for s in sliced})
   zc_at = {i: j for j, i in enumerate(zc_eqns)}
   zcs = []
@@ -422,8 +460,10 @@ def lean_vjp(fun, full_args, nums, has_aux, choose, caller="combined_value_and_g
       eqn = jaxpr.eqns[s.eqn]
       if s.kind == "dot":
         x = _sliced_dot_cot(eqn, s.pos, hrecs[j], g_zc[j], s.axis, s.other_axis)
-      else:
+      elif s.kind == "broadcast":
         x = _sliced_broadcast_cot(eqn, hrecs[j][0], g_zc[j], s.axis)
+      else:
+        x = _sliced_elementwise_cot(eqn, s.pos, hrecs[j], g_zc[j], s.axis)
       terms[s.var].append(_group(x, s.tasks, t))
     out = []
     for v, bv in enumerate(bvals):

@@ -162,9 +162,7 @@ def _axis_map(ishape, oshape, a):
 def _same_axis(s, oshape, a):
   """An elementwise operand of shape ``s`` carries output axis ``a`` whole."""
   return (
-    len(s) == len(oshape)
-    and s[a] == oshape[a]
-    and all(x == y or x == 1 for x, y in zip(s, oshape))
+    len(s) == len(oshape) and s[a] == oshape[a] and all(x == y or x == 1 for x, y in zip(s, oshape))
   )
 
 
@@ -372,7 +370,7 @@ class Site:
   var: int
   eqn: int  # -1: the losses output itself
   pos: int
-  kind: str  # "task", "axis", "dot" or "broadcast"
+  kind: str  # "task", "axis", "dot", "broadcast" or "elementwise"
   task: Any = None  # "task": the task (None: no task)
   axis: int = 0  # "axis": of the value; "dot"/"broadcast": of the equation's output
   tasks: tuple = ()  # per slice along ``axis``
@@ -390,13 +388,14 @@ class Split:
   head_reads: tuple  # trunk values the head reads (constants there)
 
 
-def split(jaxpr, num_diff: int, num_tasks: int, trunk_leaves=()) -> Split:
+def split(jaxpr, num_diff: int, num_tasks: int, trunk_leaves=(), no_sites=()) -> Split:
   """Cut ``jaxpr`` (outputs: the ``(T,)`` losses, then aux) into trunk and
   head; an empty head when no differentiated leaf reaches a single task.
-  The leaves ``trunk_leaves`` (indices) stay in the trunk."""
+  The leaves ``trunk_leaves`` (indices) stay in the trunk with all their
+  uses; the head reads no leaf of ``no_sites`` (their uses stay in the
+  trunk, with the routes that cover them there)."""
   eqns = jaxpr.eqns
   leaves = list(jaxpr.invars[:num_diff])
-  leafset = set(leaves)
   out0 = jaxpr.outvars[0]
   top = normal(Axis(0, tuple(range(num_tasks))))
   reach, contrib = reach_jaxpr(jaxpr, [top] + [NONE] * (len(jaxpr.outvars) - 1))
@@ -416,6 +415,7 @@ def split(jaxpr, num_diff: int, num_tasks: int, trunk_leaves=()) -> Split:
         consumers.setdefault(v, []).append((i, p))
 
   forced = {leaves[k] for k in trunk_leaves}
+  pinned = forced | {leaves[k] for k in no_sites}
 
   def local(v):
     return v not in forced and is_local(reach.get(v, NONE))
@@ -440,14 +440,30 @@ def split(jaxpr, num_diff: int, num_tasks: int, trunk_leaves=()) -> Split:
     ro = reach.get(e.outvars[0], NONE)
     if not isinstance(ro, Axis):
       return None
-    if e.primitive.name == "dot_general":
-      axes = _dot_operand_axes(e, ro.axis)
+    a, name = ro.axis, e.primitive.name
+    oshape = _shape(e.outvars[0])
+    if name == "dot_general":
+      axes = _dot_operand_axes(e, a)
       if axes[p] is None and axes[1 - p] is not None:
-        return dict(kind="dot", axis=ro.axis, tasks=ro.tasks, other_axis=axes[1 - p])
-    if e.primitive.name == "broadcast_in_dim" and p == 0:
-      if ro.axis not in e.params["broadcast_dimensions"]:
-        return dict(kind="broadcast", axis=ro.axis, tasks=ro.tasks)
+        return dict(kind="dot", axis=a, tasks=ro.tasks, other_axis=axes[1 - p])
+    if name == "broadcast_in_dim" and p == 0:
+      return dict(kind="broadcast", axis=a, tasks=ro.tasks)
+    s = _shape(v)
+    if name in _ELEMENTWISE and (not s or (len(s) == len(oshape) and s[a] == 1)):
+      return dict(kind="elementwise", axis=a, tasks=ro.tasks)
     return None
+
+  def site_ok(i, p, v):
+    """The head may read trunk value (or trunk leaf) ``v`` at (i, p)."""
+    if v in param:  # no parameter-sized cotangents T times, no covered leaf's use
+      size = math.prod(_shape(v))
+      if v in pinned or any(size > math.prod(_shape(o)) for o in eqns[i].outvars):
+        return False
+    return kind(i, p, v) is not None
+
+  def head_leaf(v):
+    us = consumers.get(v, [])
+    return local(v) and us and all(i in head for i, _ in us)
 
   changed = True
   while changed:
@@ -458,27 +474,20 @@ def split(jaxpr, num_diff: int, num_tasks: int, trunk_leaves=()) -> Split:
           if not isinstance(v, jcore.Literal) and producer.get(v) in head:
             head.discard(producer[v])
             changed = True
-    for v in leaves:  # a leaf is read by the head alone, and reaches one task per slice
-      ins = [i for i, _ in consumers.get(v, []) if i in head]
-      if ins and (not local(v) or len(ins) < len(consumers[v])):
-        head.difference_update(ins)
-        changed = True
-    for i in sorted(head):
+    for i in sorted(head):  # the head reads trunk values at sites only
       for p, v in enumerate(eqns[i].invars):
-        if isinstance(v, jcore.Literal) or v not in dep or v in leafset:
+        if isinstance(v, jcore.Literal) or v not in dep or producer.get(v) in head:
           continue
-        if producer.get(v) in head:
-          continue
-        if v in param or kind(i, p, v) is None:
-          head.discard(i)
-          changed = True
-          break
+        if v in producer or not head_leaf(v):
+          if not site_ok(i, p, v):
+            head.discard(i)
+            changed = True
+            break
 
-  head_leaves = [
-    k for k, v in enumerate(leaves) if consumers.get(v) and all(i in head for i, _ in consumers[v])
-  ]
+  head_leaves = [k for k, v in enumerate(leaves) if head_leaf(v)]
   if not any(reach.get(leaves[k], NONE) != NONE for k in head_leaves):
     head, head_leaves = set(), []
+  hl = {leaves[k] for k in head_leaves}
 
   bvars, sites, reads = [], [], []
 
@@ -489,9 +498,9 @@ def split(jaxpr, num_diff: int, num_tasks: int, trunk_leaves=()) -> Split:
 
   for i in sorted(head):
     for p, v in enumerate(eqns[i].invars):
-      if isinstance(v, jcore.Literal) or producer.get(v) in head or v in leaves:
+      if isinstance(v, jcore.Literal) or producer.get(v) in head or v in hl:
         continue
-      if v not in reads and (v in producer or v in leafset):
+      if v in producer and v not in reads:
         reads.append(v)
       if v not in dep:
         continue
@@ -499,11 +508,12 @@ def split(jaxpr, num_diff: int, num_tasks: int, trunk_leaves=()) -> Split:
       if k["kind"] == "task" and k["task"] is None:
         continue  # reaches no loss through this use: a constant there
       sites.append(Site(var=var_index(v), eqn=i, pos=p, **k))
-  for v in jaxpr.outvars[1:]:
-    if not isinstance(v, jcore.Literal) and producer.get(v) not in head and v not in reads:
-      reads.append(v)
+  for v in jaxpr.outvars:
+    if not isinstance(v, jcore.Literal) and v in producer and producer[v] not in head:
+      if v not in reads:
+        reads.append(v)
   if not isinstance(out0, jcore.Literal) and out0 in dep and producer.get(out0) not in head:
-    if not (out0 in leafset and leaves.index(out0) in head_leaves):
+    if out0 not in hl:
       k = as_slices(reach.get(out0, NONE), 0, num_tasks) or tuple(range(num_tasks))
       sites.append(Site(var=var_index(out0), eqn=-1, pos=0, kind="axis", axis=0, tasks=k))
   return Split(
