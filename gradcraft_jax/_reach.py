@@ -417,6 +417,9 @@ def split(jaxpr, num_diff: int, num_tasks: int, trunk_leaves=(), no_sites=()) ->
   forced = {leaves[k] for k in trunk_leaves}
   pinned = forced | {leaves[k] for k in no_sites}
 
+  def diff(v):  # a value with a derivative (integer values are constants)
+    return v in dep and jnp.issubdtype(v.aval.dtype, jnp.inexact)
+
   def local(v):
     return v not in forced and is_local(reach.get(v, NONE))
 
@@ -476,7 +479,7 @@ def split(jaxpr, num_diff: int, num_tasks: int, trunk_leaves=(), no_sites=()) ->
             changed = True
     for i in sorted(head):  # the head reads trunk values at sites only
       for p, v in enumerate(eqns[i].invars):
-        if isinstance(v, jcore.Literal) or v not in dep or producer.get(v) in head:
+        if isinstance(v, jcore.Literal) or not diff(v) or producer.get(v) in head:
           continue
         if v in producer or not head_leaf(v):
           if not site_ok(i, p, v):
@@ -502,7 +505,7 @@ def split(jaxpr, num_diff: int, num_tasks: int, trunk_leaves=(), no_sites=()) ->
         continue
       if v in producer and v not in reads:
         reads.append(v)
-      if v not in dep:
+      if not diff(v):
         continue
       k = kind(i, p, v)
       if k["kind"] == "task" and k["task"] is None:
@@ -512,7 +515,7 @@ def split(jaxpr, num_diff: int, num_tasks: int, trunk_leaves=(), no_sites=()) ->
     if not isinstance(v, jcore.Literal) and v in producer and producer[v] not in head:
       if v not in reads:
         reads.append(v)
-  if not isinstance(out0, jcore.Literal) and out0 in dep and producer.get(out0) not in head:
+  if not isinstance(out0, jcore.Literal) and diff(out0) and producer.get(out0) not in head:
     if out0 not in hl:
       k = as_slices(reach.get(out0, NONE), 0, num_tasks) or tuple(range(num_tasks))
       sites.append(Site(var=var_index(out0), eqn=-1, pos=0, kind="axis", axis=0, tasks=k))

@@ -16,7 +16,11 @@ needed as a whole. :func:`combined_value_and_grad`
    cotangents (batched with ``jax.vmap``) and reduces every parameter leaf's
    ``(T, ...)`` gradient to its ``(T, T)`` Gram block as soon as it is
    produced: XLA frees each leaf's per-task gradients after its block, so
-   the peak holds one or a few leaves' ``T`` copies, never all ``T x P``;
+   the peak holds one or a few leaves' ``T`` copies, never all ``T x P``.
+   Leaves with structure take cheaper exact routes (``gram=``): task-local
+   towers from one all-ones pullback (the batched one then stops where the
+   towers read the shared trunk), dense layers and embedding tables from
+   their outputs' per-task cotangents;
 3. asks the method for its weights (:func:`gradcraft_jax.task_weights`'
    protocol, also through ``optax.inject_hyperparams``); methods that read
    only the losses (``mean``, uncertainty weighting, DWA, NMT) skip step 2,
@@ -51,16 +55,32 @@ _GRAM_MODES = ("auto", "dense", "pullback")
 def gram_coverage(
   fun: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False, *, gram="auto"
 ) -> Callable[..., dict]:
-  """Which parameter leaves :func:`combined_value_and_grad` covers with the
-  dense-layer identity, and why the others are not.
+  """Where :func:`combined_value_and_grad` takes each parameter leaf's Gram
+  block from, and why a leaf keeps its per-task pullback.
 
   Returns:
-    ``coverage(params, *args) -> {key path: reason}``, where the reason is
-    ``"dense"`` for a leaf whose Gram block comes from activations and output
-    cotangents (its only use is one dense product and the identity is the
-    cheaper route there, or ``gram="dense"``), and otherwise says why the leaf
-    keeps its per-task pullback (``"used by conv_general_dilated"``, ``"used
-    more than once"``, ...). Trace-time only: nothing is computed.
+    ``coverage(params, *args) -> {key path: route}``, the route being
+
+    * ``"task-local (tower)"``: the leaf reaches one task loss only (a
+      per-task tower, gate or head); its block is ``|g_t|^2`` on the
+      diagonal, from one pullback of the all-ones cotangent;
+    * ``"task-local (per-task slices)"``: slice ``t`` of the leaf along a
+      task axis reaches loss ``t`` only (towers stacked as ``(T, H, K)`` and
+      used through ``einsum`` or ``vmap``, a ``(H, T)`` head); same;
+    * ``"dense"``: one dense product ``y = a W``; the block
+      :math:`\langle (a a^\top) d_s, d_t\rangle` from activations and
+      output cotangents (where that is the cheaper route, or
+      ``gram="dense"``);
+    * ``"dense (batched)"``: one ``dot_general`` with batch dimensions
+      (stacked experts); the same identity per batch index;
+    * ``"embedding"``: read only by row lookups (``table[ids]``,
+      ``jnp.take``, Flax ``Embed``); the block from per-id sums of the
+      lookups' output cotangents;
+    * otherwise why the leaf keeps its per-task pullback (``"used by
+      conv_general_dilated"``, ``"used more than once"``, ``"used by gather
+      (not a lookup of whole rows)"``, ...).
+
+    Trace-time only: nothing is computed.
 
   >>> import jax.numpy as jnp
   >>> def fun(p, x):
@@ -116,16 +136,35 @@ def combined_value_and_grad(
       of ``T``, and ``chunk_size`` copies of the parameters, at the cost of
       ``T`` forward-mode passes. Same result to rounding. The dense-layer
       identity (``gram``) is not used with ``chunk_size``.
-    gram: how the Gram matrix is formed. ``"auto"`` (default): for every
-      parameter whose only use is one dense product ``y = a W`` (any
-      ``dot_general`` without batch dimensions, found in the traced
-      function; see :func:`gram_coverage`), its block is
-      :math:`\langle (a a^\top) d_s, d_t\rangle` from the activations ``a``
-      and the per-task output cotangents ``d_t``, when that is cheaper than
-      the weight gradients (fewer rows than input features); every other
-      leaf's block comes from its per-task pullbacks. ``"dense"``: the
-      identity for every dense use found, even where dearer. ``"pullback"``:
-      per-task pullbacks for every leaf. All three are exact.
+    gram: how the Gram matrix is formed. ``"auto"`` (default): every leaf
+      takes the cheapest exact route the analysis of the traced function
+      proves (see :func:`gram_coverage`):
+
+      * *task-local* leaves (per-task towers, gates and heads, separate or
+        stacked on a task axis; found by a reachability pass over the
+        jaxpr): a diagonal block ``|g_t|^2`` from ONE pullback of the
+        all-ones cotangent through the part of the function whose values
+        reach one loss each (the *head*). The batched pullback of the ``T``
+        one-hot cotangents starts where the head reads the shared *trunk*,
+        from the per-task cotangents there, and never runs through the
+        towers;
+      * *dense* leaves (one ``dot_general``; with batch dimensions, the
+        stacked-experts case, per batch index): the block
+        :math:`\langle (a a^\top) d_s, d_t\rangle` from the activations
+        ``a`` and the per-task output cotangents ``d_t``, when that is
+        cheaper than the weight gradients (fewer rows than input features);
+      * *embedding* tables read by row gathers (``table[ids]``,
+        ``jnp.take``, Flax ``Embed``; several lookups and features sharing
+        the table, multi-valued ids, duplicates, the gather's clamping or
+        dropping of out-of-range ids): :math:`\sum_v \langle S_s[v],
+        S_t[v]\rangle` with ``S_t[v]`` the sum of task ``t``'s lookup
+        cotangents of id ``v``: memory ``O(T x lookups x D)``, never
+        ``T`` copies of the table;
+      * every other leaf: its ``T`` per-task gradients, reduced to its block.
+
+      ``"dense"``: the dense identity for every dense use found, even where
+      dearer (task-local leaves included). ``"pullback"``: per-task
+      pullbacks for every leaf. All are exact.
 
   Returns:
     ``step(params, method_state, *args, **extra_args) -> (losses, grads,
@@ -146,11 +185,15 @@ def combined_value_and_grad(
     not finite, ``grads`` is non-finite and the state is kept. Jittable;
     works with sharded parameters and batches.
 
-  Cost: one forward pass, ``T`` batched backward passes only if the method
-  reads the Gram matrix (each leaf's per-task gradients are reduced to its
-  Gram block and dropped), and one backward pass of the weighted losses.
-  Compiled temporary memory: activations plus the per-task gradients of the
-  largest leaves, instead of all ``T`` copies of the parameters.
+  Cost: one forward pass, one backward pass through the head, ``T``
+  batched backward passes through the trunk only if the method reads the
+  Gram matrix (each leaf's per-task gradients, where it has no cheaper
+  route, are reduced to its Gram block and dropped), and one backward pass
+  of the weighted losses through the trunk (the head's is reused: it is
+  linear in the cotangent and carries one task per slice). Compiled
+  temporary memory: a plain step's, plus ``T`` cotangents of the trunk's
+  activations (embedding lookups included) and the per-task gradients of the
+  largest uncovered leaves, instead of all ``T`` copies of the parameters.
 
   Raises:
     TypeError: at construction, if ``method`` is not a method transform of
