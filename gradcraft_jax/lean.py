@@ -16,7 +16,11 @@ needed as a whole. :func:`combined_value_and_grad`
    cotangents (batched with ``jax.vmap``) and reduces every parameter leaf's
    ``(T, ...)`` gradient to its ``(T, T)`` Gram block as soon as it is
    produced: XLA frees each leaf's per-task gradients after its block, so
-   the peak holds one or a few leaves' ``T`` copies, never all ``T x P``;
+   the peak holds one or a few leaves' ``T`` copies, never all ``T x P``.
+   Leaves with structure take cheaper exact routes (``gram=``): task-local
+   towers from one all-ones pullback (the batched one then stops where the
+   towers read the shared trunk), dense layers and embedding tables from
+   their outputs' per-task cotangents;
 3. asks the method's weighting (``method.weighting``, also for one built
    by :func:`gradcraft_jax.inject_hyperparams`) for its weights; methods that read
    only the losses (``mean``, uncertainty weighting, DWA, NMT) skip step 2,
@@ -47,7 +51,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from gradcraft_jax import _dense_gram
+from gradcraft_jax import _dense_gram, _lean_routes
 from gradcraft_jax._dense_gram import FallbackWarning
 from gradcraft_jax._guards import all_finite, keep_state_unless
 from gradcraft_jax._stacked import gram_matrix, select_leaves, weighted_sum
@@ -87,6 +91,7 @@ class _Route:
 
   flat: Any  # _dense_gram.Flat, None when the analysis failed
   plan: Any  # _dense_gram.Plan, None when the analysis failed
+  routes: Any  # _lean_routes.Routes: every structured route, or None (dense layers only)
   dense: bool  # whether the dense-layer route (perturbed function) is taken
   chunk_size: int | None  # the chunk size actually used
   per_task_sum: bool  # combined gradient as the weighted sum of per-task pullbacks
@@ -160,7 +165,17 @@ def _plan_route(fun, full_args, nums, has_aux, gram, chunk_size) -> _Route:
     if p is not None:
       leaf_reason = "per-task pullback (chunk_size given)"
   dense = p is not None and choose is not None
-  return _Route(flat, p, dense, chunk_size, per_task_sum, fallbacks, leaf_reason)
+  routes = None
+  if dense and not per_task_sum:
+    # Towers, stacked experts and embedding tables (the head/trunk split
+    # assumes every backward rule is linear in the cotangent: not taken
+    # when a custom VJP is reached).
+    try:
+      with _dense_gram.guarded("the analysis of towers, experts and tables"):
+        routes = _lean_routes.analyse(flat, choose, p)
+    except _dense_gram.Fallback as e:
+      fallbacks.append((f"{e.reason}: only dense layers take the identity", e.__cause__))
+  return _Route(flat, p, routes, dense, chunk_size, per_task_sum, fallbacks, leaf_reason)
 
 
 def _acc_dtype(leaves):
@@ -182,9 +197,30 @@ def _build(route: _Route, leaves, arrays):
   return _dense_gram.build(route.flat, p, leaves, arrays, check)
 
 
+def _build_lean(route: _Route, leaves, arrays):
+  """The structured routes' forward pass and pullbacks
+  (:func:`_lean_routes.lean_vjp`), with the Gram matrix and the weighted
+  pullback traced as a check."""
+  acc = _acc_dtype(leaves)
+  with _dense_gram.guarded("the structured routes (towers, experts, tables)"):
+    traced = _lean_routes.lean_vjp(route.flat, route.routes, leaves, arrays)
+    t = traced.losses.shape[0]
+    jax.eval_shape(
+      lambda: (traced.gram([True] * len(leaves), acc), traced.pull_back(jnp.ones((t,), acc)))
+    )
+  return traced
+
+
 def _take_dense(route: _Route, leaves, arrays):
-  """``_build``'s result, or None after recording why the dense route is
-  left (then every leaf takes its per-task pullback)."""
+  """``_build``'s result (or ``_build_lean``'s, where the structured routes
+  apply), or None after recording why the dense route is left (then every
+  leaf takes its per-task pullback)."""
+  if route.routes is not None:
+    try:
+      return _build_lean(route, leaves, arrays)
+    except _dense_gram.Fallback as e:
+      route.fallbacks.append((f"{e.reason}: only dense layers take the identity", e.__cause__))
+      route.routes = None
   try:
     return _build(route, leaves, arrays)
   except _dense_gram.Fallback as e:
@@ -202,25 +238,40 @@ def gram_coverage(
   gram="auto",
   chunk_size: int | None = None,
 ) -> Callable[..., Coverage]:
-  """Which parameter leaves :func:`combined_value_and_grad` covers with the
-  dense-layer identity, why the others are not, and which fast routes the
-  step leaves.
+  """Where :func:`combined_value_and_grad` takes each parameter leaf's Gram
+  block from, why a leaf keeps its per-task pullback, and which fast routes
+  the step leaves.
 
   Returns:
-    ``coverage(params, *args) -> Coverage``, a dict ``{key path: reason}``
-    where the reason is ``"dense"`` for a leaf whose Gram block comes from
-    activations and output cotangents (its only use is one real
-    floating-point dense product and the identity is the cheaper route
-    there, or ``gram="dense"``), and otherwise says why the leaf keeps its
-    per-task pullback (``"used by conv_general_dilated"``, ``"used more than
-    once"``, ``"cast to int8"``, ``"per-task pullback (tracing fun with
-    abstract arguments failed (...))"``, ...); its ``combined`` and
-    ``fallbacks`` attributes (:class:`Coverage`) say how the combined
-    gradient is formed and list what the step reports through
-    ``on_fallback``. It runs the step's own analysis and traces its dense
-    route abstractly (``jax.eval_shape``), so it agrees with the step,
+    ``coverage(params, *args) -> Coverage``, a dict ``{key path: route}``,
+    the route being
+
+    * ``"task-local (tower)"``: the leaf reaches one task loss only (a
+      per-task tower, gate or head); its block is ``|g_t|^2`` on the
+      diagonal, from one pullback of the all-ones cotangent;
+    * ``"task-local (per-task slices)"``: slice ``t`` of the leaf along a
+      task axis reaches loss ``t`` only (towers stacked as ``(T, H, K)`` and
+      used through ``einsum`` or ``vmap``); same;
+    * ``"dense"``: one real floating-point dense product ``y = a W``; the
+      block from activations and output cotangents (where that is the
+      cheaper route, or ``gram="dense"``);
+    * ``"dense (batched)"``: one ``dot_general`` with batch dimensions
+      (stacked experts); the same identity per batch index;
+    * ``"embedding"``: read only by row lookups (``table[ids]``,
+      ``jnp.take``, Flax ``Embed``); the block from per-id sums of the
+      lookups' output cotangents;
+    * otherwise why the leaf keeps its per-task pullback (``"used by
+      conv_general_dilated"``, ``"used more than once"``, ``"cast to
+      int8"``, ``"per-task pullback (tracing fun with abstract arguments
+      failed (...))"``, ...).
+
+    Its ``combined`` and ``fallbacks`` attributes (:class:`Coverage`) say
+    how the combined gradient is formed and list what the step reports
+    through ``on_fallback``. It runs the step's own analysis and traces its
+    fast route abstractly (``jax.eval_shape``), so it agrees with the step,
     fallbacks included. Trace-time only: nothing is computed.
 
+  Examples:
   >>> import jax.numpy as jnp
   >>> def fun(p, x):
   ...   h = jnp.tanh(x @ p["w"] + p["b"])
@@ -244,7 +295,8 @@ def gram_coverage(
       jax.eval_shape(lambda ls, xs: _take_dense(route, ls, xs) and None, flat.diff, flat.arrays)
     paths = _leaf_paths(args, nums, single)
     if route.dense:
-      reasons = {paths[k]: route.plan.reasons[k] for k in range(len(paths))}
+      source = route.routes if route.routes is not None else route.plan
+      reasons = {paths[k]: source.reasons[k] for k in range(len(paths))}
     else:
       reasons = dict.fromkeys(paths, route.leaf_reason)
     combined = _PER_TASK_SUM if route.per_task_sum else _ONE_PULLBACK
@@ -299,22 +351,38 @@ def combined_value_and_grad(
       identity (``gram``) is not used with ``chunk_size``. Forward mode
       cannot differentiate a ``jax.custom_vjp``: when the parameters reach
       one, ``chunk_size`` is not used (reported through ``on_fallback``).
-    gram: how the Gram matrix is formed. ``"auto"`` (default): for every
-      real floating-point parameter whose only use is one real
-      floating-point dense product ``y = a W`` (any ``dot_general`` without
-      batch dimensions, found in the traced function through reshapes,
-      transposes and float-to-float casts; see :func:`gram_coverage`), its
-      block is :math:`\langle (a a^\top) d_s, d_t\rangle` from the
-      activations ``a`` and the per-task output cotangents ``d_t``
-      (evaluated with ``a`` centred, so a large common offset in ``a`` does
-      not cancel), when that is cheaper than the weight gradients (fewer
-      rows than input features); every other leaf's block comes from its
-      per-task pullbacks. ``"dense"``: the identity for every dense use
-      found, even where dearer. ``"pullback"``: per-task pullbacks for
-      every leaf. The three are equal in exact arithmetic; in floating point
-      the centred identity is as accurate as the per-task pullbacks against
-      a float64 reference, also for inputs with a large common offset
-      (``docs/scaling.md`` has the measured errors).
+    gram: how the Gram matrix is formed. ``"auto"`` (default): every leaf
+      takes the cheapest exact route the analysis of the traced function
+      proves (see :func:`gram_coverage`):
+
+      * *task-local* leaves (per-task towers, gates and heads, separate or
+        stacked on a task axis; found by a reachability pass over the
+        jaxpr): a diagonal block ``|g_t|^2`` from one pullback of the
+        all-ones cotangent through the part of the function whose values
+        reach one loss each (the *head*); the batched pullback of the ``T``
+        one-hot cotangents starts where the head reads the shared *trunk*;
+      * *dense* leaves (real floating-point parameters whose only use is one
+        real floating-point ``dot_general``, through reshapes, transposes
+        and float-to-float casts; with batch dimensions, the stacked-experts
+        case, per batch index): the block
+        :math:`\langle (a a^\top) d_s, d_t\rangle` from the activations
+        ``a`` and the per-task output cotangents ``d_t`` (with ``a`` centred,
+        so a large common offset does not cancel), when that is cheaper than
+        the weight gradients (fewer rows than input features);
+      * *embedding* tables read by row gathers (``table[ids]``,
+        ``jnp.take``, Flax ``Embed``; several lookups and features sharing
+        the table, multi-valued ids, duplicates, the gather's clamping or
+        dropping of out-of-range ids): :math:`\sum_v \langle S_s[v],
+        S_t[v]\rangle` with ``S_t[v]`` the sum of task ``t``'s lookup
+        cotangents of id ``v``: memory ``O(T x lookups x D)``, never ``T``
+        copies of the table;
+      * every other leaf: its ``T`` per-task gradients, reduced to its block.
+
+      ``"dense"``: the dense identity for every dense use found, even where
+      dearer (task-local leaves included). ``"pullback"``: per-task
+      pullbacks for every leaf. The routes are equal in exact arithmetic; in
+      floating point they are as accurate as the per-task pullbacks against
+      a float64 reference (``docs/scaling.md`` has the measured errors).
     on_fallback: what to do when a fast route cannot be taken and the step
       takes its plain route instead (same result, more time or memory):
       ``fun`` cannot be traced with abstract arguments, the analysis fails,
@@ -342,11 +410,15 @@ def combined_value_and_grad(
     not finite, ``grads`` is non-finite and the state is kept. Jittable;
     works with sharded parameters and batches.
 
-  Cost: one forward pass, ``T`` batched backward passes only if the method
-  reads the Gram matrix (each leaf's per-task gradients are reduced to its
-  Gram block and dropped), and one backward pass of the weighted losses.
-  Compiled temporary memory: activations plus the per-task gradients of the
-  largest leaves, instead of all ``T`` copies of the parameters.
+  Cost: one forward pass, one backward pass through the head, ``T``
+  batched backward passes through the trunk only if the method reads the
+  Gram matrix (each leaf's per-task gradients, where it has no cheaper
+  route, are reduced to its Gram block and dropped), and one backward pass
+  of the weighted losses through the trunk (the head's is reused: it is
+  linear in the cotangent and carries one task per slice). Compiled
+  temporary memory: a plain step's, plus ``T`` cotangents of the trunk's
+  activations (embedding lookups included) and the per-task gradients of the
+  largest uncovered leaves, instead of all ``T`` copies of the parameters.
 
   Custom derivatives: one backward pass of the weighted losses equals the
   weighted sum of the per-task gradients only if the backward pass is
@@ -411,6 +483,31 @@ def combined_value_and_grad(
     eye = jnp.eye(t, dtype=dtype)
     return lambda w: weighted_sum(jax.vmap(vjp_leaves)(eye), w)
 
+  def lean_step(route, traced, single, method_state, extra_args):
+    """The step on the structured routes (towers, experts, tables, dense)."""
+    flat, losses, aux_leaves = route.flat, traced.losses, traced.aux_leaves
+    paths = flat.leaf_paths(single)
+    acc = _acc_dtype(flat.diff)
+
+    def gram_fn(leaves=None):
+      sel = [leaves is None or bool(leaves(path)) for path in paths]
+      if not any(sel):
+        raise ValueError(
+          "combined_value_and_grad: the leaf selection matches none of the "
+          f"gradient leaves; their key paths are {paths}"
+        )
+      return traced.gram(sel, acc)
+
+    grads, new_state = weigh_and_pull_back(
+      losses, method_state, extra_args, gram_fn, traced.pull_back
+    )
+    grads = jax.tree_util.tree_unflatten(flat.diff_tree, grads)
+    grads = grads[0] if single else grads
+    if has_aux:
+      aux = jax.tree_util.tree_unflatten(flat.out_tree, list(aux_leaves))
+      return (losses, aux), grads, new_state
+    return losses, grads, new_state
+
   def dense_step(route, traced, single, method_state, extra_args):
     """The step on the dense route (``fun`` traced once)."""
     flat, p = route.flat, route.plan
@@ -457,6 +554,8 @@ def combined_value_and_grad(
     traced = _take_dense(route, route.flat.diff, route.flat.arrays) if route.dense else None
     for reason, cause in route.fallbacks:
       _dense_gram.report(on_fallback, _CALLER, reason, cause)
+    if isinstance(traced, _lean_routes.LeanVJP):
+      return lean_step(route, traced, single, method_state, extra_args)
     if traced is not None:
       return dense_step(route, traced, single, method_state, extra_args)
     single, _, primals, f_of_primals, losses, vjp_fn, aux = _plain_vjp(
