@@ -23,8 +23,6 @@ re-exported here; ``gradcraft_jax.methods`` holds every method (GradCraft
 and NMT follow the same one-module-per-method rule as the others).
 """
 
-from gradcraft_jax import datasets  # noqa: F401  (the subpackage)
-
 # Step 1 and 3 of the core: Gram matrix and weighted sum of stacked gradients.
 from gradcraft_jax._stacked import gram_matrix, num_tasks, weighted_sum
 from gradcraft_jax.diagnostics import (

@@ -16,13 +16,13 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "examples" / "notebooks" / "quickstart.ipynb"
 
-pytest.importorskip("mkdocs")
-pytest.importorskip("material")
-pytest.importorskip("mkdocstrings")
-pytest.importorskip("mkdocs_jupyter")
+# The docs toolchain is the ``docs`` extra, not the ``test`` one.
+pytestmark = pytest.mark.extras
 
 
 def test_mkdocs_build_strict(tmp_path):
+  for module in ("mkdocs", "material", "mkdocstrings", "mkdocs_jupyter"):
+    pytest.importorskip(module)
   env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
   proc = subprocess.run(
     [
