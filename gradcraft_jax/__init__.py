@@ -24,6 +24,7 @@ and NMT follow the same one-module-per-method rule as the others).
 """
 
 # Step 1 and 3 of the core: Gram matrix and weighted sum of stacked gradients.
+from gradcraft_jax._cpu_gram import KernelInfo, kernel_info
 from gradcraft_jax._stacked import gram_matrix, num_tasks, weighted_sum
 from gradcraft_jax.diagnostics import (
   GradientStats,
@@ -115,6 +116,8 @@ __all__ = [
   "pinv_psd",
   "task_weights",
   "weighted_sum",
+  "KernelInfo",
+  "kernel_info",
   # wrappers
   "ApplyIfFiniteState",
   "MultiSteps",
