@@ -64,8 +64,8 @@ _ELEMENTWISE = (_DROP_TARGET, _EXCESS_TARGET, _KEEP_TARGET)
 _BUILD_INFO = "GradcraftBuildInfo"
 ENV_VAR = "GRADCRAFT_JAX_CPU_KERNEL"
 _REINSTALL = (
-  "reinstall gradcraft-jax with pip's --no-build-isolation (and --force-reinstall "
-  "--no-deps) to compile it against the installed jaxlib"
+  "to compile it against the installed jaxlib, reinstall gradcraft-jax with "
+  "pip install --no-build-isolation --force-reinstall --no-deps (setuptools>=77 needed)"
 )
 
 

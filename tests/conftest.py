@@ -19,8 +19,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 # The suite runs with ``-n auto --dist loadgroup`` (pyproject.toml). Two
 # things keep its wall time down on a 2-core machine:
 # * the tests that run a long subprocess (benchmark smoke runs, the sharded
-#   checks on 8 simulated devices, the notebook, the docs build) start first,
-#   so the workers do not finish on one of them while the other is idle;
+#   checks on 8 simulated devices, the notebook, the docs and wheel builds)
+#   start first, so the workers do not finish on one of them while the other
+#   is idle;
 # * the compatibility matrix and the method property tests share compiled
 #   steps per method (``functools.lru_cache`` in the modules): their tests are
 #   grouped per method, so one worker compiles each method's steps once.
@@ -32,6 +33,7 @@ _RUN_FIRST = (
   "test_notebook.py",
   "test_sharded_example.py",
   "test_docs_build.py",
+  "test_packaging.py::test_sdist_and_wheel",
 )
 _GROUPED = {"test_compat_matrix": "name", "test_method_properties": "case"}
 

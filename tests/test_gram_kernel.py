@@ -415,7 +415,7 @@ def test_kernel_info_is_one_line_and_agrees_with_available():
   [
     ("disabled", "disabled by the environment variable GRADCRAFT_JAX_CPU_KERNEL=0"),
     ("not_built", "not built: "),
-    ("other_jaxlib", "but jaxlib 0.0.1 is installed: reinstall gradcraft-jax"),
+    ("other_jaxlib", "but jaxlib 0.0.1 is installed: to compile it against the installed jaxlib"),
   ],
 )
 def test_kernel_info_says_why_it_is_off(case, expected, monkeypatch):
