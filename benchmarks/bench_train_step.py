@@ -347,7 +347,7 @@ def interleaved(calls, rounds):
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-def machine():
+def machine(with_torch=True):
   cpu = platform.processor() or platform.machine()
   try:
     out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -358,18 +358,20 @@ def machine():
     pass
   import importlib.metadata  # pylint: disable=import-outside-toplevel
 
+  line = (
+    f"{cpu}, {os.cpu_count()} CPU cores visible; jax {jax.__version__} ({jax.default_backend()})"
+  )
+  if not with_torch:
+    return line + "; PyTorch not run (--no-torch)"
   import torch  # pylint: disable=import-outside-toplevel
 
   return (
-    f"{cpu}, {os.cpu_count()} CPU cores visible; jax {jax.__version__} "
-    f"({jax.default_backend()}), torch {torch.__version__} "
+    f"{line}, torch {torch.__version__} "
     f"({torch.get_num_threads()} threads), torchjd {importlib.metadata.version('torchjd')}"
   )
 
 
 def run_cell(model, t, args):
-  import torch  # pylint: disable=import-outside-toplevel
-
   cfg = model_config(model, t, args.quick)
   rng = np.random.default_rng(t)
   np_params, x, y = init_numpy(cfg, rng)
@@ -387,6 +389,8 @@ def run_cell(model, t, args):
   if "gradcraft" in args.methods:
     calls["part update gradcraft"] = update_part(cfg, params, jx, jy, "gradcraft")
   if not args.no_torch:
+    import torch  # pylint: disable=import-outside-toplevel
+
     torch.manual_seed(0)
     calls.update(torch_steps(cfg, np_params, x, y, args.methods))
   times = interleaved(calls, args.rounds)
@@ -510,7 +514,7 @@ def main(argv=None):
       "",
       f"Command: `{cmd}`  ",
       f"Date: {datetime.date.today().isoformat()}  ",
-      f"Machine: {machine()}",
+      f"Machine: {machine(not args.no_torch)}",
       "",
       "One jitted float32 training step (gradients, method, Adam, apply) per "
       "path; `stacked` and `lean` are ratios of the median step time to the "

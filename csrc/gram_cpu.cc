@@ -16,6 +16,22 @@
 //    and the parts are summed in float64 in a fixed order.
 //
 // Loaded with ctypes and registered with jax.ffi by gradcraft_jax/_cpu_gram.py.
+//
+// Every kernel keeps IEEE semantics: the finiteness probes rely on x * 0
+// being NaN for NaN and Inf, which -ffast-math / -ffinite-math-only would
+// let the compiler fold to 0. Such a build is refused here, and the
+// self-test on first use (_cpu_gram.py) feeds NaN and Inf as well.
+
+#if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
+#error "gram_cpu.cc needs IEEE NaN/Inf semantics: do not compile it with -ffast-math, -Ofast or -ffinite-math-only"
+#endif
+
+// The jaxlib version whose FFI headers this file is compiled against
+// (setup.py defines it); the Python side refuses the library under another
+// jaxlib version.
+#ifndef GRADCRAFT_JAX_JAXLIB_VERSION
+#error "define GRADCRAFT_JAX_JAXLIB_VERSION, the version of the jaxlib whose headers are used (setup.py does)"
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -25,6 +41,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -32,7 +49,23 @@
 
 namespace ffi = xla::ffi;
 
+// "jaxlib=<version>": read by _cpu_gram.py before anything is registered.
+extern "C" __attribute__((visibility("default"))) const char* GradcraftBuildInfo() {
+  return "jaxlib=" GRADCRAFT_JAX_JAXLIB_VERSION;
+}
+
 namespace {
+
+// An InvalidArgument error naming the kernel and the mismatch: the Python
+// wrappers check shapes and dtypes first, so this only guards direct calls.
+ffi::Error BadArgs(const char* kernel, const std::string& what) {
+  return ffi::Error::InvalidArgument(std::string("gradcraft_jax ") + kernel + ": " + what);
+}
+
+std::string Count(const char* name, size_t got, int64_t want) {
+  return std::string(name) + " has " + std::to_string(got) + " elements, expected " +
+         std::to_string(want);
+}
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kChunk = 512;           // columns per float32 partial sum
@@ -228,12 +261,16 @@ using Bf16Matrix = ffi::Buffer<ffi::BF16, 2>;
 ffi::Error GramF32(ffi::ThreadPool pool, F32Matrix x,
                    ffi::Result<F32Matrix> out) {
   const auto d = x.dimensions();
+  if (out->element_count() != static_cast<size_t>(d[0] * d[0]))
+    return BadArgs("gram", Count("out", out->element_count(), d[0] * d[0]));
   return Gram<float>(pool, x.typed_data(), d[0], d[1], out->typed_data());
 }
 
 ffi::Error GramBf16(ffi::ThreadPool pool, Bf16Matrix x,
                     ffi::Result<F32Matrix> out) {
   const auto d = x.dimensions();
+  if (out->element_count() != static_cast<size_t>(d[0] * d[0]))
+    return BadArgs("gram", Count("out", out->element_count(), d[0] * d[0]));
   return Gram<uint16_t>(pool, static_cast<const uint16_t*>(x.untyped_data()),
                         d[0], d[1], out->typed_data());
 }
@@ -314,6 +351,12 @@ ffi::Error WeightedSumF32(ffi::ThreadPool pool, F32Matrix x, F32Vector w,
                           ffi::Result<F32Vector> out,
                           ffi::Result<F32Vector> probe) {
   const auto d = x.dimensions();
+  if (w.element_count() != static_cast<size_t>(d[0]))
+    return BadArgs("weighted_sum", Count("w", w.element_count(), d[0]));
+  if (out->element_count() != static_cast<size_t>(d[1]))
+    return BadArgs("weighted_sum", Count("out", out->element_count(), d[1]));
+  if (probe->element_count() != 1)
+    return BadArgs("weighted_sum", Count("probe", probe->element_count(), 1));
   return WeightedSum(pool, x.typed_data(), w.typed_data(), d[0], d[1],
                      out->typed_data(), probe->typed_data());
 }
@@ -383,6 +426,14 @@ ffi::Error GradDropF32(ffi::ThreadPool pool, F32Matrix x, F32Vector u,
                        ffi::Result<F32Vector> probe) {
   const auto d = x.dimensions();
   const int64_t t = d[0], n = d[1];
+  if (u.element_count() != static_cast<size_t>(n))
+    return BadArgs("graddrop", Count("u", u.element_count(), n));
+  if (leak.element_count() != static_cast<size_t>(t))
+    return BadArgs("graddrop", Count("leak", leak.element_count(), t));
+  if (out->element_count() != static_cast<size_t>(n))
+    return BadArgs("graddrop", Count("out", out->element_count(), n));
+  if (probe->element_count() != 1)
+    return BadArgs("graddrop", Count("probe", probe->element_count(), 1));
   float* o = out->typed_data();
   float* pr = probe->typed_data();
   *pr = 0.0f;
@@ -458,6 +509,17 @@ ffi::Error ExcessF32(ffi::ThreadPool pool, F32Matrix g, F32Matrix s,
                      ffi::Result<F32Vector> probe) {
   const auto d = g.dimensions();
   const int64_t t = d[0], n = d[1];
+  const auto ds = s.dimensions();
+  if (ds[0] != t || ds[1] != n)
+    return BadArgs("excess_pass", "s is (" + std::to_string(ds[0]) + ", " +
+                                      std::to_string(ds[1]) + "), g is (" +
+                                      std::to_string(t) + ", " + std::to_string(n) + ")");
+  if (s_new->element_count() != static_cast<size_t>(t * n))
+    return BadArgs("excess_pass", Count("s_new", s_new->element_count(), t * n));
+  if (excess->element_count() != static_cast<size_t>(t))
+    return BadArgs("excess_pass", Count("excess", excess->element_count(), t));
+  if (probe->element_count() != 1)
+    return BadArgs("excess_pass", Count("probe", probe->element_count(), 1));
   float* ex = excess->typed_data();
   float* pr = probe->typed_data();
   *pr = 0.0f;
@@ -485,12 +547,23 @@ ffi::Error ExcessF32(ffi::ThreadPool pool, F32Matrix g, F32Matrix s,
 }
 
 // out = keep ? new : old, where out aliases `new` (input_output_aliases): no
-// work at all when keep is true, one copy of `old` otherwise.
+// work at all when keep is true, one copy of `old` otherwise. The three
+// buffers must have one dtype and one element count (checked: the copy is
+// by bytes).
 using PredScalar = ffi::Buffer<ffi::PRED, 0>;
 
 ffi::Error KeepIfFinite(ffi::AnyBuffer new_value, ffi::AnyBuffer old_value,
                         PredScalar keep,
                         ffi::Result<ffi::AnyBuffer> out) {
+  if (old_value.element_type() != new_value.element_type() ||
+      out->element_type() != new_value.element_type())
+    return BadArgs("keep_if", "new, old and out have different dtypes");
+  if (old_value.element_count() != new_value.element_count() ||
+      out->element_count() != new_value.element_count())
+    return BadArgs("keep_if", Count("old", old_value.element_count(),
+                                    static_cast<int64_t>(new_value.element_count())) +
+                                  " (new), out has " +
+                                  std::to_string(out->element_count()));
   void* dst = out->untyped_data();
   if (*keep.typed_data()) {
     if (dst != new_value.untyped_data())

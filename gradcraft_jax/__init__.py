@@ -33,6 +33,7 @@ first use).
 from gradcraft_jax import diagnostics, methods, stages, wrappers
 
 # Steps 1 and 3 of the core: Gram matrix and weighted sum of stacked gradients.
+from gradcraft_jax._cpu_gram import KernelInfo, kernel_info
 from gradcraft_jax._stacked import cross_gram, gram_matrix, weighted_sum
 
 # Gradient producers: stacked per-task gradients, the lean step, representations.
@@ -114,6 +115,9 @@ __all__ = [
   "task_weights",
   "weighted_sum",
   "weighting_of",
+  # the optional compiled CPU kernel
+  "KernelInfo",
+  "kernel_info",
   # gradients
   "Coverage",
   "FallbackWarning",

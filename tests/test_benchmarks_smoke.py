@@ -8,37 +8,48 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = [
-  "bench_gradcraft.py",
-  "bench_scaling.py",
-  "bench_representation.py",
-  "bench_train_step.py",
-  "bench_recsys_step.py",
-  "dense_gram_accuracy.py",
-]
 # Smoke runs of a subset where a script loops over methods (each compiles its
 # own steps): one method of each path kind (GradCraft's extra columns, a Gram
 # method torchjd also has, a loss-only method).
-EXTRA = {
-  "bench_train_step.py": ["--methods", "gradcraft", "upgrad", "nmt"],
-  "bench_recsys_step.py": ["--methods", "gradcraft", "upgrad"],
-}
-
-# Scripts whose PyTorch/torchjd columns are skipped with --no-torch.
-TORCH_OPTIONAL = {"bench_recsys_step.py"}
+TRAIN_STEP_METHODS = ["--methods", "gradcraft", "upgrad", "nmt"]
+RUNS = [
+  pytest.param("bench_gradcraft.py", [], id="bench_gradcraft.py"),
+  pytest.param("bench_scaling.py", [], id="bench_scaling.py"),
+  pytest.param("bench_representation.py", [], id="bench_representation.py"),
+  # The train-step benchmark times PyTorch and torchjd next to the library
+  # (optional packages); without them it runs with --no-torch.
+  pytest.param(
+    "bench_train_step.py", TRAIN_STEP_METHODS, id="bench_train_step.py", marks=pytest.mark.extras
+  ),
+  pytest.param(
+    "bench_train_step.py",
+    [*TRAIN_STEP_METHODS, "--no-torch"],
+    id="bench_train_step.py--no-torch",
+  ),
+  pytest.param(
+    "bench_recsys_step.py", ["--methods", "gradcraft", "upgrad"], id="bench_recsys_step.py"
+  ),
+  pytest.param("dense_gram_accuracy.py", [], id="dense_gram_accuracy.py"),
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_benchmark_quick(script):
+@pytest.mark.parametrize("script,extra", RUNS)
+def test_benchmark_quick(script, extra):
   path = os.path.join(ROOT, "benchmarks", script)
   if not os.path.exists(path):
     pytest.skip(f"{script} not present")
-  extra = list(EXTRA.get(script, []))
-  if script in TORCH_OPTIONAL and not all(
+  if script == "bench_train_step.py":
+    if "--no-torch" in extra:
+      if importlib.util.find_spec("torch") and importlib.util.find_spec("torchjd"):
+        pytest.skip("torch and torchjd are installed: the run with them covers this one")
+    else:
+      pytest.importorskip("torch")
+      pytest.importorskip("torchjd")
+  if script == "bench_recsys_step.py" and not all(
     importlib.util.find_spec(m) for m in ("torch", "torchjd")
   ):
-    extra.append("--no-torch")  # the JAX paths alone
+    extra = [*extra, "--no-torch"]  # the JAX paths alone
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
     [sys.executable, path, "--quick", *extra],
@@ -46,7 +57,7 @@ def test_benchmark_quick(script):
     env=env,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=900,
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "|" in proc.stdout  # printed a Markdown table

@@ -39,6 +39,7 @@ def test_cagrad_c0_is_mean():
   np.testing.assert_allclose(apply(cagrad(0.0), j), j.mean(0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize(
   "t,c,seed", [(2, 0.4, 0), (3, 0.4, 1), (3, 0.9, 2), (2, 2.0, 3), (3, 0.1, 4)]
 )
@@ -50,6 +51,7 @@ def test_cagrad_matches_reference_small(t, c, seed):
   np.testing.assert_allclose(d, ref, atol=2e-3 * np.linalg.norm(ref))
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("t,c,seed", [(6, 0.4, 0), (8, 0.9, 1), (16, 0.4, 2)])
 def test_cagrad_optimal_value(t, c, seed):
   """d lies on the ball ||d - g0|| = c||g0|| and attains the optimal worst

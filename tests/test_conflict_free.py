@@ -19,6 +19,7 @@ def numpy_config(j, preference=None):
   return np.sum(j @ bh) * bh
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("t,d,seed", [(2, 5, 0), (3, 10, 1), (5, 20, 2), (8, 30, 3)])
 def test_matches_torchjd_and_numpy(t, d, seed):
   agg = pytest.importorskip("torchjd.aggregation")
@@ -32,6 +33,7 @@ def test_matches_torchjd_and_numpy(t, d, seed):
   np.testing.assert_allclose(out32, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.extras
 def test_preference_vector_matches_torchjd():
   agg = pytest.importorskip("torchjd.aggregation")
   rng = np.random.default_rng(4)

@@ -18,6 +18,7 @@ def primal_projection(j, preference=None):
   return x.value
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("t,d,seed", [(2, 4, 0), (3, 8, 1), (5, 12, 2), (6, 5, 3)])
 def test_matches_primal_projection(t, d, seed):
   rng = np.random.default_rng(seed)
@@ -29,6 +30,7 @@ def test_matches_primal_projection(t, d, seed):
   assert np.all(j @ out >= -1e-4 * np.linalg.norm(j, axis=1) ** 2)
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_torchjd_with_its_ridge(seed):
   agg = pytest.importorskip("torchjd.aggregation")

@@ -11,6 +11,7 @@ import gradcraft_jax as gj
 from gradcraft_jax.methods import excess_mtl
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("t,eta,warm", [(2, 1.0, 0), (3, 0.5, 2), (5, 2.0, 1)])
 def test_matches_torchjd_over_steps(t, eta, warm):
   agg = pytest.importorskip("torchjd.aggregation")

@@ -47,6 +47,7 @@ def test_matches_scipy_on_the_same_system(t, alpha, seed):
   np.testing.assert_allclose(w32, ref, rtol=1e-4)
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
 def test_matches_torchjd(alpha):
   agg = pytest.importorskip("torchjd.aggregation")

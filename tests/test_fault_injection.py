@@ -8,9 +8,12 @@ tiny two-task model of ``test_compat_matrix`` under
 gets NaN or Inf injected into the gradients, the losses or both at random
 steps. After every bad step the parameters and every state are unchanged;
 at the end everything is finite, the skip count is the number of bad steps,
-the run equals the plain chain's run on the good batches alone, and every
-task's loss has improved (the mean loss only, for methods that follow a
-subset of the tasks by design: Krum).
+every good step equals one step of the plain chain from the same parameters
+and state (so the run is the plain chain's run on the good batches alone,
+compared step by step: a 40-step trajectory of an iterative solver such as
+CAGrad's amplifies rounding differences between the two compiled programs,
+which depend on the CPU), and every task's loss has improved (the mean loss
+only, for methods that follow a subset of the tasks by design: Krum).
 
 The methods alone: a non-finite input gives a visibly non-finite update and
 the method's state is kept (or at least stays finite), and an empty tree
@@ -108,14 +111,12 @@ def test_training_survives_injected_faults(case):
   state = tx.init(params)
   eval_batch = make_batch(np.random.default_rng(1234), n=256)
   start = np.asarray(task_losses_fn(params, *eval_batch))
-  good_batches = []
+  _, clean_step = compiled("chain", case.name)
   for s in range(STEPS):
     batch = make_batch(rng)
     losses, grads = grads_of(params, batch)
     if s in schedule:
       grads, losses = inject(grads, losses, schedule[s], rng)
-    else:
-      good_batches.append(batch)
     new_params, new_state, _ = step(params, state, grads, losses, dyn)
     if s in schedule:
       assert same(new_params, params), f"step {s} ({schedule[s]}) changed the parameters"
@@ -123,6 +124,11 @@ def test_training_survives_injected_faults(case):
       assert not bool(new_state.last_finite)
     else:
       assert bool(new_state.last_finite), f"finite step {s} was rejected"
+      # The bad batches left no trace: this step is the plain chain's step
+      # from the same parameters and state.
+      clean_params, clean_state, _ = clean_step(params, state.inner_state, grads, losses, dyn)
+      chex.assert_trees_all_close(new_params, clean_params, rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_close(new_state.inner_state, clean_state, rtol=1e-5, atol=1e-6)
     assert_finite(new_params, "params")
     assert_finite(new_state, "state")
     params, state = new_params, new_state
@@ -132,14 +138,6 @@ def test_training_survives_injected_faults(case):
   assert np.mean(end) < 0.5 * np.mean(start), f"task losses {start} -> {end}"
   if case.name not in SUBSET_OF_TASKS:
     assert np.all(end < start), f"task losses {start} -> {end}"
-  # the bad batches left no trace: the run is the plain chain's run on the
-  # good batches alone
-  clean_tx, clean_step = compiled("chain", case.name)
-  clean_params, clean_state = init_params(), clean_tx.init(init_params())
-  for batch in good_batches:
-    losses, grads = grads_of(clean_params, batch)
-    clean_params, clean_state, _ = clean_step(clean_params, clean_state, grads, losses, dyn)
-  chex.assert_trees_all_close(params, clean_params, rtol=1e-5, atol=1e-6)
 
 
 def _bad_inputs(case, kind):

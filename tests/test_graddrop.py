@@ -28,6 +28,7 @@ def numpy_graddrop(j, u, leak=None, f=lambda p: p):
   return out
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("t,seed", [(2, 0), (3, 1), (6, 2)])
 def test_matches_torchjd_and_numpy_with_same_thresholds(t, seed, monkeypatch):
   torch = pytest.importorskip("torch")

@@ -44,6 +44,7 @@ def gradnorm_loop(flats, losses, alpha, lr):
   return outs, w
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("alpha", [0.0, 1.5])
 def test_gradnorm_matches_paper_loop(alpha):
   rng = np.random.default_rng(0)

@@ -7,8 +7,10 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -155,6 +157,8 @@ def test_environment_variable_disables_kernel():
     "hlo = jax.jit(gj.gram_matrix).lower({'x': jnp.asarray(x)}).as_text()\n"
     "r = x.astype(np.float64) @ x.T.astype(np.float64)\n"
     "assert not _cpu_gram.available()\n"
+    "assert not gj.kernel_info().enabled\n"
+    "assert 'GRADCRAFT_JAX_CPU_KERNEL=0' in str(gj.kernel_info())\n"
     "assert 'gradcraft_jax_gram' not in hlo\n"
     "assert np.abs(k - r).max() <= 1e-5 * np.abs(r).max()\n"
   )
@@ -389,3 +393,225 @@ def test_excess_mtl_on_kernel_equals_xla_path_over_steps(monkeypatch):
   upd, kept = update_k(bad, state_k)
   assert np.isnan(np.asarray(upd["big"])).all()
   jax.tree_util.tree_map(np.testing.assert_array_equal, kept, state_k)
+
+
+# ------------------------------------------------ status, checks, derivatives
+
+
+def test_kernel_info_is_one_line_and_agrees_with_available():
+  info = gj.kernel_info()
+  assert isinstance(info, gj.KernelInfo)
+  assert info.enabled == _cpu_gram.available() == KERNEL
+  line = str(info)
+  assert "\n" not in line and line.startswith(f"CPU kernel {'on' if KERNEL else 'off'}: ")
+  assert info.jaxlib == jaxlib.__version__
+  if KERNEL:
+    assert info.built_with_jaxlib == jaxlib.__version__ and info.library is not None
+    assert "NaN and Inf" in info.reason
+
+
+@pytest.mark.parametrize(
+  "case,expected",
+  [
+    ("disabled", "disabled by the environment variable GRADCRAFT_JAX_CPU_KERNEL=0"),
+    ("not_built", "not built: "),
+    ("other_jaxlib", "but jaxlib 0.0.1 is installed: to compile it against the installed jaxlib"),
+  ],
+)
+def test_kernel_info_says_why_it_is_off(case, expected, monkeypatch):
+  """The reasons that are decided before anything is registered (``_load``
+  is the uncached body of ``kernel_info``)."""
+  if case == "disabled":
+    monkeypatch.setenv(_cpu_gram.ENV_VAR, "0")
+  elif case == "not_built":
+    monkeypatch.setattr(_cpu_gram, "_library_path", lambda: None)
+  else:
+    if _cpu_gram._library_path() is None:
+      pytest.skip("CPU kernel not built")
+    monkeypatch.setenv(_cpu_gram.ENV_VAR, "1")
+    monkeypatch.setattr(jaxlib, "__version__", "0.0.1")
+  info = _cpu_gram._load()
+  assert not info.enabled
+  assert expected in info.reason, info.reason
+  if case == "other_jaxlib":
+    assert info.built_with_jaxlib != "0.0.1" and info.jaxlib == "0.0.1"
+
+
+def _compiler_and_headers():
+  cxx = shutil.which("c++") or shutil.which("g++")
+  include = jax.ffi.include_dir()
+  if cxx is None or not os.path.exists(os.path.join(include, "xla", "ffi", "api", "ffi.h")):
+    pytest.skip("needs a C++ compiler and jaxlib's FFI headers")
+  return cxx, include
+
+
+SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+@pytest.mark.parametrize("flag", ["-ffast-math", "-Ofast", "-ffinite-math-only"])
+def test_fast_math_build_is_refused(flag):
+  cxx, include = _compiler_and_headers()
+  proc = subprocess.run(
+    [cxx, "-std=c++17", "-fsyntax-only", flag, f"-I{include}", '-DGRADCRAFT_JAX_JAXLIB_VERSION="x"']
+    + [os.path.join(SOURCE, "gram_cpu.cc")],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode != 0
+  assert "needs IEEE NaN/Inf semantics" in proc.stderr
+
+
+@pytest.mark.slow
+def test_self_test_refuses_a_fast_math_library(tmp_path):
+  """A library compiled with -ffast-math (the source's guard bypassed by
+  undefining the compiler's macros) folds the finiteness probes' x * 0 to
+  0: the self-test's NaN and Inf inputs catch it and the kernel stays off."""
+  cxx, include = _compiler_and_headers()
+  lib = tmp_path / "fast_math.so"
+  version = f'-DGRADCRAFT_JAX_JAXLIB_VERSION="{jaxlib.__version__}"'
+  subprocess.run(
+    [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-ffast-math", "-U__FAST_MATH__"]
+    + ["-U__FINITE_MATH_ONLY__", "-Wno-psabi", f"-I{include}", version]
+    + [os.path.join(SOURCE, "gram_cpu.cc"), "-o", str(lib)],
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
+  code = (
+    "from gradcraft_jax import _cpu_gram\n"
+    f"_cpu_gram._library_path = lambda: {str(lib)!r}\n"
+    "info = _cpu_gram.kernel_info()\n"
+    "assert not info.enabled and not _cpu_gram.available(), info\n"
+    "assert 'failed its self-test' in info.reason and 'probe (nonfinite)' in info.reason, info\n"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop(_cpu_gram.ENV_VAR, None)
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@needs_kernel
+def test_wrappers_check_shapes_and_dtypes():
+  x = jnp.ones((3, 100), jnp.float32)
+  with pytest.raises(ValueError, match="keep_if: new .* and old .* differ"):
+    _cpu_gram.keep_if(True, x, jnp.ones((3, 99), jnp.float32))
+  with pytest.raises(ValueError, match="keep_if: new .* and old .* differ"):
+    _cpu_gram.keep_if(True, x, jnp.ones((3, 100), jnp.bfloat16))
+  with pytest.raises(ValueError, match="weighted_sum: w must be a float32 vector of shape"):
+    _cpu_gram.weighted_sum(x, jnp.ones(4, jnp.float32))
+  with pytest.raises(ValueError, match="graddrop: u must be"):
+    _cpu_gram.graddrop(x, jnp.ones(99, jnp.float32), jnp.ones(3, jnp.float32))
+  with pytest.raises(ValueError, match="excess_pass: g .* and s .* differ"):
+    _cpu_gram.excess_pass(x, jnp.ones((3, 101), jnp.float32))
+  with pytest.raises(ValueError, match="gram: flat must have dtype"):
+    _cpu_gram.gram(jnp.ones((3, 100), jnp.float16))
+
+
+@needs_kernel
+def test_compiled_keep_if_checks_sizes_and_dtypes():
+  """The library itself refuses mismatched buffers (a direct FFI call,
+  without the Python wrapper's checks): it copies by bytes."""
+  new = jnp.ones((3, 100), jnp.float32)
+  call = lambda old, out: jax.ffi.ffi_call(  # noqa: E731
+    _cpu_gram._KEEP_TARGET[0], out, vmap_method="sequential"
+  )(new, old, jnp.asarray(False))
+  with pytest.raises(Exception, match="keep_if: old has 200 elements, expected 300"):
+    jax.block_until_ready(
+      call(jnp.ones((2, 100), jnp.float32), jax.ShapeDtypeStruct((3, 100), jnp.float32))
+    )
+  with pytest.raises(Exception, match="keep_if: new, old and out have different dtypes"):
+    jax.block_until_ready(
+      call(jnp.ones((3, 100), jnp.int32), jax.ShapeDtypeStruct((3, 100), jnp.float32))
+    )
+  with pytest.raises(Exception, match="weighted_sum: w has 4 elements, expected 3"):
+    jax.block_until_ready(
+      jax.ffi.ffi_call(
+        _cpu_gram._WSUM_TARGET[0],
+        (jax.ShapeDtypeStruct((100,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32)),
+      )(new, jnp.ones(4, jnp.float32))
+    )
+
+
+def _graddrop_xla(x, u, leak):
+  """GradDrop's combination (Chen et al., 2020, Algorithm 1) in jnp."""
+  total, mass = jnp.sum(x, 0), jnp.sum(jnp.abs(x), 0)
+  purity = 0.5 * (1 + jnp.where(mass > 0, total / jnp.where(mass > 0, mass, 1), 0))
+  mask = ((purity > u) & (x > 0)) | ((purity < u) & (x < 0))
+  return jnp.sum((leak[:, None] + (1 - leak[:, None]) * mask) * x, 0)
+
+
+def _excess_xla(g, s):
+  s_new = s + g * g
+  return s_new, jnp.sum(g * g / jnp.sqrt(s_new + 1e-7), axis=1)
+
+
+@needs_kernel
+def test_elementwise_kernels_differentiate_like_xla():
+  """GradDrop's, ExcessMTL's and the select's kernels have tangent rules in
+  XLA: forward and reverse mode agree with jnp implementations of the same
+  formulas (the masks held fixed, as their derivative is zero)."""
+  rng = np.random.default_rng(5)
+  t, n = 3, 5000
+  x = jnp.asarray(rng.standard_normal((t, n)), jnp.float32)
+  dx = jnp.asarray(rng.standard_normal((t, n)), jnp.float32)
+  u = jnp.asarray(rng.uniform(size=n), jnp.float32)
+  leak, dleak = jnp.asarray([0.1, 0.0, 0.5], jnp.float32), jnp.asarray([1.0, -2.0, 0.5])
+  s = jnp.abs(x[::-1])
+
+  drop = lambda x, leak: _cpu_gram.graddrop(x, u, leak)[0]  # noqa: E731
+  drop_ref = lambda x, leak: _graddrop_xla(x, u, leak)  # noqa: E731
+  got = jax.jit(lambda *a: jax.jvp(drop, a, (dx, dleak)))(x, leak)
+  want = jax.jvp(drop_ref, (x, leak), (dx, dleak))
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-4)
+  loss = lambda f: lambda x, leak: jnp.sum(f(x, leak) ** 2)  # noqa: E731
+  chex.assert_trees_all_close(
+    jax.grad(loss(drop), (0, 1))(x, leak),
+    jax.grad(loss(drop_ref), (0, 1))(x, leak),
+    rtol=1e-5,
+    atol=1e-2,
+  )
+
+  excess = lambda g, s: _cpu_gram.excess_pass(g, s)[:2]  # noqa: E731
+  got = jax.jvp(excess, (x, s), (dx, dx[::-1]))
+  want = jax.jvp(_excess_xla, (x, s), (dx, dx[::-1]))
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-4)
+  risk = lambda f: lambda g, s: jnp.sum(jnp.arange(1.0, t + 1) * f(g, s)[1])  # noqa: E731
+  chex.assert_trees_all_close(
+    jax.grad(risk(excess), (0, 1))(x, s),
+    jax.grad(risk(_excess_xla), (0, 1))(x, s),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+
+  for keep in (True, False):
+    got = jax.jvp(lambda a, b: _cpu_gram.keep_if(jnp.asarray(keep), a, b), (x, s), (dx, 2 * dx))
+    want = (x if keep else s, dx if keep else 2 * dx)
+    chex.assert_trees_all_close(got, want, rtol=0, atol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("method", ["graddrop", "excess_mtl"])
+def test_method_gradients_same_with_and_without_kernel(method, monkeypatch):
+  """``jax.grad`` through GradDrop's and ExcessMTL's updates on leaves that
+  take the kernel equals the XLA path's."""
+  t, n = 3, 1 << 16
+  rng = np.random.default_rng(6)
+  g = {"p": jnp.asarray(rng.standard_normal((t, n)), jnp.float32)}
+  make = {
+    "graddrop": lambda: gj.methods.graddrop(leak=[0.1, 0.2, 0.0]),
+    "excess_mtl": lambda: gj.methods.excess_mtl(num_tasks=t),
+  }[method]
+
+  def grad_of():
+    tx = make()
+    state = tx.init({"p": jnp.zeros(n)})
+    f = jax.jit(jax.grad(lambda g: jnp.sum(jnp.sin(tx.update(g, state)[0]["p"]))))
+    return f, f(g)
+
+  f, got = grad_of()
+  assert "gradcraft_jax_" in f.lower(g).as_text()
+  monkeypatch.setattr(_cpu_gram, "available", lambda: False)
+  f, want = grad_of()
+  assert "gradcraft_jax_" not in f.lower(g).as_text()
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)

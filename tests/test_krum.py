@@ -19,6 +19,7 @@ def numpy_krum(j, f, m, squared):
   return j[sel].mean(0)
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("t,f,m,seed", [(3, 0, 1, 0), (5, 1, 1, 1), (7, 2, 3, 2), (8, 1, 4, 3)])
 def test_matches_torchjd(t, f, m, seed):
   agg = pytest.importorskip("torchjd.aggregation")

@@ -90,6 +90,7 @@ def test_mgda_matches_frank_wolfe_reference(seed):
   np.testing.assert_allclose(u, ref, atol=1e-3 * np.abs(g).max())
 
 
+@pytest.mark.extras
 def test_mgda_matches_cvxpy():
   cp = pytest.importorskip("cvxpy")
   rng = np.random.default_rng(5)

@@ -12,6 +12,7 @@ from gradcraft_jax.methods import modo
 from gradcraft_jax.methods._cross_batch import project_simplex
 
 
+@pytest.mark.extras
 def test_simplex_projection_matches_torchjd():
   pytest.importorskip("torchjd")
   from torchjd.aggregation._utils.simplex import project_onto_simplex
@@ -25,6 +26,7 @@ def test_simplex_projection_matches_torchjd():
         np.testing.assert_allclose(np.asarray(project_simplex(jnp.asarray(y))), ref, atol=1e-12)
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("t,gamma,rho", [(2, 0.1, 0.0), (4, 0.05, 0.1)])
 def test_matches_torchjd_over_steps(t, gamma, rho):
   agg = pytest.importorskip("torchjd.aggregation")

@@ -9,6 +9,7 @@ from gram_method_helpers import rand_j, run, stacked, torch64
 from gradcraft_jax.methods import sdmgrad
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("t,lam,lr", [(2, 0.3, 10.0), (4, 0.6, 1.0), (3, 0.0, 0.5)])
 def test_matches_torchjd_over_steps(t, lam, lr):
   agg = pytest.importorskip("torchjd.aggregation")

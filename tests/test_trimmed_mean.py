@@ -11,6 +11,7 @@ import gradcraft_jax as gj
 from gradcraft_jax.methods import trimmed_mean
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("t,k,seed", [(1, 0, 0), (3, 1, 1), (6, 2, 2), (7, 3, 3)])
 def test_matches_torchjd(t, k, seed):
   agg = pytest.importorskip("torchjd.aggregation")

@@ -42,6 +42,7 @@ def test_upgrad_no_conflict_is_mean():
   np.testing.assert_allclose(apply(upgrad(), j), j.mean(0), rtol=1e-5)
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("t,d,seed", [(2, 5, 0), (3, 8, 1), (5, 20, 2), (6, 4, 3)])
 def test_upgrad_matches_primal_projection(t, d, seed):
   rng = np.random.default_rng(seed)
@@ -50,6 +51,7 @@ def test_upgrad_matches_primal_projection(t, d, seed):
   np.testing.assert_allclose(apply(upgrad(), j), ref, atol=1e-4 * np.linalg.norm(j, axis=1).max())
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("t,seed", [(4, 0), (8, 1), (16, 2)])
 def test_upgrad_matches_quadprog(t, seed):
   """Stated tolerance: update within 1e-3 * max ||g_i|| of quadprog's

@@ -15,6 +15,12 @@
   the ``django-static-mathjax`` package of the docs extra (it vendors the
   MathJax distribution as plain files, with no dependency), so no page
   loads a script from the network.
+* The notebook page is rendered by nbconvert's template, which adds a
+  loader of Mermaid from a CDN (used only for Mermaid diagrams, which the
+  notebook has none of) and a MathJax 2 configuration with an empty script
+  (dead code next to the site's MathJax 3); both are removed.
+  ``tests/test_docs_build.py`` checks that no page of the built site loads
+  anything from the network.
 """
 
 from __future__ import annotations
@@ -248,3 +254,25 @@ def on_post_build(config):
   # fetched relative to the script.
   ext = os.path.join("input", "tex", "extensions")
   shutil.copytree(os.path.join(es5, ext), os.path.join(dest, ext), dirs_exist_ok=True)
+
+
+# --- nothing from the network --------------------------------------------------
+_NBCONVERT_NETWORK = (
+  # nbconvert's Mermaid loader: a module script importing from cdnjs.
+  re.compile(
+    r"<script type=\"module\">(?:(?!</script>).)*?mermaid(?:(?!</script>).)*?</script>", re.S
+  ),
+  # nbconvert's MathJax 2 block: an empty <script src=""> and its config.
+  re.compile(r"<!-- Load mathjax -->\s*<script src=\"\">\s*</script>", re.S),
+  re.compile(
+    r"<!-- MathJax configuration -->\s*<script type=\"text/x-mathjax-config\">.*?</script>", re.S
+  ),
+)
+
+
+def on_post_page(output, page, config):
+  del config
+  if page.file.src_uri.endswith(".ipynb"):
+    for pattern in _NBCONVERT_NETWORK:
+      output = pattern.sub("", output)
+  return output

@@ -76,7 +76,7 @@ def _excess_xla(g, s, acc):
 
 
 def _excess_pass(updates, sq_sum, t, acc):
-  """``S + G**2``, the excess risks :math:`\hat E` and whether ``G`` is
+  r"""``S + G**2``, the excess risks :math:`\hat E` and whether ``G`` is
   finite, leaf by leaf; large float32 leaves take the CPU kernel (one read
   of ``G`` and ``S`` and one write of the new ``S`` on every core, the
   finiteness check from the same pass), the others XLA. Also returns which
