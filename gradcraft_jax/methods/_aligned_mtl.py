@@ -112,12 +112,13 @@ def aligned_mtl(scale_mode: str = "min", *, num_tasks: int | None = None) -> Met
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = aligned_mtl()
-  >>> g = {"w": jnp.array([[3., 0.], [0., 1.]])}  # orthogonal rows
-  >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
-  >>> [round(float(x), 4) for x in upd["w"]]  # both rescaled to norm 1
-  [0.5, 0.5]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = aligned_mtl()
+    >>> g = {"w": jnp.array([[3., 0.], [0., 1.]])}  # orthogonal rows
+    >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(float(x), 4) for x in upd["w"]]  # both rescaled to norm 1
+    [0.5, 0.5]
   """
   if scale_mode not in _SCALE_MODES:
     raise ValueError(f"aligned_mtl: scale_mode must be one of {_SCALE_MODES}, got {scale_mode!r}")

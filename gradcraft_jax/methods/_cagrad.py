@@ -262,12 +262,13 @@ def cagrad(
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = cagrad(c=0.0)
-  >>> g = {"w": jnp.array([[1., 0.], [-1., 2.]])}
-  >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
-  >>> [round(float(x), 4) for x in upd["w"]]  # c = 0: the mean
-  [0.0, 1.0]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = cagrad(c=0.0)
+    >>> g = {"w": jnp.array([[1., 0.], [-1., 2.]])}
+    >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(float(x), 4) for x in upd["w"]]  # c = 0: the mean
+    [0.0, 1.0]
   """
   check_hyperparameter("c", c, low=0.0, method="cagrad")
   check_hyperparameter("norm_eps", norm_eps, low=0.0, method="cagrad")

@@ -89,12 +89,13 @@ def conflict_free(*, preference: jax.Array | None = None, num_tasks: int | None 
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = conflict_free()
-  >>> g = {"w": jnp.array([[1., 0.], [0., 2.]])}
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> [round(float(x), 4) for x in upd["w"]]  # along (1, 1), length 3/sqrt(2)
-  [1.5, 1.5]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = conflict_free()
+    >>> g = {"w": jnp.array([[1., 0.], [0., 2.]])}
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> [round(float(x), 4) for x in upd["w"]]  # along (1, 1), length 3/sqrt(2)
+    [1.5, 1.5]
   """
   check_num_tasks(num_tasks, "conflict_free")
 

@@ -36,11 +36,12 @@ def constant(weights: Any = None, *, num_tasks: int | None = None) -> Method:
   Returns:
     An optax transformation over stacked gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = constant(jnp.array([1.0, 2.0]))
-  >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None))
-  >>> upd["w"]
-  Array([1., 2.], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = constant(jnp.array([1.0, 2.0]))
+    >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None))
+    >>> upd["w"]
+    Array([1., 2.], dtype=float32)
   """
   check_num_tasks(num_tasks, "constant")
   t = num_tasks

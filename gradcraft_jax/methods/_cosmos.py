@@ -72,11 +72,12 @@ def cosmos(
     An optax transformation whose ``update`` needs ``task_losses=`` and
     accepts ``preference=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = cosmos(jnp.array([0.5, 0.5]), penalty=1.0)
-  >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None), task_losses=jnp.array([1., 1.]))
-  >>> [round(float(x), 4) for x in upd["w"]]  # l parallel to r: cos' = 0
-  [0.5, 0.5]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = cosmos(jnp.array([0.5, 0.5]), penalty=1.0)
+    >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None), task_losses=jnp.array([1., 1.]))
+    >>> [round(float(x), 4) for x in upd["w"]]  # l parallel to r: cos' = 0
+    [0.5, 0.5]
   """
   check_hyperparameter("penalty", penalty, low=0.0, method="cosmos")
   check_num_tasks(num_tasks, "cosmos")

@@ -89,14 +89,15 @@ def cr_mogm(
   Raises:
     TypeError: if ``method`` has no task weights.
 
-  >>> import jax.numpy as jnp
-  >>> import gradcraft_jax as gj
-  >>> tx = cr_mogm(gj.mgda(), alpha=0.5, num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> _, state = tx.update({"w": jnp.array([[1., 0.], [0., 1.]])}, state)
-  >>> upd, state = tx.update({"w": jnp.array([[1., 0.], [0., 3.]])}, state)
-  >>> [round(float(x), 4) for x in state.weights]  # (.5, .5), then MGDA's (.9, .1)
-  [0.7, 0.3]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradcraft_jax as gj
+    >>> tx = cr_mogm(gj.mgda(), alpha=0.5, num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> _, state = tx.update({"w": jnp.array([[1., 0.], [0., 1.]])}, state)
+    >>> upd, state = tx.update({"w": jnp.array([[1., 0.], [0., 3.]])}, state)
+    >>> [round(float(x), 4) for x in state.weights]  # (.5, .5), then MGDA's (.9, .1)
+    [0.7, 0.3]
   """
   inner_w = weighting_of(method, "cr_mogm")
   check_hyperparameter("alpha", alpha, low=0.0, high=1.0, method="cr_mogm")

@@ -105,13 +105,14 @@ def dbmtl(
   Returns:
     An optax transformation; ``update(grads, state, params, task_losses=l)``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = dbmtl(num_tasks=2)
-  >>> g = {"w": jnp.array([[2., 0.], [0., 1.]])}
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 4.]))
-  >>> [round(float(x), 4) for x in upd["w"]]  # both log-gradients -> norm 2
-  [2.0, 2.0]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = dbmtl(num_tasks=2)
+    >>> g = {"w": jnp.array([[2., 0.], [0., 1.]])}
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 4.]))
+    >>> [round(float(x), 4) for x in upd["w"]]  # both log-gradients -> norm 2
+    [2.0, 2.0]
   """
   check_hyperparameter("beta", beta, low=0.0, high=1.0, high_open=True, method="dbmtl")
   check_hyperparameter("beta_sigma", beta_sigma, low=0.0, method="dbmtl")

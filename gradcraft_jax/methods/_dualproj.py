@@ -78,12 +78,13 @@ def dualproj(
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = dualproj()
-  >>> g = {"w": jnp.array([[1., 0.], [-2., 0.5]])}
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> [round(float(x), 4) for x in upd["w"]]  # the mean (-.5, .25), projected
-  [0.0, 0.25]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = dualproj()
+    >>> g = {"w": jnp.array([[1., 0.], [-2., 0.5]])}
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> [round(float(x), 4) for x in upd["w"]]  # the mean (-.5, .25), projected
+    [0.0, 0.25]
   """
   if not isinstance(num_iters, int) or num_iters < 1:
     raise ValueError(f"dualproj: num_iters must be a positive int, got {num_iters!r}")

@@ -82,14 +82,15 @@ def dwa(temperature: float = 2.0, *, num_tasks: int) -> Method:
     An optax transformation whose ``update`` needs ``task_losses=`` of shape
     ``(T,)``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = dwa(num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> g = {"w": jnp.eye(2)}
-  >>> for losses in ([1., 1.], [1., 2.], [1., 2.]):
-  ...   upd, state = tx.update(g, state, task_losses=jnp.array(losses))
-  >>> [round(float(x), 4) for x in upd["w"]]  # 2 * softmax([1, 2] / 2)
-  [0.7551, 1.2449]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = dwa(num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> g = {"w": jnp.eye(2)}
+    >>> for losses in ([1., 1.], [1., 2.], [1., 2.]):
+    ...   upd, state = tx.update(g, state, task_losses=jnp.array(losses))
+    >>> [round(float(x), 4) for x in upd["w"]]  # 2 * softmax([1, 2] / 2)
+    [0.7551, 1.2449]
   """
   check_hyperparameter("temperature", temperature, low=0.0, low_open=True, method="dwa")
   check_num_tasks(num_tasks, "dwa", required=True)

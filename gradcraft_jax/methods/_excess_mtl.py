@@ -162,13 +162,14 @@ def excess_mtl(
     An ``optax.GradientTransformationExtraArgs`` over stacked per-task
     gradients whose ``init`` needs the parameters.
 
-  >>> import jax.numpy as jnp
-  >>> tx = excess_mtl(num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> g = {"w": jnp.array([[1., 0.], [0., 0.]])}
-  >>> upd, state = tx.update(g, state)
-  >>> [round(float(x), 4) for x in state.weights]  # softmax(log(1/2) + (1, 0))
-  [0.7311, 0.2689]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = excess_mtl(num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> g = {"w": jnp.array([[1., 0.], [0., 0.]])}
+    >>> upd, state = tx.update(g, state)
+    >>> [round(float(x), 4) for x in state.weights]  # softmax(log(1/2) + (1, 0))
+    [0.7311, 0.2689]
   """
   check_hyperparameter(
     "robust_step_size", robust_step_size, low=0.0, low_open=True, method="excess_mtl"

@@ -175,13 +175,14 @@ def fairgrad(
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = fairgrad(alpha=2.0)
-  >>> g = {"w": jnp.array([[1., 0.], [0., 4.]])}
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> # orthogonal gradients: w_i = ||g_i||^(-2 / (1 + 1/alpha))
-  >>> [round(float(x), 4) for x in upd["w"]]
-  [1.0, 0.63]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = fairgrad(alpha=2.0)
+    >>> g = {"w": jnp.array([[1., 0.], [0., 4.]])}
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> # orthogonal gradients: w_i = ||g_i||^(-2 / (1 + 1/alpha))
+    >>> [round(float(x), 4) for x in upd["w"]]
+    [1.0, 0.63]
   """
   if not isinstance(num_iters, int) or num_iters < 1:
     raise ValueError(f"fairgrad: num_iters must be a positive int, got {num_iters!r}")

@@ -139,12 +139,13 @@ def famo(
     An optax transformation whose ``update`` needs ``task_losses=`` and
     accepts ``losses_after_step=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = famo(num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> upd, state = tx.update({"w": jnp.eye(2)}, state, task_losses=jnp.array([1., 3.]))
-  >>> upd["w"]  # logits 0: weights proportional to 1 / l
-  Array([0.75, 0.25], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = famo(num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> upd, state = tx.update({"w": jnp.eye(2)}, state, task_losses=jnp.array([1., 3.]))
+    >>> upd["w"]  # logits 0: weights proportional to 1 / l
+    Array([0.75, 0.25], dtype=float32)
   """
   check_hyperparameter("lr", lr, low=0.0, method="famo")
   check_hyperparameter("weight_decay", weight_decay, low=0.0, method="famo")

@@ -57,12 +57,13 @@ def gls(*, num_tasks: int | None = None) -> Method:
   Returns:
     An optax transformation whose ``update`` needs ``task_losses=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = gls()
-  >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None),
-  ...                    task_losses=jnp.array([1.0, 4.0]))
-  >>> upd["w"]  # geometric mean 2: weights 2 / (2 * 1), 2 / (2 * 4)
-  Array([1.  , 0.25], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = gls()
+    >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None),
+    ...                    task_losses=jnp.array([1.0, 4.0]))
+    >>> upd["w"]  # geometric mean 2: weights 2 / (2 * 1), 2 / (2 * 4)
+    Array([1.  , 0.25], dtype=float32)
   """
   check_num_tasks(num_tasks, "gls")
 

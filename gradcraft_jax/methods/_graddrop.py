@@ -169,12 +169,13 @@ def graddrop(
     An ``optax.GradientTransformationExtraArgs`` over stacked per-task
     gradients; extra arguments are accepted and ignored.
 
-  >>> import jax.numpy as jnp
-  >>> tx = graddrop()
-  >>> g = {"w": jnp.array([[1., 2.], [3., 4.]])}  # same signs: kept
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> upd["w"]
-  Array([4., 6.], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = graddrop()
+    >>> g = {"w": jnp.array([[1., 2.], [3., 4.]])}  # same signs: kept
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> upd["w"]
+    Array([4., 6.], dtype=float32)
   """
   check_num_tasks(num_tasks, "graddrop")
   if not callable(f):

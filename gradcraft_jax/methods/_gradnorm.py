@@ -135,16 +135,17 @@ def gradnorm(
   Returns:
     An optax transformation whose ``update`` needs ``task_losses=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = gradnorm(alpha=1.5, lr=0.1, num_tasks=2, leaves=lambda p: "shared" in p)
-  >>> g = {"head": jnp.ones((2, 3)), "shared": jnp.array([[3., 0.], [0., 1.]])}
-  >>> state = tx.init(None)
-  >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 1.]))
-  >>> upd["shared"]  # weights 1 at the first update
-  Array([3., 1.], dtype=float32)
-  >>> # norms (3, 1), mean 2: w = (1 - 0.1 * 3, 1 + 0.1 * 1), rescaled to sum 2
-  >>> [round(float(x), 4) for x in state.weights]
-  [0.7778, 1.2222]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = gradnorm(alpha=1.5, lr=0.1, num_tasks=2, leaves=lambda p: "shared" in p)
+    >>> g = {"head": jnp.ones((2, 3)), "shared": jnp.array([[3., 0.], [0., 1.]])}
+    >>> state = tx.init(None)
+    >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 1.]))
+    >>> upd["shared"]  # weights 1 at the first update
+    Array([3., 1.], dtype=float32)
+    >>> # norms (3, 1), mean 2: w = (1 - 0.1 * 3, 1 + 0.1 * 1), rescaled to sum 2
+    >>> [round(float(x), 4) for x in state.weights]
+    [0.7778, 1.2222]
   """
   check_hyperparameter("alpha", alpha, low=0.0, method="gradnorm")
   check_hyperparameter("lr", lr, low=0.0, method="gradnorm")

@@ -129,13 +129,14 @@ def gradvac(beta: float = 0.5, seed: int = 0, *, num_tasks: int) -> Method:
   Returns:
     An optax transformation over stacked gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = gradvac(num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
-  >>> upd, state = tx.update(g, state)  # targets 0: PCGrad's first step
-  >>> upd["w"]
-  Array([0.5, 1.5], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = gradvac(num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
+    >>> upd, state = tx.update(g, state)  # targets 0: PCGrad's first step
+    >>> upd["w"]
+    Array([0.5, 1.5], dtype=float32)
   """
   check_hyperparameter("beta", beta, low=0.0, high=1.0, method="gradvac")
   check_int("seed", seed, method="gradvac", allow_array=True)

@@ -87,11 +87,12 @@ def imtl_g(*, num_tasks: int | None = None) -> Method:
   Returns:
     An optax transformation over stacked gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = imtl_g()
-  >>> upd, _ = tx.update({"w": jnp.array([[2., 0.], [0., 1.]])}, tx.init(None))
-  >>> [round(float(x), 4) for x in upd["w"]]  # (2a, 1 - a), a = 1/3
-  [0.6667, 0.6667]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = imtl_g()
+    >>> upd, _ = tx.update({"w": jnp.array([[2., 0.], [0., 1.]])}, tx.init(None))
+    >>> [round(float(x), 4) for x in upd["w"]]  # (2a, 1 - a), a = 1/3
+    [0.6667, 0.6667]
   """
   check_num_tasks(num_tasks, "imtl_g")
 
@@ -147,13 +148,14 @@ def imtl(lr: float = 1e-2, *, num_tasks: int) -> Method:
   Returns:
     An optax transformation whose ``update`` needs ``task_losses=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = imtl(lr=0.1, num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> g = {"w": jnp.array([[2., 0.], [0., 1.]])}
-  >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 3.]))
-  >>> state.log_scales
-  Array([ 0. , -0.2], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = imtl(lr=0.1, num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> g = {"w": jnp.array([[2., 0.], [0., 1.]])}
+    >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 3.]))
+    >>> state.log_scales
+    Array([ 0. , -0.2], dtype=float32)
   """
   check_hyperparameter("lr", lr, low=0.0, method="imtl")
   check_num_tasks(num_tasks, "imtl", required=True)

@@ -62,12 +62,13 @@ def imtl_l(lr: float = 1e-2, *, num_tasks: int) -> Method:
   Returns:
     An optax transformation whose ``update`` needs ``task_losses=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = imtl_l(lr=0.1, num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> upd, state = tx.update({"w": jnp.eye(2)}, state, task_losses=jnp.array([1., 3.]))
-  >>> upd["w"], state.log_scales
-  (Array([1., 1.], dtype=float32), Array([ 0. , -0.2], dtype=float32))
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = imtl_l(lr=0.1, num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> upd, state = tx.update({"w": jnp.eye(2)}, state, task_losses=jnp.array([1., 3.]))
+    >>> upd["w"], state.log_scales
+    (Array([1., 1.], dtype=float32), Array([ 0. , -0.2], dtype=float32))
   """
   check_hyperparameter("lr", lr, low=0.0, method="imtl_l")
   check_num_tasks(num_tasks, "imtl_l", required=True)

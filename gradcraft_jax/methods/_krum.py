@@ -105,12 +105,13 @@ def krum(
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = krum(n_byzantine=1)
-  >>> g = {"w": jnp.array([[1., 0.], [1.1, 0.], [0.9, 0.1], [-50., 3.]])}
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> [round(float(x), 4) for x in upd["w"]]  # the most central gradient
-  [1.0, 0.0]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = krum(n_byzantine=1)
+    >>> g = {"w": jnp.array([[1., 0.], [1.1, 0.], [0.9, 0.1], [-50., 3.]])}
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> [round(float(x), 4) for x in upd["w"]]  # the most central gradient
+    [1.0, 0.0]
   """
   for name, v, low in (("n_byzantine", n_byzantine, 0), ("n_selected", n_selected, 1)):
     if isinstance(v, bool) or not isinstance(v, int) or v < low:

@@ -34,11 +34,12 @@ def mean(*, num_tasks: int | None = None) -> Method:
     shape ``(T, ...)``) to their mean over the task axis (same dtypes,
     accumulated in at least float32).
 
-  >>> import jax.numpy as jnp
-  >>> tx = mean()
-  >>> upd, _ = tx.update({"w": jnp.array([[1., 2.], [3., 0.]])}, tx.init(None))
-  >>> upd["w"]
-  Array([2., 1.], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = mean()
+    >>> upd, _ = tx.update({"w": jnp.array([[1., 2.], [3., 0.]])}, tx.init(None))
+    >>> upd["w"]
+    Array([2., 1.], dtype=float32)
   """
   check_num_tasks(num_tasks, "mean")
 

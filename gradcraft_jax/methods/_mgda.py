@@ -187,11 +187,12 @@ def mgda(num_iters: int | None = None, *, num_tasks: int | None = None) -> Metho
     An optax transformation mapping stacked gradients ``(T, ...)`` to the
     min-norm combination.
 
-  >>> import jax.numpy as jnp
-  >>> tx = mgda()
-  >>> upd, _ = tx.update({"w": jnp.array([[1., 0.], [0., 1.]])}, tx.init(None))
-  >>> [round(float(x), 5) for x in upd["w"]]
-  [0.5, 0.5]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = mgda()
+    >>> upd, _ = tx.update({"w": jnp.array([[1., 0.], [0., 1.]])}, tx.init(None))
+    >>> [round(float(x), 5) for x in upd["w"]]
+    [0.5, 0.5]
   """
   if num_iters is not None:
     check_int("num_iters", num_iters, low=1, method="mgda")

@@ -96,13 +96,14 @@ def modo(gamma: float = 0.1, rho: float = 0.0, *, num_tasks: int) -> Method:
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = modo(gamma=0.5, num_tasks=2)
-  >>> g1 = {"w": jnp.array([[1., 0.], [0., 2.]])}
-  >>> g2 = {"w": jnp.array([[1., 0.], [0., 2.]])}
-  >>> upd, state = tx.update(g1, tx.init(None), stacked_2=g2)
-  >>> state.weights  # the task with the larger gradient loses weight
-  Array([0.875, 0.125], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = modo(gamma=0.5, num_tasks=2)
+    >>> g1 = {"w": jnp.array([[1., 0.], [0., 2.]])}
+    >>> g2 = {"w": jnp.array([[1., 0.], [0., 2.]])}
+    >>> upd, state = tx.update(g1, tx.init(None), stacked_2=g2)
+    >>> state.weights  # the task with the larger gradient loses weight
+    Array([0.875, 0.125], dtype=float32)
   """
   check_hyperparameter("gamma", gamma, low=0.0, low_open=True, method="modo")
   check_hyperparameter("rho", rho, low=0.0, method="modo")

@@ -141,12 +141,13 @@ def nash_mtl(
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = nash_mtl()
-  >>> g = {"w": jnp.array([[2., 0.], [0., 1.]])}
-  >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
-  >>> [round(float(x), 4) for x in upd["w"]]  # alpha_i = 1 / ||g_i||
-  [1.0, 1.0]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = nash_mtl()
+    >>> g = {"w": jnp.array([[2., 0.], [0., 1.]])}
+    >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(float(x), 4) for x in upd["w"]]  # alpha_i = 1 / ||g_i||
+    [1.0, 1.0]
   """
   check_int("num_iters", num_iters, low=1, method="nash_mtl")
   check_hyperparameter("ridge", ridge, low=0.0, method="nash_mtl")

@@ -75,11 +75,12 @@ def pbi(
     An optax transformation whose ``update`` needs ``task_losses=`` and
     accepts ``preference=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = pbi(jnp.array([1.0, 1.0]), theta=0.0)
-  >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None), task_losses=jnp.array([1., 2.]))
-  >>> [round(float(x), 4) for x in upd["w"]]  # theta = 0: the unit preference
-  [0.7071, 0.7071]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = pbi(jnp.array([1.0, 1.0]), theta=0.0)
+    >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None), task_losses=jnp.array([1., 2.]))
+    >>> [round(float(x), 4) for x in upd["w"]]  # theta = 0: the unit preference
+    [0.7071, 0.7071]
   """
   check_hyperparameter("theta", theta, low=0.0, method="pbi")
   check_num_tasks(num_tasks, "pbi")

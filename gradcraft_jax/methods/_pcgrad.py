@@ -164,12 +164,13 @@ def pcgrad(seed: int = 0, *, num_tasks: int | None = None) -> Method:
   Returns:
     An optax transformation over stacked gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = pcgrad()
-  >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> upd["w"]  # (1, 0) + (1, 1)/2 + (0, 1)
-  Array([0.5, 1.5], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = pcgrad()
+    >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> upd["w"]  # (1, 0) + (1, 1)/2 + (0, 1)
+    Array([0.5, 1.5], dtype=float32)
   """
   check_int("seed", seed, method="pcgrad", allow_array=True)
   check_num_tasks(num_tasks, "pcgrad")
@@ -212,12 +213,13 @@ def pcgrad_plus(
   Returns:
     An optax transformation over stacked gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = pcgrad_plus(tau=0.0, eps=0.0)
-  >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> upd["w"]  # pcgrad / 2
-  Array([0.25, 0.75], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = pcgrad_plus(tau=0.0, eps=0.0)
+    >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> upd["w"]  # pcgrad / 2
+    Array([0.25, 0.75], dtype=float32)
   """
   check_hyperparameter("tau", tau, low=0.0, high=1.0, method="pcgrad_plus")
   check_hyperparameter("eps", eps, low=0.0, method="pcgrad_plus")

@@ -66,11 +66,12 @@ def rlw(seed: int = 0, *, num_tasks: int | None = None) -> Method:
   Returns:
     An optax transformation over stacked gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = rlw(seed=0)
-  >>> upd, state = tx.update({"w": jnp.eye(3)}, tx.init(None))
-  >>> round(float(upd["w"].sum()), 5), bool((upd["w"] > 0).all())
-  (1.0, True)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = rlw(seed=0)
+    >>> upd, state = tx.update({"w": jnp.eye(3)}, tx.init(None))
+    >>> round(float(upd["w"].sum()), 5), bool((upd["w"] > 0).all())
+    (1.0, True)
   """
   check_num_tasks(num_tasks, "rlw")
   if not isinstance(seed, (int, jax.Array)) or isinstance(seed, bool):

@@ -134,12 +134,13 @@ def sdmgrad(
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = sdmgrad(0.0, lr=0.5, num_iters=100, num_tasks=2)
-  >>> g = {"w": jnp.array([[1., 0.], [0., 2.]])}
-  >>> upd, state = tx.update(g, tx.init(None), stacked_2=g)
-  >>> [round(float(x), 3) for x in state.weights]  # MGDA: (0.8, 0.2)
-  [0.8, 0.2]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = sdmgrad(0.0, lr=0.5, num_iters=100, num_tasks=2)
+    >>> g = {"w": jnp.array([[1., 0.], [0., 2.]])}
+    >>> upd, state = tx.update(g, tx.init(None), stacked_2=g)
+    >>> [round(float(x), 3) for x in state.weights]  # MGDA: (0.8, 0.2)
+    [0.8, 0.2]
   """
   check_hyperparameter("lambda_", lambda_, low=0.0, method="sdmgrad")
   check_hyperparameter("lr", lr, low=0.0, low_open=True, method="sdmgrad")

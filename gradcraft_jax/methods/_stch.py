@@ -149,12 +149,13 @@ def stch(
   Returns:
     An optax transformation whose ``update`` needs ``task_losses=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = stch(mu=1.0, num_tasks=2, preference=jnp.ones(2))
-  >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None),
-  ...                    task_losses=jnp.array([1., 2.]))
-  >>> [round(float(x), 4) for x in upd["w"]]  # softmax([1, 2])
-  [0.2689, 0.7311]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = stch(mu=1.0, num_tasks=2, preference=jnp.ones(2))
+    >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None),
+    ...                    task_losses=jnp.array([1., 2.]))
+    >>> [round(float(x), 4) for x in upd["w"]]  # softmax([1, 2])
+    [0.2689, 0.7311]
   """
   check_hyperparameter("mu", mu, low=0.0, low_open=True, method="stch")
   check_num_tasks(num_tasks, "stch", required=True)

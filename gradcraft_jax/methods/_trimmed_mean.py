@@ -104,12 +104,13 @@ def trimmed_mean(trim_number: int = 1, *, num_tasks: int | None = None) -> Coord
     gradients; extra arguments (``task_losses``, ...) are accepted and
     ignored.
 
-  >>> import jax.numpy as jnp
-  >>> tx = trimmed_mean(1)
-  >>> g = {"w": jnp.array([[1., 9.], [2., -7.], [100., 0.]])}
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> upd["w"]  # the median of each column
-  Array([2., 0.], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = trimmed_mean(1)
+    >>> g = {"w": jnp.array([[1., 9.], [2., -7.], [100., 0.]])}
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> upd["w"]  # the median of each column
+    Array([2., 0.], dtype=float32)
   """
   if isinstance(trim_number, bool) or not isinstance(trim_number, int) or trim_number < 0:
     raise ValueError(f"trimmed_mean: trim_number must be an int >= 0, got {trim_number!r}")

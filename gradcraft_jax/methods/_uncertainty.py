@@ -78,15 +78,16 @@ def uncertainty_weighting(lr: float = 1e-2, *, num_tasks: int) -> Method:
     An optax transformation whose ``update(grads, state, params,
     task_losses=l)`` needs the ``(T,)`` task losses.
 
-  >>> import jax.numpy as jnp
-  >>> tx = uncertainty_weighting(lr=0.1, num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> g = {"w": jnp.array([[1., 0.], [0., 1.]])}
-  >>> upd, state = tx.update(g, state, task_losses=jnp.array([2., 0.5]))
-  >>> upd["w"]
-  Array([1., 1.], dtype=float32)
-  >>> state.log_vars
-  Array([ 0.1 , -0.05], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = uncertainty_weighting(lr=0.1, num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> g = {"w": jnp.array([[1., 0.], [0., 1.]])}
+    >>> upd, state = tx.update(g, state, task_losses=jnp.array([2., 0.5]))
+    >>> upd["w"]
+    Array([1., 1.], dtype=float32)
+    >>> state.log_vars
+    Array([ 0.1 , -0.05], dtype=float32)
   """
   check_hyperparameter("lr", lr, low=0.0, method="uncertainty_weighting")
   check_num_tasks(num_tasks, "uncertainty_weighting", required=True)

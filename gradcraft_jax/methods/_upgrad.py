@@ -176,12 +176,13 @@ def upgrad(*, num_iters: int = 20, reg_eps: float = 0.0, num_tasks: int | None =
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = upgrad()
-  >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
-  >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
-  >>> [round(float(x), 4) for x in upd["w"]]  # mean of (.5, .5) and (0, 1)
-  [0.25, 0.75]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = upgrad()
+    >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
+    >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(float(x), 4) for x in upd["w"]]  # mean of (.5, .5) and (0, 1)
+    [0.25, 0.75]
   """
   check_int("num_iters", num_iters, low=1, method="upgrad")
   check_hyperparameter("reg_eps", reg_eps, low=0.0, method="upgrad")
