@@ -186,6 +186,16 @@ def cagrad_weights(
 
   Returns:
     ``(T,)`` weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # two orthogonal unit gradients: by symmetry w* = (1/2, 1/2), g_w = g_0,
+    >>> # so d = (1 + c) g_0 and each weight is (1 + c) / 2
+    >>> w = cagrad_weights(jnp.eye(2), c=0.5)
+    >>> [round(float(x), 4) for x in w]
+    [0.75, 0.75]
+    >>> [round(float(x), 4) for x in cagrad_weights(jnp.eye(2), c=0.5, rescale=True)]
+    [0.6, 0.6]
   """
   t = gram.shape[0]
   dtype = gram.dtype

@@ -44,6 +44,14 @@ def conflict_free_weights(gram: jax.Array, *, preference: jax.Array | None = Non
 
   Returns:
     ``(T,)`` weights (zero when every gradient is zero).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # g_1 = (1, 0), g_2 = (0, 2): b_hat = (1, 1) / sqrt(2), d = (1.5, 1.5)
+    >>> # = 1.5 g_1 + 0.75 g_2
+    >>> w = conflict_free_weights(jnp.array([[1., 0.], [0., 4.]]))
+    >>> [round(float(x), 4) for x in w]
+    [1.5, 0.75]
   """
   k = normalize_gram(gram)
   t = k.shape[0]

@@ -14,7 +14,19 @@ __all__ = ["constant", "constant_weights"]
 
 
 def constant_weights(weights: Any, *, dtype=jnp.float32) -> jnp.ndarray:
-  """The ``(T,)`` weights of :func:`constant`, as an array of ``dtype``."""
+  """The ``(T,)`` weights of :func:`constant`, as an array of ``dtype``.
+
+  Args:
+    weights: ``(T,)`` weights (any array-like).
+    dtype: the result's dtype.
+
+  Returns:
+    ``weights`` as a ``(T,)`` array.
+
+  Examples:
+    >>> constant_weights([1, 2])
+    Array([1., 2.], dtype=float32)
+  """
   return jnp.asarray(weights, dtype)
 
 

@@ -24,6 +24,22 @@ def cosmos_weights(task_losses: jax.Array, *, preference, penalty) -> jax.Array:
 
   (norms below ``1e-8`` are raised to it, as in torch's
   ``cosine_similarity``). The weights can be negative.
+
+  Args:
+    task_losses: ``(T,)`` losses ``l``.
+    preference: ``(T,)`` preference ``r``.
+    penalty: cosine penalty :math:`\lambda \ge 0`.
+
+  Returns:
+    ``(T,)`` weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # r = (1, 0), l = (1, 1): cos = 1/sqrt(2), and the cosine's gradient
+    >>> # (r/|r| - cos l/|l|) / |l| = (0.5, -0.5) / sqrt(2) is subtracted from r
+    >>> w = cosmos_weights(jnp.array([1., 1.]), preference=jnp.array([1., 0.]), penalty=1.0)
+    >>> [round(float(x), 4) for x in w]
+    [0.6464, 0.3536]
   """
   dtype = task_losses.dtype
   r = jnp.asarray(preference, dtype)

@@ -35,6 +35,14 @@ def dualproj_weights(
 
   Returns:
     ``(T,)`` weights ``v >= preference``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # g_1 = (1, 0), g_2 = (-2, 0.5): min over v >= (1/2, 1/2) of
+    >>> # (v_1 - 2 v_2)^2 + v_2^2 / 4 is at v = (1, 1/2); d = (0, 0.25)
+    >>> w = dualproj_weights(jnp.array([[1., -2.], [-2., 4.25]]))
+    >>> [round(float(x), 4) for x in w]
+    [1.0, 0.5]
   """
   t = gram.shape[0]
   dtype = gram.dtype

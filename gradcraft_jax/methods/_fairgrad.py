@@ -124,6 +124,16 @@ def fairgrad_weights(
 
   Returns:
     ``(T,)`` positive weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # orthogonal gradients of norms 1 and 4: n_i^2 w_i = w_i^(-1/alpha)
+    >>> # gives w_i = n_i^(-2 / (1 + 1/alpha)): 1/n_i for alpha = 1
+    >>> k = jnp.diag(jnp.array([1., 16.]))
+    >>> [round(float(x), 4) for x in fairgrad_weights(k, alpha=1.0)]
+    [1.0, 0.25]
+    >>> [round(float(x), 4) for x in fairgrad_weights(k, alpha=0.0)]  # uniform
+    [0.5, 0.5]
   """
   dtype = gram.dtype
   t = gram.shape[0]

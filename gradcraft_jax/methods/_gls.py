@@ -28,6 +28,15 @@ def gls_weights(task_losses: jax.Array) -> jax.Array:
 
   Returns:
     ``(T,)`` positive weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # geometric mean of (1, 4) is 2: weights 2 / (2 * 1) and 2 / (2 * 4);
+    >>> # doubling every loss leaves them unchanged
+    >>> [round(float(x), 4) for x in gls_weights(jnp.array([1., 4.]))]
+    [1.0, 0.25]
+    >>> [round(float(x), 4) for x in gls_weights(jnp.array([2., 8.]))]
+    [1.0, 0.25]
   """
   tiny = jnp.finfo(task_losses.dtype).tiny
   logs = jnp.log(jnp.maximum(task_losses, tiny))

@@ -62,6 +62,17 @@ def imtl_g_weights(gram: jax.Array) -> jax.Array:
 
   Returns:
     ``(T,)`` weights summing to 1 (or all 0).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # orthogonal gradients of norms 2 and 1: K^-1 n = (1/2, 1), normalised
+    >>> k = jnp.diag(jnp.array([4., 1.]))
+    >>> w = imtl_g_weights(k)
+    >>> [round(float(x), 4) for x in w]
+    [0.3333, 0.6667]
+    >>> # equal projections <g, g_i> / ||g_i|| on both task directions
+    >>> [round(float(x), 4) for x in k @ w / jnp.sqrt(jnp.diagonal(k))]
+    [0.6667, 0.6667]
   """
   k = normalize_gram(gram)
   n = jnp.sqrt(jnp.clip(jnp.diagonal(k), 0.0))
@@ -109,6 +120,22 @@ def imtl_weights(gram: jax.Array, log_scales: jax.Array) -> jax.Array:
   IMTL-G applied to the scaled gradients :math:`e^{s_i} g_i` (Gram
   :math:`S K S`, :math:`S = \mathrm{diag}(e^{s})`), i.e.
   :math:`\sum_i \alpha_i e^{s_i} g_i` with :math:`\sum_i \alpha_i = 1`.
+
+  Args:
+    gram: ``(T, T)`` Gram matrix of the raw gradients.
+    log_scales: ``(T,)`` IMTL-L loss scales ``s``.
+
+  Returns:
+    ``(T,)`` weights :math:`\alpha_i e^{s_i}`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> k = jnp.diag(jnp.array([4., 1.]))
+    >>> [round(float(x), 4) for x in imtl_weights(k, jnp.zeros(2))]  # IMTL-G's
+    [0.3333, 0.6667]
+    >>> # s = (0, log 2): the scaled gradients have equal norms, alpha = (1/2, 1/2)
+    >>> [round(float(x), 4) for x in imtl_weights(k, jnp.log(jnp.array([1., 2.])))]
+    [0.5, 1.0]
   """
   scale = jnp.exp(log_scales.astype(gram.dtype))
   alpha = imtl_g_weights(scale[:, None] * gram * scale[None, :])

@@ -27,7 +27,19 @@ class IMTLLState(NamedTuple):
 
 def imtl_l_weights(log_scales: jax.Array) -> jax.Array:
   r"""IMTL-L weights :math:`w_i = e^{s_i}`, the gradient of
-  :math:`\sum_i e^{s_i} l_i - s_i` with respect to :math:`l_i`."""
+  :math:`\sum_i e^{s_i} l_i - s_i` with respect to :math:`l_i`.
+
+  Args:
+    log_scales: ``(T,)`` loss scales ``s``.
+
+  Returns:
+    ``(T,)`` positive weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> [round(float(x), 4) for x in imtl_l_weights(jnp.log(jnp.array([1., 2.])))]
+    [1.0, 2.0]
+  """
   return jnp.exp(log_scales)
 
 

@@ -50,6 +50,15 @@ def krum_weights(
 
   Returns:
     ``(T,)`` weights: ``1 / n_selected`` on the selected tasks.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g = jnp.array([[1., 0.], [1.2, 0.], [0.9, 0.1], [-50., 3.]])
+    >>> # scores (sums of the 2 nearest distances): 0.34, 0.52, 0.46, > 50
+    >>> krum_weights(g @ g.T).tolist()
+    [1.0, 0.0, 0.0, 0.0]
+    >>> krum_weights(g @ g.T, n_selected=2).tolist()
+    [0.5, 0.0, 0.5, 0.0]
   """
   return _krum_weights(gram, n_byzantine, n_selected, squared=bool(squared))
 

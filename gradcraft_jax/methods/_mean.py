@@ -11,8 +11,20 @@ __all__ = ["mean", "mean_weights"]
 
 
 def mean_weights(num_tasks: int, *, dtype=None) -> jnp.ndarray:
-  """The ``(T,)`` weights ``1 / T`` of :func:`mean` (default: JAX's default
-  float dtype, float64 under ``jax_enable_x64``)."""
+  """The ``(T,)`` weights ``1 / T`` of :func:`mean`.
+
+  Args:
+    num_tasks: the task count ``T``.
+    dtype: the weights' dtype (default: JAX's default float dtype, float64
+      under ``jax_enable_x64``).
+
+  Returns:
+    ``(T,)`` weights, each ``1 / T``.
+
+  Examples:
+    >>> mean_weights(4).tolist()
+    [0.25, 0.25, 0.25, 0.25]
+  """
   return jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
 
 

@@ -96,6 +96,14 @@ def nash_mtl_weights(
 
   Returns:
     ``(T,)`` positive weights ``alpha``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # orthogonal gradients of norms 2 and 1: K alpha = 1 / alpha gives
+    >>> # alpha_i = 1 / ||g_i||
+    >>> w = nash_mtl_weights(jnp.array([[4., 0.], [0., 1.]]))
+    >>> [round(float(x), 4) for x in w]
+    [0.5, 1.0]
   """
   dtype = gram.dtype
   t = gram.shape[0]

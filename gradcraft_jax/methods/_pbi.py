@@ -28,6 +28,24 @@ def pbi_weights(task_losses: jax.Array, *, preference, theta, reference=None) ->
 
   The weights can be negative (the penalty pulls the losses towards the
   preference ray).
+
+  Args:
+    task_losses: ``(T,)`` losses ``l``.
+    preference: ``(T,)`` preference direction ``w``.
+    theta: penalty :math:`\theta \ge 0`.
+    reference: optional ``(T,)`` reference point :math:`z^\star` (default
+      the origin).
+
+  Returns:
+    ``(T,)`` weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # l = (1, 3) along w = (1, 1): d_1 w_hat = (2, 2), p = (-1, 1),
+    >>> # d_2 = sqrt(2): weights (1, 1) / sqrt(2) + 2 (-1, 1) / sqrt(2)
+    >>> w = pbi_weights(jnp.array([1., 3.]), preference=jnp.array([1., 1.]), theta=2.0)
+    >>> [round(float(x), 4) for x in w]
+    [-0.7071, 2.1213]
   """
   dtype = task_losses.dtype
   w = jnp.asarray(preference, dtype)

@@ -33,6 +33,12 @@ def rlw_weights(key: jax.Array, num_tasks: int, *, dtype=jnp.float32) -> jax.Arr
 
   Returns:
     ``(T,)`` positive weights summing to 1.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> w = rlw_weights(jax.random.PRNGKey(0), 3)
+    >>> w.shape, bool(jnp.isclose(w.sum(), 1.0)), bool((w > 0).all())
+    ((3,), True, True)
   """
   return jax.nn.softmax(jax.random.normal(key, (num_tasks,), dtype))
 

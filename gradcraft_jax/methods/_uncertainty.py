@@ -30,7 +30,19 @@ class UncertaintyWeightingState(NamedTuple):
 
 
 def uncertainty_weights(log_vars: jax.Array) -> jax.Array:
-  r"""Task weights :math:`w_i = e^{-s_i}` for log-variances ``s``."""
+  r"""Task weights :math:`w_i = e^{-s_i}` for log-variances ``s``.
+
+  Args:
+    log_vars: ``(T,)`` log-variances ``s``.
+
+  Returns:
+    ``(T,)`` positive weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> [round(float(x), 4) for x in uncertainty_weights(jnp.log(jnp.array([1., 2.])))]
+    [1.0, 0.5]
+  """
   return jnp.exp(-log_vars)
 
 

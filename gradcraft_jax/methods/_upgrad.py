@@ -107,6 +107,15 @@ def dual_cone_weights(
 
   Returns:
     ``(T,)`` weights ``v >= u``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # g_1 = (1, 0), g_2 = (-2, 0.5), u = (1/2, 1/2): v = (1, 1/2), and
+    >>> # K v = (<g_1, d>, <g_2, d>) >= 0 with d = J^T v
+    >>> k = jnp.array([[1., -2.], [-2., 4.25]])
+    >>> v = dual_cone_weights(k, jnp.array([0.5, 0.5]))
+    >>> [round(float(x), 4) for x in v], [round(float(x), 4) for x in k @ v]
+    ([1.0, 0.5], [0.0, 0.125])
   """
   t = gram.shape[0]
   dtype = gram.dtype
@@ -130,6 +139,15 @@ def upgrad_weights(
 
   Returns:
     ``(T,)`` weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # g_1 = (1, 0), g_2 = (-1, 1): their projections onto the dual cone
+    >>> # are (.5, .5) = g_1 + g_2 / 2 and (0, 1) = g_1 + g_2; the mean of
+    >>> # the two has weights (1, 3/4)
+    >>> w = upgrad_weights(jnp.array([[1., -1.], [-1., 2.]]))
+    >>> [round(float(x), 4) for x in w]
+    [1.0, 0.75]
   """
   t = gram.shape[0]
   dtype = gram.dtype
