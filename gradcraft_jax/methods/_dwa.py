@@ -44,6 +44,15 @@ def dwa_weights(
 
   Returns:
     ``(T,)`` weights summing to ``T``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # ratios r = (1, 2): 2 softmax(r / 2) = 2 (e^0.5, e^1) / (e^0.5 + e^1)
+    >>> w = dwa_weights(jnp.array([1., 2.]), jnp.array([1., 1.]), temperature=2.0)
+    >>> [round(float(x), 4) for x in w], round(float(w.sum()), 4)
+    ([0.7551, 1.2449], 2.0)
+    >>> dwa_weights(jnp.array([1., 2.]), jnp.array([1., 1.]), temperature=2.0, count=1).tolist()
+    [1.0, 1.0]
   """
   t = last_losses.shape[0]
   ratio = jnp.where(

@@ -57,6 +57,13 @@ def famo_weights(task_losses: jax.Array, logits: jax.Array, min_losses=0.0) -> j
 
   Returns:
     ``(T,)`` positive weights summing to 1.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # logits 0 (z = 1/2 each): weights proportional to 1 / l = (1, 1/3)
+    >>> w = famo_weights(jnp.array([1., 3.]), jnp.zeros(2))
+    >>> [round(float(x), 4) for x in w]
+    [0.75, 0.25]
   """
   z = jax.nn.softmax(logits.astype(task_losses.dtype))
   r = z / _shifted(task_losses, jnp.asarray(min_losses, task_losses.dtype))
@@ -73,6 +80,23 @@ def famo_logit_gradient(
   :math:`J_{\mathrm{softmax}}(\xi)^\top \delta = z \odot (\delta - z^\top
   \delta)`. A descent step on it raises the weight of tasks whose loss
   decreased less than the weighted average.
+
+  Args:
+    logits: ``(T,)`` logits :math:`\xi`.
+    before: ``(T,)`` losses before the step.
+    after: ``(T,)`` losses after the step.
+    min_losses: lower bounds :math:`b` (scalar or ``(T,)``).
+
+  Returns:
+    ``(T,)`` gradient on the logits.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # task 0's loss halved, task 1's stayed: delta = (log 2, 0), z = (1/2, 1/2),
+    >>> # gradient z * (delta - z . delta) = (log 2, -log 2) / 4
+    >>> g = famo_logit_gradient(jnp.zeros(2), jnp.array([1., 1.]), jnp.array([0.5, 1.]))
+    >>> [round(float(x), 4) for x in g]
+    [0.1733, -0.1733]
   """
   b = jnp.asarray(min_losses, before.dtype)
   delta = jnp.log(_shifted(before, b)) - jnp.log(_shifted(after, b))

@@ -31,7 +31,19 @@ class GradNormState(NamedTuple):
 def gradnorm_weights(weights: jax.Array) -> jax.Array:
   """The weights of this update: the learned weights as they stand (the
   update of step ``t`` uses :math:`w(t)`; :func:`gradnorm_step` gives
-  :math:`w(t+1)`)."""
+  :math:`w(t+1)`).
+
+  Args:
+    weights: ``(T,)`` learned weights :math:`w(t)`.
+
+  Returns:
+    ``weights``, unchanged.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> gradnorm_weights(jnp.array([0.5, 1.5])).tolist()
+    [0.5, 1.5]
+  """
   return weights
 
 
@@ -63,8 +75,25 @@ def gradnorm_step(
   zero initial loss gives :math:`\tilde L_i = 1`; negative ratios are
   clamped to 0.
 
+  Args:
+    gram: ``(T, T)`` Gram matrix of the chosen layer's task gradients.
+    weights: ``(T,)`` current weights :math:`w(t)`.
+    task_losses: ``(T,)`` losses :math:`l`.
+    initial_losses: ``(T,)`` first losses :math:`L(0)`.
+    alpha: asymmetry :math:`\alpha \ge 0`.
+    lr: step size ``>= 0``.
+
   Returns:
     ``(T,)`` the next weights, non-negative, summing to ``T``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # norms (3, 1), equal training rates: target 2 for both, so
+    >>> # w = (1 - 0.1 * 3, 1 + 0.1 * 1) = (0.7, 1.1), rescaled to sum 2
+    >>> w = gradnorm_step(jnp.diag(jnp.array([9., 1.])), jnp.ones(2), jnp.ones(2),
+    ...                   jnp.ones(2), alpha=1.5, lr=0.1)
+    >>> [round(float(x), 4) for x in w]
+    [0.7778, 1.2222]
   """
   t = weights.shape[0]
   dtype = weights.dtype

@@ -71,6 +71,16 @@ def stch_weights(
 
   Returns:
     ``(T,)`` non-negative weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> l = jnp.array([1., 2.])
+    >>> # lambda = 1, z = 0, mu = 1: softmax(l) = (1, e) / (1 + e)
+    >>> [round(float(x), 4) for x in stch_weights(l, mu=1.0, preference=jnp.ones(2))]
+    [0.2689, 0.7311]
+    >>> # small mu: the gradient of the largest loss alone
+    >>> [round(float(x), 4) for x in stch_weights(l, mu=0.01, preference=jnp.ones(2))]
+    [0.0, 1.0]
   """
   t = task_losses.shape[0]
   dtype = task_losses.dtype
