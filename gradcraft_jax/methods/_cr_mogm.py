@@ -31,8 +31,22 @@ class CRMOGMState(NamedTuple):
 
 def cr_mogm_weights(new_weights: jax.Array, previous: jax.Array, *, alpha) -> jax.Array:
   r"""The smoothed weights :math:`\lambda_k = \alpha \lambda_{k-1} + (1 -
-  \alpha) \hat\lambda_k` (``new_weights`` is :math:`\hat\lambda_k`,
-  ``previous`` is :math:`\lambda_{k-1}`)."""
+  \alpha) \hat\lambda_k`.
+
+  Args:
+    new_weights: ``(T,)`` the wrapped method's weights :math:`\hat\lambda_k`.
+    previous: ``(T,)`` the previous smoothed weights :math:`\lambda_{k-1}`.
+    alpha: EMA coefficient in ``[0, 1]``.
+
+  Returns:
+    ``(T,)`` smoothed weights :math:`\lambda_k`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> w = cr_mogm_weights(jnp.array([0.9, 0.1]), jnp.array([0.5, 0.5]), alpha=0.5)
+    >>> [round(float(x), 4) for x in w]
+    [0.7, 0.3]
+  """
   alpha = jnp.asarray(alpha, new_weights.dtype)
   return alpha * previous.astype(new_weights.dtype) + (1.0 - alpha) * new_weights
 

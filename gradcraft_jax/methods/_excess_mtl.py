@@ -63,6 +63,14 @@ def excess_mtl_weights(
 
   Returns:
     ``(T,)`` new weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # softmax(log(1/2, 1/2) + (1, 0)) = (e, 1) / (e + 1)
+    >>> w = excess_mtl_weights(jnp.array([1., 0.]), jnp.array([0.5, 0.5]), jnp.ones(2),
+    ...                        use_base=False)
+    >>> [round(float(x), 4) for x in w]
+    [0.7311, 0.2689]
   """
   scaled = jnp.where(use_base, excess / (base + 1e-7), excess)
   return jax.nn.softmax(jnp.log(weights) + robust_step_size * scaled)
@@ -76,7 +84,7 @@ def _excess_xla(g, s, acc):
 
 
 def _excess_pass(updates, sq_sum, t, acc):
-  """``S + G**2``, the excess risks :math:`\hat E` and whether ``G`` is
+  r"""``S + G**2``, the excess risks :math:`\hat E` and whether ``G`` is
   finite, leaf by leaf; large float32 leaves take the CPU kernel (one read
   of ``G`` and ``S`` and one write of the new ``S`` on every core, the
   finiteness check from the same pass), the others XLA. Also returns which

@@ -72,6 +72,14 @@ def gradcraft_coefficients(
   Returns:
     ``(s, W)``: the ``(T,)`` magnitude factors and the ``(T, T)`` projection
     coefficients (``W[i, k]`` is zero unless ``k`` conflicts with ``i``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # norms 2 and 1 at 120 degrees; tau = 1 scales g_2 by 2 (equal norms),
+    >>> # then each adjusted gradient gets half of the other: <g~_i, g^_k> = 0
+    >>> s, w = gradcraft_coefficients(jnp.array([[4., -1.], [-1., 1.]]), tau=1.0, eps=0.0)
+    >>> [round(float(x), 4) for x in s], round(float(w[0, 1]), 4), round(float(w[1, 0]), 4)
+    ([1.0, 2.0], 0.5, 0.5)
   """
   dtype = gram.dtype
   # W is invariant to a global scale of K: normalise so that the solve works

@@ -67,6 +67,14 @@ def graddrop_combine(
   Returns:
     A pytree like the parameters, in the input dtypes (computed in at least
     float32).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> # column 0: all positive (P = 1 > U), column 1: all negative (P = 0 < U):
+    >>> # every component is kept, whatever the draw
+    >>> g = {"w": jnp.array([[1., -2.], [3., -4.]])}
+    >>> graddrop_combine(g, jax.random.PRNGKey(0))["w"].tolist()
+    [4.0, -6.0]
   """
   return _combine_checked(stacked, key, leak, f)[0]
 

@@ -54,6 +54,13 @@ def modo_weights(cross_gram: jax.Array, weights: jax.Array, *, gamma=0.1, rho=0.
 
   Returns:
     ``(T,)`` new weights on the simplex.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # (1/2, 1/2) - 0.5 (1/2, 2) = (1/4, -1/2), projected onto the simplex
+    >>> w = modo_weights(jnp.diag(jnp.array([1., 4.])), jnp.array([0.5, 0.5]), gamma=0.5)
+    >>> [round(float(x), 4) for x in w]
+    [0.875, 0.125]
   """
   grad = cross_gram @ weights + rho * weights
   return project_simplex(weights - gamma * grad)

@@ -96,6 +96,13 @@ def pcgrad_weights(gram: jax.Array, perms: jax.Array) -> jax.Array:
 
   Returns:
     ``(T,)`` weights ``w`` with :math:`\sum_i g_i^{PC} = \sum_k w_k g_k`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # g_1 = (1, 0), g_2 = (-1, 1): g_1^PC = g_1 + g_2 / 2, g_2^PC = g_2 + g_1
+    >>> w = pcgrad_weights(jnp.array([[1., -1.], [-1., 2.]]), jnp.array([[0, 1], [0, 1]]))
+    >>> [round(float(x), 4) for x in w]
+    [2.0, 1.5]
   """
   return jnp.sum(sequential_projection(normalize_gram(gram), perms), axis=0)
 
@@ -111,6 +118,14 @@ def pcgrad_plus_weights(gram: jax.Array, perms: jax.Array, *, tau, eps) -> jax.A
 
   Returns:
     ``(T,)`` weights ``c`` with update ``sum_k c_k g_k``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # tau = 0, eps = 0: PCGrad's projections, averaged instead of summed
+    >>> k = jnp.array([[1., -1.], [-1., 2.]])
+    >>> w = pcgrad_plus_weights(k, jnp.array([[0, 1], [0, 1]]), tau=0.0, eps=0.0)
+    >>> [round(float(x), 4) for x in w]
+    [1.0, 0.75]
   """
   t = gram.shape[0]
   k = normalize_gram(gram)

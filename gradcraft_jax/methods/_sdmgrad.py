@@ -71,6 +71,16 @@ def sdmgrad_step(
 
   Returns:
     ``(update_weights, new_w)``, both ``(T,)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # K_12 = diag(1, 4), lambda = 1: (w_1 + 1/2)^2 + 4 (w_2 + 1/2)^2 is
+    >>> # smallest on the simplex at w = (1, 0); the update weights are
+    >>> # (w + (1/2, 1/2)) / 2
+    >>> upd_w, w = sdmgrad_step(jnp.diag(jnp.array([1., 4.])), jnp.array([0.5, 0.5]),
+    ...                         lambda_=1.0)
+    >>> [round(float(x), 4) for x in upd_w], [round(float(x), 4) for x in w]
+    ([0.75, 0.25], [1.0, 0.0])
   """
   t = cross_gram.shape[0]
   dtype = cross_gram.dtype

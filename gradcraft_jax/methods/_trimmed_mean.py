@@ -36,6 +36,13 @@ def trimmed_mean_combine(stacked: Any, trim_number: int) -> Any:
   Returns:
     A pytree like the parameters, in the input dtypes (computed in at least
     float32).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # five task values of one coordinate: 1 and 100 dropped, (2 + 3 + 4) / 3
+    >>> g = {"w": jnp.array([[4.], [100.], [1.], [3.], [2.]])}
+    >>> trimmed_mean_combine(g, 1)["w"].tolist()
+    [3.0]
   """
   t = _num_tasks(stacked)
   if t < 2 * trim_number + 1:
