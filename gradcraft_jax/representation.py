@@ -90,6 +90,10 @@ def representation_value_and_grad(
     >>> losses, grads, w, _ = fn(params, optax.EmptyState(), jnp.eye(2))
     >>> grads["w"].shape, w.shape
     ((2, 2), (2,))
+
+  References:
+    Sener and Koltun, `Multi-Task Learning as Multi-Objective Optimization
+    <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018
   """
 
   weighting = weighting_of(tx, "representation_value_and_grad")

@@ -187,6 +187,10 @@ def train_prioritized(
     ...                         lagrange_lr=0.1, lagrange_clip=100.)
     >>> [h.losses.shape for h in res.history]
     [(50, 2), (50, 2)]
+
+  References:
+    Cheng et al., `No More Tuning: Prioritized Multi-Task Learning with Lagrangian Differential
+    Multiplier Methods <https://arxiv.org/abs/2412.12092>`_, AAAI 2025
   """
   if num_stages is None:
     first = data(0, 0) if callable(data) else data

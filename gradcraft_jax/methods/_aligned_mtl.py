@@ -51,6 +51,10 @@ def aligned_mtl_balance(gram: jax.Array, scale_mode: str = "min") -> jax.Array:
     [0.3333, 1.0]
     >>> [round(float(x), 4) for x in jnp.diagonal(b @ k @ b)]  # aligned norms^2
     [1.0, 1.0]
+
+  References:
+    Senushkin et al., `Independent Component Alignment for Multi-Task Learning
+    <https://arxiv.org/abs/2305.19000>`_, CVPR 2023
   """
   t = gram.shape[0]
   dtype = gram.dtype
@@ -102,6 +106,10 @@ def aligned_mtl_weights(
     >>> w = aligned_mtl_weights(jnp.diag(jnp.array([9., 1.])))
     >>> [round(float(x), 4) for x in w]
     [0.1667, 0.5]
+
+  References:
+    Senushkin et al., `Independent Component Alignment for Multi-Task Learning
+    <https://arxiv.org/abs/2305.19000>`_, CVPR 2023
   """
   t = gram.shape[0]
   if preference is None:
@@ -146,6 +154,10 @@ def aligned_mtl(scale_mode: str = "min", *, num_tasks: int | None = None) -> Met
     >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(float(x), 4) for x in upd["w"]]  # both rescaled to norm 1
     [0.5, 0.5]
+
+  References:
+    Senushkin et al., `Independent Component Alignment for Multi-Task Learning
+    <https://arxiv.org/abs/2305.19000>`_, CVPR 2023
   """
   if scale_mode not in _SCALE_MODES:
     raise ValueError(f"aligned_mtl: scale_mode must be one of {_SCALE_MODES}, got {scale_mode!r}")

@@ -196,6 +196,10 @@ def cagrad_weights(
     [0.75, 0.75]
     >>> [round(float(x), 4) for x in cagrad_weights(jnp.eye(2), c=0.5, rescale=True)]
     [0.6, 0.6]
+
+  References:
+    Liu et al., `Conflict-Averse Gradient Descent for Multi-task Learning
+    <https://arxiv.org/abs/2110.14048>`_, NeurIPS 2021
   """
   t = gram.shape[0]
   dtype = gram.dtype
@@ -279,6 +283,10 @@ def cagrad(
     >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(float(x), 4) for x in upd["w"]]  # c = 0: the mean
     [0.0, 1.0]
+
+  References:
+    Liu et al., `Conflict-Averse Gradient Descent for Multi-task Learning
+    <https://arxiv.org/abs/2110.14048>`_, NeurIPS 2021
   """
   check_hyperparameter("c", c, low=0.0, method="cagrad")
   check_hyperparameter("norm_eps", norm_eps, low=0.0, method="cagrad")

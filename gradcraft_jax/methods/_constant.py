@@ -26,6 +26,10 @@ def constant_weights(weights: Any, *, dtype=jnp.float32) -> jnp.ndarray:
   Examples:
     >>> constant_weights([1, 2])
     Array([1., 2.], dtype=float32)
+
+  References:
+    Kurin et al., `In Defense of the Unitary Scalarization for Deep Multi-Task Learning
+    <https://arxiv.org/abs/2201.04122>`_, NeurIPS 2022
   """
   return jnp.asarray(weights, dtype)
 
@@ -54,6 +58,10 @@ def constant(weights: Any = None, *, num_tasks: int | None = None) -> Method:
     >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None))
     >>> upd["w"]
     Array([1., 2.], dtype=float32)
+
+  References:
+    Kurin et al., `In Defense of the Unitary Scalarization for Deep Multi-Task Learning
+    <https://arxiv.org/abs/2201.04122>`_, NeurIPS 2022
   """
   check_num_tasks(num_tasks, "constant")
   t = num_tasks

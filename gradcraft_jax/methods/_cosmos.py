@@ -40,6 +40,10 @@ def cosmos_weights(task_losses: jax.Array, *, preference, penalty) -> jax.Array:
     >>> w = cosmos_weights(jnp.array([1., 1.]), preference=jnp.array([1., 0.]), penalty=1.0)
     >>> [round(float(x), 4) for x in w]
     [0.6464, 0.3536]
+
+  References:
+    Ruchte and Grabocka, `Scalable Pareto Front Approximation for Deep Multi-Objective Learning
+    <https://arxiv.org/abs/2103.13392>`_, ICDM 2021
   """
   dtype = task_losses.dtype
   r = jnp.asarray(preference, dtype)
@@ -94,6 +98,10 @@ def cosmos(
     >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None), task_losses=jnp.array([1., 1.]))
     >>> [round(float(x), 4) for x in upd["w"]]  # l parallel to r: cos' = 0
     [0.5, 0.5]
+
+  References:
+    Ruchte and Grabocka, `Scalable Pareto Front Approximation for Deep Multi-Objective Learning
+    <https://arxiv.org/abs/2103.13392>`_, ICDM 2021
   """
   check_hyperparameter("penalty", penalty, low=0.0, method="cosmos")
   check_num_tasks(num_tasks, "cosmos")

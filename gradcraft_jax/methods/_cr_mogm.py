@@ -46,6 +46,10 @@ def cr_mogm_weights(new_weights: jax.Array, previous: jax.Array, *, alpha) -> ja
     >>> w = cr_mogm_weights(jnp.array([0.9, 0.1]), jnp.array([0.5, 0.5]), alpha=0.5)
     >>> [round(float(x), 4) for x in w]
     [0.7, 0.3]
+
+  References:
+    Zhou et al., `On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond
+    <https://openreview.net/forum?id=ScwfQ7hdwyP>`_, NeurIPS 2022
   """
   alpha = jnp.asarray(alpha, new_weights.dtype)
   return alpha * previous.astype(new_weights.dtype) + (1.0 - alpha) * new_weights
@@ -112,6 +116,10 @@ def cr_mogm(
     >>> upd, state = tx.update({"w": jnp.array([[1., 0.], [0., 3.]])}, state)
     >>> [round(float(x), 4) for x in state.weights]  # (.5, .5), then MGDA's (.9, .1)
     [0.7, 0.3]
+
+  References:
+    Zhou et al., `On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond
+    <https://openreview.net/forum?id=ScwfQ7hdwyP>`_, NeurIPS 2022
   """
   inner_w = weighting_of(method, "cr_mogm")
   check_hyperparameter("alpha", alpha, low=0.0, high=1.0, method="cr_mogm")

@@ -64,6 +64,9 @@ def dbmtl_step(
     ...                     jnp.zeros(2), 1, beta=0.9, beta_sigma=0.5)
     >>> [round(float(x), 4) for x in w], [round(float(x), 4) for x in ema]
     ([1.0, 2.0], [0.2, 0.025])
+
+  References:
+    Lin et al., `Dual-Balancing for Multi-Task Learning <https://arxiv.org/abs/2308.12029>`_, 2023
   """
   dtype = gram.dtype
   inv_l = 1.0 / (task_losses.astype(dtype) + eps)
@@ -122,6 +125,9 @@ def dbmtl(
     >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 4.]))
     >>> [round(float(x), 4) for x in upd["w"]]  # both log-gradients -> norm 2
     [2.0, 2.0]
+
+  References:
+    Lin et al., `Dual-Balancing for Multi-Task Learning <https://arxiv.org/abs/2308.12029>`_, 2023
   """
   check_hyperparameter("beta", beta, low=0.0, high=1.0, high_open=True, method="dbmtl")
   check_hyperparameter("beta_sigma", beta_sigma, low=0.0, method="dbmtl")

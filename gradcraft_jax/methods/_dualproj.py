@@ -43,6 +43,14 @@ def dualproj_weights(
     >>> w = dualproj_weights(jnp.array([[1., -2.], [-2., 4.25]]))
     >>> [round(float(x), 4) for x in w]
     [1.0, 0.5]
+
+  References:
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
+
+    Lopez-Paz and Ranzato, `Gradient Episodic Memory for Continual Learning
+    <https://proceedings.neurips.cc/paper/2017/file/f87522788a2be2d171666752f97ddebb-Paper.pdf>`_,
+    NeurIPS 2017
   """
   t = gram.shape[0]
   dtype = gram.dtype
@@ -93,6 +101,14 @@ def dualproj(
     >>> upd, _ = tx.update(g, tx.init(None))
     >>> [round(float(x), 4) for x in upd["w"]]  # the mean (-.5, .25), projected
     [0.0, 0.25]
+
+  References:
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
+
+    Lopez-Paz and Ranzato, `Gradient Episodic Memory for Continual Learning
+    <https://proceedings.neurips.cc/paper/2017/file/f87522788a2be2d171666752f97ddebb-Paper.pdf>`_,
+    NeurIPS 2017
   """
   if not isinstance(num_iters, int) or num_iters < 1:
     raise ValueError(f"dualproj: num_iters must be a positive int, got {num_iters!r}")

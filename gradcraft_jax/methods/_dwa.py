@@ -53,6 +53,10 @@ def dwa_weights(
     ([0.7551, 1.2449], 2.0)
     >>> dwa_weights(jnp.array([1., 2.]), jnp.array([1., 1.]), temperature=2.0, count=1).tolist()
     [1.0, 1.0]
+
+  References:
+    Liu et al., `End-to-End Multi-Task Learning with Attention <https://arxiv.org/abs/1803.10704>`_,
+    CVPR 2019
   """
   t = last_losses.shape[0]
   ratio = jnp.where(
@@ -100,6 +104,10 @@ def dwa(temperature: float = 2.0, *, num_tasks: int) -> Method:
     ...   upd, state = tx.update(g, state, task_losses=jnp.array(losses))
     >>> [round(float(x), 4) for x in upd["w"]]  # 2 * softmax([1, 2] / 2)
     [0.7551, 1.2449]
+
+  References:
+    Liu et al., `End-to-End Multi-Task Learning with Attention <https://arxiv.org/abs/1803.10704>`_,
+    CVPR 2019
   """
   check_hyperparameter("temperature", temperature, low=0.0, low_open=True, method="dwa")
   check_num_tasks(num_tasks, "dwa", required=True)

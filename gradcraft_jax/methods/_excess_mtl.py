@@ -71,6 +71,10 @@ def excess_mtl_weights(
     ...                        use_base=False)
     >>> [round(float(x), 4) for x in w]
     [0.7311, 0.2689]
+
+  References:
+    He et al., `Robust Multi-Task Learning with Excess Risks
+    <https://openreview.net/forum?id=JzWFmMySpn>`_, ICML 2024
   """
   scaled = jnp.where(use_base, excess / (base + 1e-7), excess)
   return jax.nn.softmax(jnp.log(weights) + robust_step_size * scaled)
@@ -178,6 +182,10 @@ def excess_mtl(
     >>> upd, state = tx.update(g, state)
     >>> [round(float(x), 4) for x in state.weights]  # softmax(log(1/2) + (1, 0))
     [0.7311, 0.2689]
+
+  References:
+    He et al., `Robust Multi-Task Learning with Excess Risks
+    <https://openreview.net/forum?id=JzWFmMySpn>`_, ICML 2024
   """
   check_hyperparameter(
     "robust_step_size", robust_step_size, low=0.0, low_open=True, method="excess_mtl"

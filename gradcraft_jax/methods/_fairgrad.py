@@ -134,6 +134,10 @@ def fairgrad_weights(
     [1.0, 0.25]
     >>> [round(float(x), 4) for x in fairgrad_weights(k, alpha=0.0)]  # uniform
     [0.5, 0.5]
+
+  References:
+    Ban and Ji, `Fair Resource Allocation in Multi-Task Learning
+    <https://openreview.net/forum?id=KLmWRMg6nL>`_, ICML 2024
   """
   dtype = gram.dtype
   t = gram.shape[0]
@@ -193,6 +197,10 @@ def fairgrad(
     >>> # orthogonal gradients: w_i = ||g_i||^(-2 / (1 + 1/alpha))
     >>> [round(float(x), 4) for x in upd["w"]]
     [1.0, 0.63]
+
+  References:
+    Ban and Ji, `Fair Resource Allocation in Multi-Task Learning
+    <https://openreview.net/forum?id=KLmWRMg6nL>`_, ICML 2024
   """
   if not isinstance(num_iters, int) or num_iters < 1:
     raise ValueError(f"fairgrad: num_iters must be a positive int, got {num_iters!r}")

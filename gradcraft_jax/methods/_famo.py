@@ -64,6 +64,10 @@ def famo_weights(task_losses: jax.Array, logits: jax.Array, min_losses=0.0) -> j
     >>> w = famo_weights(jnp.array([1., 3.]), jnp.zeros(2))
     >>> [round(float(x), 4) for x in w]
     [0.75, 0.25]
+
+  References:
+    Liu et al., `FAMO: Fast Adaptive Multitask Optimization
+    <https://openreview.net/forum?id=zMeemcUeXL>`_, NeurIPS 2023
   """
   z = jax.nn.softmax(logits.astype(task_losses.dtype))
   r = z / _shifted(task_losses, jnp.asarray(min_losses, task_losses.dtype))
@@ -97,6 +101,10 @@ def famo_logit_gradient(
     >>> g = famo_logit_gradient(jnp.zeros(2), jnp.array([1., 1.]), jnp.array([0.5, 1.]))
     >>> [round(float(x), 4) for x in g]
     [0.1733, -0.1733]
+
+  References:
+    Liu et al., `FAMO: Fast Adaptive Multitask Optimization
+    <https://openreview.net/forum?id=zMeemcUeXL>`_, NeurIPS 2023
   """
   b = jnp.asarray(min_losses, before.dtype)
   delta = jnp.log(_shifted(before, b)) - jnp.log(_shifted(after, b))
@@ -146,9 +154,10 @@ def famo(
   The first update has no previous step and only records its losses.
 
   Cost: reads only the losses (no Gram pass; one backward pass on the lean
-  path). A non-finite ``losses_after_step`` skips the logit step. State: ``T`` logits, ``T`` previous losses and Adam's two ``T``
-  moments. Losses must stay above ``min_losses`` (the paper assumes
-  :math:`l_i > b_i`); smaller values are clamped. Order-free.
+  path). A non-finite ``losses_after_step`` skips the logit step. State:
+  ``T`` logits, ``T`` previous losses and Adam's two ``T`` moments. Losses
+  must stay above ``min_losses`` (the paper assumes :math:`l_i > b_i`);
+  smaller values are clamped. Order-free.
 
   Args:
     lr: Adam learning rate of the logits (the paper's :math:`\beta`, 0.025;
@@ -170,6 +179,10 @@ def famo(
     >>> upd, state = tx.update({"w": jnp.eye(2)}, state, task_losses=jnp.array([1., 3.]))
     >>> upd["w"]  # logits 0: weights proportional to 1 / l
     Array([0.75, 0.25], dtype=float32)
+
+  References:
+    Liu et al., `FAMO: Fast Adaptive Multitask Optimization
+    <https://openreview.net/forum?id=zMeemcUeXL>`_, NeurIPS 2023
   """
   check_hyperparameter("lr", lr, low=0.0, method="famo")
   check_hyperparameter("weight_decay", weight_decay, low=0.0, method="famo")

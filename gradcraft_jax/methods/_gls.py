@@ -37,6 +37,10 @@ def gls_weights(task_losses: jax.Array) -> jax.Array:
     [1.0, 0.25]
     >>> [round(float(x), 4) for x in gls_weights(jnp.array([2., 8.]))]
     [1.0, 0.25]
+
+  References:
+    Chennupati et al., `MultiNet++: Multi-Stream Feature Aggregation and Geometric Loss Strategy for
+    Multi-Task Learning <https://arxiv.org/abs/1904.08492>`_, CVPR Workshops 2019
   """
   tiny = jnp.finfo(task_losses.dtype).tiny
   logs = jnp.log(jnp.maximum(task_losses, tiny))
@@ -73,6 +77,10 @@ def gls(*, num_tasks: int | None = None) -> Method:
     ...                    task_losses=jnp.array([1.0, 4.0]))
     >>> upd["w"]  # geometric mean 2: weights 2 / (2 * 1), 2 / (2 * 4)
     Array([1.  , 0.25], dtype=float32)
+
+  References:
+    Chennupati et al., `MultiNet++: Multi-Stream Feature Aggregation and Geometric Loss Strategy for
+    Multi-Task Learning <https://arxiv.org/abs/1904.08492>`_, CVPR Workshops 2019
   """
   check_num_tasks(num_tasks, "gls")
 

@@ -80,6 +80,10 @@ def gradcraft_coefficients(
     >>> s, w = gradcraft_coefficients(jnp.array([[4., -1.], [-1., 1.]]), tau=1.0, eps=0.0)
     >>> [round(float(x), 4) for x in s], round(float(w[0, 1]), 4), round(float(w[1, 0]), 4)
     ([1.0, 2.0], 0.5, 0.5)
+
+  References:
+    Bai et al., `GradCraft: Elevating Multi-task Recommendations through Holistic Gradient Crafting
+    <https://arxiv.org/abs/2407.19682>`_, KDD 2024
   """
   dtype = gram.dtype
   # W is invariant to a global scale of K: normalise so that the solve works
@@ -133,6 +137,10 @@ def gradcraft_weights(gram: jax.Array, *, tau, eps, norms: jax.Array | None = No
     >>> k = jnp.array([[1.0, -0.5], [-0.5, 1.0]])
     >>> gradcraft_weights(k, tau=0.0, eps=0.0)
     Array([0.75, 0.75], dtype=float32)
+
+  References:
+    Bai et al., `GradCraft: Elevating Multi-task Recommendations through Holistic Gradient Crafting
+    <https://arxiv.org/abs/2407.19682>`_, KDD 2024
   """
   s, w = gradcraft_coefficients(gram, tau=tau, eps=eps, norms=norms)
   return s * (1.0 + jnp.sum(w, axis=0)) / gram.shape[0]
@@ -186,6 +194,10 @@ def gradcraft(
     >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> upd["w"].shape
     (2,)
+
+  References:
+    Bai et al., `GradCraft: Elevating Multi-task Recommendations through Holistic Gradient Crafting
+    <https://arxiv.org/abs/2407.19682>`_, KDD 2024
   """
   check_hyperparameter("tau", tau, low=0.0, high=1.0, method="gradcraft")
   check_hyperparameter("eps", eps, low=0.0, method="gradcraft")

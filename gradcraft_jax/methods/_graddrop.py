@@ -75,6 +75,10 @@ def graddrop_combine(
     >>> g = {"w": jnp.array([[1., -2.], [3., -4.]])}
     >>> graddrop_combine(g, jax.random.PRNGKey(0))["w"].tolist()
     [4.0, -6.0]
+
+  References:
+    Chen et al., `Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout
+    <https://arxiv.org/abs/2010.06808>`_, NeurIPS 2020
   """
   return _combine_checked(stacked, key, leak, f)[0]
 
@@ -184,6 +188,10 @@ def graddrop(
     >>> upd, _ = tx.update(g, tx.init(None))
     >>> upd["w"]
     Array([4., 6.], dtype=float32)
+
+  References:
+    Chen et al., `Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout
+    <https://arxiv.org/abs/2010.06808>`_, NeurIPS 2020
   """
   check_num_tasks(num_tasks, "graddrop")
   if not callable(f):

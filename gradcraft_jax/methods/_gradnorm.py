@@ -43,6 +43,10 @@ def gradnorm_weights(weights: jax.Array) -> jax.Array:
     >>> import jax.numpy as jnp
     >>> gradnorm_weights(jnp.array([0.5, 1.5])).tolist()
     [0.5, 1.5]
+
+  References:
+    Chen et al., `GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask
+    Networks <https://proceedings.mlr.press/v80/chen18a/chen18a.pdf>`_, ICML 2018
   """
   return weights
 
@@ -94,6 +98,10 @@ def gradnorm_step(
     ...                   jnp.ones(2), alpha=1.5, lr=0.1)
     >>> [round(float(x), 4) for x in w]
     [0.7778, 1.2222]
+
+  References:
+    Chen et al., `GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask
+    Networks <https://proceedings.mlr.press/v80/chen18a/chen18a.pdf>`_, ICML 2018
   """
   t = weights.shape[0]
   dtype = weights.dtype
@@ -175,6 +183,10 @@ def gradnorm(
     >>> # norms (3, 1), mean 2: w = (1 - 0.1 * 3, 1 + 0.1 * 1), rescaled to sum 2
     >>> [round(float(x), 4) for x in state.weights]
     [0.7778, 1.2222]
+
+  References:
+    Chen et al., `GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask
+    Networks <https://proceedings.mlr.press/v80/chen18a/chen18a.pdf>`_, ICML 2018
   """
   check_hyperparameter("alpha", alpha, low=0.0, method="gradnorm")
   check_hyperparameter("lr", lr, low=0.0, method="gradnorm")

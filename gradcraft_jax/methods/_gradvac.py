@@ -77,6 +77,10 @@ def gradvac_step(
     [2.0, 1.5]
     >>> round(float(phi[0, 1]), 4)  # 0.5 * 0 + 0.5 * cos = -0.5 / sqrt(2)
     -0.3536
+
+  References:
+    Wang et al., `Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively
+    Multilingual Models <https://openreview.net/forum?id=F1vEjWK-lH_>`_, ICLR 2021
   """
   k = normalize_gram(gram)
   t = k.shape[0]
@@ -149,6 +153,10 @@ def gradvac(beta: float = 0.5, seed: int = 0, *, num_tasks: int) -> Method:
     >>> upd, state = tx.update(g, state)  # targets 0: PCGrad's first step
     >>> upd["w"]
     Array([0.5, 1.5], dtype=float32)
+
+  References:
+    Wang et al., `Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively
+    Multilingual Models <https://openreview.net/forum?id=F1vEjWK-lH_>`_, ICLR 2021
   """
   check_hyperparameter("beta", beta, low=0.0, high=1.0, method="gradvac")
   check_int("seed", seed, method="gradvac", allow_array=True)

@@ -73,6 +73,13 @@ def imtl_g_weights(gram: jax.Array) -> jax.Array:
     >>> # equal projections <g, g_i> / ||g_i|| on both task directions
     >>> [round(float(x), 4) for x in k @ w / jnp.sqrt(jnp.diagonal(k))]
     [0.6667, 0.6667]
+
+  References:
+    Liu et al., `Towards Impartial Multi-task Learning
+    <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021
+
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
   """
   k = normalize_gram(gram)
   n = jnp.sqrt(jnp.clip(jnp.diagonal(k), 0.0))
@@ -104,6 +111,13 @@ def imtl_g(*, num_tasks: int | None = None) -> Method:
     >>> upd, _ = tx.update({"w": jnp.array([[2., 0.], [0., 1.]])}, tx.init(None))
     >>> [round(float(x), 4) for x in upd["w"]]  # (2a, 1 - a), a = 1/3
     [0.6667, 0.6667]
+
+  References:
+    Liu et al., `Towards Impartial Multi-task Learning
+    <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021
+
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
   """
   check_num_tasks(num_tasks, "imtl_g")
 
@@ -136,6 +150,10 @@ def imtl_weights(gram: jax.Array, log_scales: jax.Array) -> jax.Array:
     >>> # s = (0, log 2): the scaled gradients have equal norms, alpha = (1/2, 1/2)
     >>> [round(float(x), 4) for x in imtl_weights(k, jnp.log(jnp.array([1., 2.])))]
     [0.5, 1.0]
+
+  References:
+    Liu et al., `Towards Impartial Multi-task Learning
+    <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021
   """
   scale = jnp.exp(log_scales.astype(gram.dtype))
   alpha = imtl_g_weights(scale[:, None] * gram * scale[None, :])
@@ -183,6 +201,10 @@ def imtl(lr: float = 1e-2, *, num_tasks: int) -> Method:
     >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 3.]))
     >>> state.log_scales
     Array([ 0. , -0.2], dtype=float32)
+
+  References:
+    Liu et al., `Towards Impartial Multi-task Learning
+    <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021
   """
   check_hyperparameter("lr", lr, low=0.0, method="imtl")
   check_num_tasks(num_tasks, "imtl", required=True)

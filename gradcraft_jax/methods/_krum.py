@@ -59,6 +59,11 @@ def krum_weights(
     [1.0, 0.0, 0.0, 0.0]
     >>> krum_weights(g @ g.T, n_selected=2).tolist()
     [0.5, 0.0, 0.5, 0.0]
+
+  References:
+    Blanchard et al., `Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent
+    <https://proceedings.neurips.cc/paper/2017/file/f4b9ec30ad9f68f89b29639786cb62ef-Paper.pdf>`_,
+    NeurIPS 2017
   """
   return _krum_weights(gram, n_byzantine, n_selected, squared=bool(squared))
 
@@ -121,6 +126,11 @@ def krum(
     >>> upd, _ = tx.update(g, tx.init(None))
     >>> [round(float(x), 4) for x in upd["w"]]  # the most central gradient
     [1.0, 0.0]
+
+  References:
+    Blanchard et al., `Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent
+    <https://proceedings.neurips.cc/paper/2017/file/f4b9ec30ad9f68f89b29639786cb62ef-Paper.pdf>`_,
+    NeurIPS 2017
   """
   for name, v, low in (("n_byzantine", n_byzantine, 0), ("n_selected", n_selected, 1)):
     if isinstance(v, bool) or not isinstance(v, int) or v < low:

@@ -24,6 +24,10 @@ def mean_weights(num_tasks: int, *, dtype=None) -> jnp.ndarray:
   Examples:
     >>> mean_weights(4).tolist()
     [0.25, 0.25, 0.25, 0.25]
+
+  References:
+    Kurin et al., `In Defense of the Unitary Scalarization for Deep Multi-Task Learning
+    <https://arxiv.org/abs/2201.04122>`_, NeurIPS 2022
   """
   return jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
 
@@ -52,6 +56,10 @@ def mean(*, num_tasks: int | None = None) -> Method:
     >>> upd, _ = tx.update({"w": jnp.array([[1., 2.], [3., 0.]])}, tx.init(None))
     >>> upd["w"]
     Array([2., 1.], dtype=float32)
+
+  References:
+    Kurin et al., `In Defense of the Unitary Scalarization for Deep Multi-Task Learning
+    <https://arxiv.org/abs/2201.04122>`_, NeurIPS 2022
   """
   check_num_tasks(num_tasks, "mean")
 

@@ -136,6 +136,13 @@ def mgda_weights(
     >>> w = mgda_weights(jnp.array([[1., 0.], [0., 4.]]))
     >>> [round(float(x), 4) for x in w]
     [0.8, 0.2]
+
+  References:
+    Sener and Koltun, `Multi-Task Learning as Multi-Objective Optimization
+    <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018
+
+    Désidéri, `Multiple-gradient descent algorithm (MGDA) for multiobjective optimization
+    <https://doi.org/10.1016/j.crma.2012.03.014>`_, Comptes Rendus Mathématique 2012
   """
   k = normalize_gram(gram)
   t = k.shape[0]
@@ -200,6 +207,13 @@ def mgda(num_iters: int | None = None, *, num_tasks: int | None = None) -> Metho
     >>> upd, _ = tx.update({"w": jnp.array([[1., 0.], [0., 1.]])}, tx.init(None))
     >>> [round(float(x), 5) for x in upd["w"]]
     [0.5, 0.5]
+
+  References:
+    Sener and Koltun, `Multi-Task Learning as Multi-Objective Optimization
+    <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018
+
+    Désidéri, `Multiple-gradient descent algorithm (MGDA) for multiobjective optimization
+    <https://doi.org/10.1016/j.crma.2012.03.014>`_, Comptes Rendus Mathématique 2012
   """
   if num_iters is not None:
     check_int("num_iters", num_iters, low=1, method="mgda")

@@ -61,6 +61,10 @@ def modo_weights(cross_gram: jax.Array, weights: jax.Array, *, gamma=0.1, rho=0.
     >>> w = modo_weights(jnp.diag(jnp.array([1., 4.])), jnp.array([0.5, 0.5]), gamma=0.5)
     >>> [round(float(x), 4) for x in w]
     [0.875, 0.125]
+
+  References:
+    Chen et al., `Three-Way Trade-Off in Multi-Objective Learning: Optimization, Generalization and
+    Conflict-Avoidance <https://openreview.net/forum?id=yPkbdJxQ0o>`_, NeurIPS 2023
   """
   grad = cross_gram @ weights + rho * weights
   return project_simplex(weights - gamma * grad)
@@ -111,6 +115,10 @@ def modo(gamma: float = 0.1, rho: float = 0.0, *, num_tasks: int) -> Method:
     >>> upd, state = tx.update(g1, tx.init(None), stacked_2=g2)
     >>> state.weights  # the task with the larger gradient loses weight
     Array([0.875, 0.125], dtype=float32)
+
+  References:
+    Chen et al., `Three-Way Trade-Off in Multi-Objective Learning: Optimization, Generalization and
+    Conflict-Avoidance <https://openreview.net/forum?id=yPkbdJxQ0o>`_, NeurIPS 2023
   """
   check_hyperparameter("gamma", gamma, low=0.0, low_open=True, method="modo")
   check_hyperparameter("rho", rho, low=0.0, method="modo")

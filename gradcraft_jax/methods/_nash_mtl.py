@@ -104,6 +104,10 @@ def nash_mtl_weights(
     >>> w = nash_mtl_weights(jnp.array([[4., 0.], [0., 1.]]))
     >>> [round(float(x), 4) for x in w]
     [0.5, 1.0]
+
+  References:
+    Navon et al., `Multi-Task Learning as a Bargaining Game <https://arxiv.org/abs/2202.01017>`_,
+    ICML 2022
   """
   dtype = gram.dtype
   t = gram.shape[0]
@@ -156,6 +160,10 @@ def nash_mtl(
     >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(float(x), 4) for x in upd["w"]]  # alpha_i = 1 / ||g_i||
     [1.0, 1.0]
+
+  References:
+    Navon et al., `Multi-Task Learning as a Bargaining Game <https://arxiv.org/abs/2202.01017>`_,
+    ICML 2022
   """
   check_int("num_iters", num_iters, low=1, method="nash_mtl")
   check_hyperparameter("ridge", ridge, low=0.0, method="nash_mtl")

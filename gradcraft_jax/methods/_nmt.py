@@ -78,6 +78,10 @@ def nmt_update_multipliers(
     ...                        jnp.array([1., 1.]), lagrange_lr=0.1,
     ...                        lagrange_clip=1.0)
     Array([0.6, 0. ], dtype=float32)
+
+  References:
+    Cheng et al., `No More Tuning: Prioritized Multi-Task Learning with Lagrangian Differential
+    Multiplier Methods <https://arxiv.org/abs/2412.12092>`_, AAAI 2025
   """
   multipliers = jnp.asarray(multipliers)
   task_losses = jnp.asarray(task_losses)
@@ -115,6 +119,10 @@ def nmt_weights(multipliers: jax.Array) -> jax.Array:
     >>> import jax.numpy as jnp
     >>> nmt_weights(jnp.array([1., 2.]))
     Array([0.25, 0.5 , 0.25], dtype=float32)
+
+  References:
+    Cheng et al., `No More Tuning: Prioritized Multi-Task Learning with Lagrangian Differential
+    Multiplier Methods <https://arxiv.org/abs/2412.12092>`_, AAAI 2025
   """
   lam = jnp.asarray(multipliers)
   lam = lam.astype(jnp.result_type(jnp.float32, lam.dtype))
@@ -154,6 +162,10 @@ def nmt_loss(task_losses: jax.Array, multipliers: jax.Array, targets: jax.Array)
     >>> import jax.numpy as jnp
     >>> nmt_loss(jnp.array([2., 5.]), jnp.array([1.]), jnp.array([1.]))
     Array(3., dtype=float32)
+
+  References:
+    Cheng et al., `No More Tuning: Prioritized Multi-Task Learning with Lagrangian Differential
+    Multiplier Methods <https://arxiv.org/abs/2412.12092>`_, AAAI 2025
   """
   task_losses = jnp.asarray(task_losses)
   lam = jax.lax.stop_gradient(jnp.asarray(multipliers))
@@ -229,6 +241,10 @@ def nmt(
     >>> upd, state = tx.update(g, state, task_losses=jnp.array([3., 0.]))
     >>> upd["w"]  # lambda = 0.5: -(g_2 + 0.5 g_1) / 1.5
     Array([-0.33333334, -0.6666667 ], dtype=float32)
+
+  References:
+    Cheng et al., `No More Tuning: Prioritized Multi-Task Learning with Lagrangian Differential
+    Multiplier Methods <https://arxiv.org/abs/2412.12092>`_, AAAI 2025
   """
   if isinstance(targets, jax.Array):  # possibly traced: check shape only
     default_targets = targets

@@ -46,6 +46,10 @@ def pbi_weights(task_losses: jax.Array, *, preference, theta, reference=None) ->
     >>> w = pbi_weights(jnp.array([1., 3.]), preference=jnp.array([1., 1.]), theta=2.0)
     >>> [round(float(x), 4) for x in w]
     [-0.7071, 2.1213]
+
+  References:
+    Zhang and Li, MOEA/D: A Multiobjective Evolutionary Algorithm Based on Decomposition, IEEE
+    Transactions on Evolutionary Computation 2007
   """
   dtype = task_losses.dtype
   w = jnp.asarray(preference, dtype)
@@ -99,6 +103,10 @@ def pbi(
     >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None), task_losses=jnp.array([1., 2.]))
     >>> [round(float(x), 4) for x in upd["w"]]  # theta = 0: the unit preference
     [0.7071, 0.7071]
+
+  References:
+    Zhang and Li, MOEA/D: A Multiobjective Evolutionary Algorithm Based on Decomposition, IEEE
+    Transactions on Evolutionary Computation 2007
   """
   check_hyperparameter("theta", theta, low=0.0, method="pbi")
   check_num_tasks(num_tasks, "pbi")

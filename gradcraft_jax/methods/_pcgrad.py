@@ -103,6 +103,10 @@ def pcgrad_weights(gram: jax.Array, perms: jax.Array) -> jax.Array:
     >>> w = pcgrad_weights(jnp.array([[1., -1.], [-1., 2.]]), jnp.array([[0, 1], [0, 1]]))
     >>> [round(float(x), 4) for x in w]
     [2.0, 1.5]
+
+  References:
+    Yu et al., `Gradient Surgery for Multi-Task Learning <https://arxiv.org/abs/2001.06782>`_,
+    NeurIPS 2020
   """
   return jnp.sum(sequential_projection(normalize_gram(gram), perms), axis=0)
 
@@ -126,6 +130,13 @@ def pcgrad_plus_weights(gram: jax.Array, perms: jax.Array, *, tau, eps) -> jax.A
     >>> w = pcgrad_plus_weights(k, jnp.array([[0, 1], [0, 1]]), tau=0.0, eps=0.0)
     >>> [round(float(x), 4) for x in w]
     [1.0, 0.75]
+
+  References:
+    Bai et al., `GradCraft: Elevating Multi-task Recommendations through Holistic Gradient Crafting
+    <https://arxiv.org/abs/2407.19682>`_, KDD 2024
+
+    Yu et al., `Gradient Surgery for Multi-Task Learning <https://arxiv.org/abs/2001.06782>`_,
+    NeurIPS 2020
   """
   t = gram.shape[0]
   k = normalize_gram(gram)
@@ -186,6 +197,10 @@ def pcgrad(seed: int = 0, *, num_tasks: int | None = None) -> Method:
     >>> upd, _ = tx.update(g, tx.init(None))
     >>> upd["w"]  # (1, 0) + (1, 1)/2 + (0, 1)
     Array([0.5, 1.5], dtype=float32)
+
+  References:
+    Yu et al., `Gradient Surgery for Multi-Task Learning <https://arxiv.org/abs/2001.06782>`_,
+    NeurIPS 2020
   """
   check_int("seed", seed, method="pcgrad", allow_array=True)
   check_num_tasks(num_tasks, "pcgrad")
@@ -235,6 +250,13 @@ def pcgrad_plus(
     >>> upd, _ = tx.update(g, tx.init(None))
     >>> upd["w"]  # pcgrad / 2
     Array([0.25, 0.75], dtype=float32)
+
+  References:
+    Bai et al., `GradCraft: Elevating Multi-task Recommendations through Holistic Gradient Crafting
+    <https://arxiv.org/abs/2407.19682>`_, KDD 2024
+
+    Yu et al., `Gradient Surgery for Multi-Task Learning <https://arxiv.org/abs/2001.06782>`_,
+    NeurIPS 2020
   """
   check_hyperparameter("tau", tau, low=0.0, high=1.0, method="pcgrad_plus")
   check_hyperparameter("eps", eps, low=0.0, method="pcgrad_plus")

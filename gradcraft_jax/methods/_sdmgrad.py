@@ -81,6 +81,10 @@ def sdmgrad_step(
     ...                         lambda_=1.0)
     >>> [round(float(x), 4) for x in upd_w], [round(float(x), 4) for x in w]
     ([0.75, 0.25], [1.0, 0.0])
+
+  References:
+    Xiao et al., `Direction-oriented Multi-objective Learning: Simple and Provable Stochastic
+    Algorithms <https://openreview.net/forum?id=4Ks8RPcXd9>`_, NeurIPS 2023
   """
   t = cross_gram.shape[0]
   dtype = cross_gram.dtype
@@ -151,6 +155,10 @@ def sdmgrad(
     >>> upd, state = tx.update(g, tx.init(None), stacked_2=g)
     >>> [round(float(x), 3) for x in state.weights]  # MGDA: (0.8, 0.2)
     [0.8, 0.2]
+
+  References:
+    Xiao et al., `Direction-oriented Multi-objective Learning: Simple and Provable Stochastic
+    Algorithms <https://openreview.net/forum?id=4Ks8RPcXd9>`_, NeurIPS 2023
   """
   check_hyperparameter("lambda_", lambda_, low=0.0, method="sdmgrad")
   check_hyperparameter("lr", lr, low=0.0, low_open=True, method="sdmgrad")

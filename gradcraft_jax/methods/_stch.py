@@ -81,6 +81,10 @@ def stch_weights(
     >>> # small mu: the gradient of the largest loss alone
     >>> [round(float(x), 4) for x in stch_weights(l, mu=0.01, preference=jnp.ones(2))]
     [0.0, 1.0]
+
+  References:
+    Lin et al., `Smooth Tchebycheff Scalarization for Multi-Objective Optimization
+    <https://openreview.net/forum?id=m4dO5L6eCp>`_, ICML 2024
   """
   t = task_losses.shape[0]
   dtype = task_losses.dtype
@@ -166,6 +170,10 @@ def stch(
     ...                    task_losses=jnp.array([1., 2.]))
     >>> [round(float(x), 4) for x in upd["w"]]  # softmax([1, 2])
     [0.2689, 0.7311]
+
+  References:
+    Lin et al., `Smooth Tchebycheff Scalarization for Multi-Objective Optimization
+    <https://openreview.net/forum?id=m4dO5L6eCp>`_, ICML 2024
   """
   check_hyperparameter("mu", mu, low=0.0, low_open=True, method="stch")
   check_num_tasks(num_tasks, "stch", required=True)

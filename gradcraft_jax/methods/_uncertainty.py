@@ -42,6 +42,10 @@ def uncertainty_weights(log_vars: jax.Array) -> jax.Array:
     >>> import jax.numpy as jnp
     >>> [round(float(x), 4) for x in uncertainty_weights(jnp.log(jnp.array([1., 2.])))]
     [1.0, 0.5]
+
+  References:
+    Kendall et al., `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and
+    Semantics <https://arxiv.org/abs/1705.07115>`_, CVPR 2018
   """
   return jnp.exp(-log_vars)
 
@@ -100,6 +104,10 @@ def uncertainty_weighting(lr: float = 1e-2, *, num_tasks: int) -> Method:
     Array([1., 1.], dtype=float32)
     >>> state.log_vars
     Array([ 0.1 , -0.05], dtype=float32)
+
+  References:
+    Kendall et al., `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and
+    Semantics <https://arxiv.org/abs/1705.07115>`_, CVPR 2018
   """
   check_hyperparameter("lr", lr, low=0.0, method="uncertainty_weighting")
   check_num_tasks(num_tasks, "uncertainty_weighting", required=True)

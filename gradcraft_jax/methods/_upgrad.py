@@ -116,6 +116,10 @@ def dual_cone_weights(
     >>> v = dual_cone_weights(k, jnp.array([0.5, 0.5]))
     >>> [round(float(x), 4) for x in v], [round(float(x), 4) for x in k @ v]
     ([1.0, 0.5], [0.0, 0.125])
+
+  References:
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
   """
   t = gram.shape[0]
   dtype = gram.dtype
@@ -148,6 +152,10 @@ def upgrad_weights(
     >>> w = upgrad_weights(jnp.array([[1., -1.], [-1., 2.]]))
     >>> [round(float(x), 4) for x in w]
     [1.0, 0.75]
+
+  References:
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
   """
   t = gram.shape[0]
   dtype = gram.dtype
@@ -201,6 +209,10 @@ def upgrad(*, num_iters: int = 20, reg_eps: float = 0.0, num_tasks: int | None =
     >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(float(x), 4) for x in upd["w"]]  # mean of (.5, .5) and (0, 1)
     [0.25, 0.75]
+
+  References:
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
   """
   check_int("num_iters", num_iters, low=1, method="upgrad")
   check_hyperparameter("reg_eps", reg_eps, low=0.0, method="upgrad")
