@@ -141,7 +141,7 @@ def famo(
     forward pass, but :math:`\delta` then mixes the step's progress with the
     difference between two batches (noisier than the paper's), measures the
     decrease on a fresh batch instead of the batch the step was taken on
-    (no longer the paper's quantity, even in expectation). The logit step of
+    (not the paper's quantity, even in expectation). The logit step of
     update ``t - 1`` is taken at update ``t``, before its weights are formed:
     the same point of the sequence as in the paper (nothing uses the logits
     in between), so the weights are not delayed, only measured differently;
