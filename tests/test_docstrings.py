@@ -12,7 +12,9 @@ least one entry and its year.
 """
 
 import importlib
+import importlib.util
 import inspect
+import pathlib
 import re
 import typing
 
@@ -139,3 +141,23 @@ def test_section_parser():
   assert _section(doc, "Examples:") == ["  >>> 1", "  1", ""]
   assert _section(doc, "References:") == ["  A, `T <u>`_, 2020"]
   assert _section(doc, "Raises:") is None
+
+
+def test_docs_render_examples_and_references():
+  """The docs build's docstring conversion (``docs/_ext/griffe_math.py``)
+  keeps a doctest inside its ``Examples:`` section and turns the reST links
+  of ``References:`` into Markdown links."""
+  pytest.importorskip("griffe")
+  path = pathlib.Path(__file__).resolve().parents[1] / "docs" / "_ext" / "griffe_math.py"
+  spec = importlib.util.spec_from_file_location("griffe_math", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  doc = (
+    "Title.\n\nExamples:\n  >>> 1 + 1\n  2\n\nReferences:\n"
+    "  Author et al., `A Long\n  Title <https://arxiv.org/abs/0000.00000>`_, 2020\n"
+  )
+  out = module.rst_to_markdown(doc)
+  assert _section(out, "Examples:") == ["  ```pycon", "  >>> 1 + 1", "  2", "  ```", ""]
+  assert _section(out, "References:") == [
+    "  Author et al., [A Long Title](https://arxiv.org/abs/0000.00000), 2020"
+  ]
