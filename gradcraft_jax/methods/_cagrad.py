@@ -194,8 +194,6 @@ def cagrad_weights(
     >>> w = cagrad_weights(jnp.eye(2), c=0.5)
     >>> [round(float(x), 4) for x in w]
     [0.75, 0.75]
-    >>> [round(float(x), 4) for x in cagrad_weights(jnp.eye(2), c=0.5, rescale=True)]
-    [0.6, 0.6]
 
   References:
     Liu et al., `Conflict-Averse Gradient Descent for Multi-task Learning

@@ -132,8 +132,6 @@ def fairgrad_weights(
     >>> k = jnp.diag(jnp.array([1., 16.]))
     >>> [round(float(x), 4) for x in fairgrad_weights(k, alpha=1.0)]
     [1.0, 0.25]
-    >>> [round(float(x), 4) for x in fairgrad_weights(k, alpha=0.0)]  # uniform
-    [0.5, 0.5]
 
   References:
     Ban and Ji, `Fair Resource Allocation in Multi-Task Learning
