@@ -17,7 +17,7 @@ same method where torchjd has it: a plain step, torchjd's ``autojac``
 ``autogram`` (``Engine.compute_gramian`` + weighting + weighted backward),
 each with ``torch.optim.Adam``, ratio to the PyTorch plain step.
 
-Models: ``mlp``, the MLP of issue 12 (6 tanh layers of 1024 x 1024 + a
+Models: ``mlp``, a deep MLP (6 tanh layers of 1024 x 1024 + a
 1024 x T head, batch 256, MSE per task); ``census``, a Census-income-like
 shared-bottom MLP (499 inputs, bottom 256-128 with ReLU, one 64-1 tower per
 task, batch 1024, binary cross-entropy per task).

@@ -69,11 +69,12 @@ def cosines_from_gram(gram: jax.Array) -> jax.Array:
   Returns:
     ``(T, T)`` symmetric matrix in the dtype of ``gram``.
 
-  >>> import jax.numpy as jnp
-  >>> cosines_from_gram(jnp.array([[4., -2., 0.], [-2., 4., 0.], [0., 0., 0.]]))
-  Array([[ 1. , -0.5,  0. ],
-         [-0.5,  1. ,  0. ],
-         [ 0. ,  0. ,  0. ]], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> cosines_from_gram(jnp.array([[4., -2., 0.], [-2., 4., 0.], [0., 0., 0.]]))
+    Array([[ 1. , -0.5,  0. ],
+           [-0.5,  1. ,  0. ],
+           [ 0. ,  0. ,  0. ]], dtype=float32)
   """
   gram = jnp.asarray(gram)
   if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
@@ -106,12 +107,13 @@ def gradient_cosines(stacked: Any) -> jax.Array:
   Returns:
     ``(T, T)`` float32 (float64 for float64 leaves).
 
-  >>> import jax.numpy as jnp
-  >>> g = {"w": jnp.array([[1., 0.], [-1., 1.], [0., 0.]])}
-  >>> gradient_cosines(g).round(4)
-  Array([[ 1.    , -0.7071,  0.    ],
-         [-0.7071,  1.    ,  0.    ],
-         [ 0.    ,  0.    ,  0.    ]], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g = {"w": jnp.array([[1., 0.], [-1., 1.], [0., 0.]])}
+    >>> gradient_cosines(g).round(4)
+    Array([[ 1.    , -0.7071,  0.    ],
+           [-0.7071,  1.    ,  0.    ],
+           [ 0.    ,  0.    ,  0.    ]], dtype=float32)
   """
   return cosines_from_gram(gram_matrix(stacked))
 
@@ -138,12 +140,13 @@ def conflict_counts(x: Any, *, is_gram: bool | None = None) -> jax.Array:
   Returns:
     ``(T,)`` int32 counts in ``[0, T - 1]``.
 
-  >>> import jax.numpy as jnp
-  >>> g = {"w": jnp.array([[1., 0.], [-1., 1.], [0., 1.]])}
-  >>> conflict_counts(g)
-  Array([1, 1, 0], dtype=int32)
-  >>> conflict_counts(jnp.array([[1., -1.], [-1., 2.]]))
-  Array([1, 1], dtype=int32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g = {"w": jnp.array([[1., 0.], [-1., 1.], [0., 1.]])}
+    >>> conflict_counts(g)
+    Array([1, 1, 0], dtype=int32)
+    >>> conflict_counts(jnp.array([[1., -1.], [-1., 2.]]))
+    Array([1, 1], dtype=int32)
   """
   if is_gram is None:
     is_gram = (
@@ -169,12 +172,13 @@ def gradient_stats(stacked: Any) -> GradientStats:
     Jittable; suitable for logging inside a training step, e.g.
     ``stats = gradient_stats(grads)`` next to ``tx.update(grads, ...)``.
 
-  >>> import jax.numpy as jnp
-  >>> s = gradient_stats({"w": jnp.array([[3., 0.], [-1., 1.], [0., 2.]])})
-  >>> s.norms.round(4)
-  Array([3.    , 1.4142, 2.    ], dtype=float32)
-  >>> s.num_conflicts, s.total_conflicting_pairs
-  (Array([1, 1, 0], dtype=int32), Array(1, dtype=int32))
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> s = gradient_stats({"w": jnp.array([[3., 0.], [-1., 1.], [0., 2.]])})
+    >>> s.norms.round(4)
+    Array([3.    , 1.4142, 2.    ], dtype=float32)
+    >>> s.num_conflicts, s.total_conflicting_pairs
+    (Array([1, 1, 0], dtype=int32), Array(1, dtype=int32))
   """
   gram = gram_matrix(stacked)
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))

@@ -79,16 +79,21 @@ def representation_value_and_grad(
     TypeError: at construction, if ``tx`` has no task weights.
     ValueError: if ``heads_fn`` does not return a 1-D vector of losses.
 
-  >>> import jax, jax.numpy as jnp, optax
-  >>> import gradcraft_jax as gc
-  >>> enc = lambda p, x: x @ p["w"]
-  >>> heads = lambda p, z, x: jnp.stack([jnp.mean(z[:, 0] ** 2),
-  ...                                    jnp.mean((z[:, 1] - 1.) ** 2)])
-  >>> fn = representation_value_and_grad(enc, heads, gc.mgda())
-  >>> params = {"w": jnp.eye(2)}
-  >>> losses, grads, w, _ = fn(params, optax.EmptyState(), jnp.eye(2))
-  >>> grads["w"].shape, w.shape
-  ((2, 2), (2,))
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import gradcraft_jax as gc
+    >>> enc = lambda p, x: x @ p["w"]
+    >>> heads = lambda p, z, x: jnp.stack([jnp.mean(z[:, 0] ** 2),
+    ...                                    jnp.mean((z[:, 1] - 1.) ** 2)])
+    >>> fn = representation_value_and_grad(enc, heads, gc.mgda())
+    >>> params = {"w": jnp.eye(2)}
+    >>> losses, grads, w, _ = fn(params, optax.EmptyState(), jnp.eye(2))
+    >>> grads["w"].shape, w.shape
+    ((2, 2), (2,))
+
+  References:
+    Sener and Koltun, `Multi-Task Learning as Multi-Objective Optimization
+    <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018
   """
 
   weighting = weighting_of(tx, "representation_value_and_grad")

@@ -179,13 +179,18 @@ def train_prioritized(
   Returns:
     A :class:`PrioritizedResult` ``(params, targets, history)``.
 
-  >>> import jax.numpy as jnp, optax
-  >>> loss_fn = lambda x, _: jnp.stack([(x[0] - 1.) ** 2, jnp.sum(x ** 2)])
-  >>> res = train_prioritized(loss_fn, jnp.zeros(2), None,
-  ...                         optimizer=optax.sgd(0.1), steps_per_stage=50,
-  ...                         lagrange_lr=0.1, lagrange_clip=100.)
-  >>> [h.losses.shape for h in res.history]
-  [(50, 2), (50, 2)]
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> loss_fn = lambda x, _: jnp.stack([(x[0] - 1.) ** 2, jnp.sum(x ** 2)])
+    >>> res = train_prioritized(loss_fn, jnp.zeros(2), None,
+    ...                         optimizer=optax.sgd(0.1), steps_per_stage=50,
+    ...                         lagrange_lr=0.1, lagrange_clip=100.)
+    >>> [h.losses.shape for h in res.history]
+    [(50, 2), (50, 2)]
+
+  References:
+    Cheng et al., `No More Tuning: Prioritized Multi-Task Learning with Lagrangian Differential
+    Multiplier Methods <https://arxiv.org/abs/2412.12092>`_, AAAI 2025
   """
   if num_stages is None:
     first = data(0, 0) if callable(data) else data

@@ -116,6 +116,16 @@ class Method(optax.GradientTransformationExtraArgs):
   :math:`\\sum_i w_i g_i`, and whose attribute ``weighting`` is the
   :class:`Weighting` that gives ``w``: what :func:`task_weights`, the lean
   step and CR-MOGM read. ``init`` is the weighting's ``init``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradcraft_jax as gj
+    >>> tx = gj.mean()
+    >>> tx, isinstance(tx, gj.Method), tx.weighting.needs_gram
+    (Method(mean), True, False)
+    >>> upd, _ = tx.update({"w": jnp.array([[1., 2.], [3., 0.]])}, tx.init(None))
+    >>> upd["w"].tolist()
+    [2.0, 1.0]
   """
 
   weighting: Weighting
@@ -144,6 +154,21 @@ class CoordinatewiseMethod(optax.GradientTransformationExtraArgs):
   (:func:`~gradcraft_jax.per_task_value_and_grad`). :func:`task_weights`,
   the lean step and representation-level gradients refuse them with that
   reason. Otherwise an ordinary ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradcraft_jax as gj
+    >>> tx = gj.trimmed_mean(1)
+    >>> isinstance(tx, gj.CoordinatewiseMethod), tx.kind
+    (True, 'coordinate-wise')
+    >>> g = {"w": jnp.array([[1., 9.], [2., -7.], [100., 0.]])}
+    >>> tx.update(g, tx.init(None))[0]["w"].tolist()  # the median of each column
+    [2.0, 0.0]
+    >>> try:
+    ...   gj.weighting_of(tx)
+    ... except TypeError:
+    ...   print("no task weights")
+    no task weights
   """
 
   kind = "coordinate-wise"

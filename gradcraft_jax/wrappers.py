@@ -62,11 +62,12 @@ def task_sum() -> optax.GradientTransformationExtraArgs:
     shape ``(T, ...)``) to their sum over the task axis (same dtypes,
     accumulated in at least float32).
 
-  >>> import jax.numpy as jnp
-  >>> tx = task_sum()
-  >>> upd, _ = tx.update({"tower": jnp.array([[1., 2.], [0., 0.]])}, tx.init(None))
-  >>> upd["tower"]
-  Array([1., 2.], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = task_sum()
+    >>> upd, _ = tx.update({"tower": jnp.array([[1., 2.], [0., 0.]])}, tx.init(None))
+    >>> upd["tower"]
+    Array([1., 2.], dtype=float32)
   """
 
   def init_fn(params):
@@ -113,11 +114,12 @@ def label_by_path(
   Returns:
     A pytree like ``params`` of Python bools (or of the two labels).
 
-  >>> params = {"bottom": {"w": 0}, "tower_0": {"w": 0}, "tower_1": {"w": 0}}
-  >>> label_by_path(params, lambda path: "tower" not in path)
-  {'bottom': {'w': True}, 'tower_0': {'w': False}, 'tower_1': {'w': False}}
-  >>> label_by_path(params, r"bottom", labels=("shared", "task"))
-  {'bottom': {'w': 'shared'}, 'tower_0': {'w': 'task'}, 'tower_1': {'w': 'task'}}
+  Examples:
+    >>> params = {"bottom": {"w": 0}, "tower_0": {"w": 0}, "tower_1": {"w": 0}}
+    >>> label_by_path(params, lambda path: "tower" not in path)
+    {'bottom': {'w': True}, 'tower_0': {'w': False}, 'tower_1': {'w': False}}
+    >>> label_by_path(params, r"bottom", labels=("shared", "task"))
+    {'bottom': {'w': 'shared'}, 'tower_0': {'w': 'task'}, 'tower_1': {'w': 'task'}}
   """
   if isinstance(shared, str):
     shared = [shared]
@@ -245,15 +247,16 @@ def shared_only(
     (``task_losses``, ...) are passed to ``method``. With no shared leaf the
     method is not called and its state is unchanged.
 
-  >>> import jax.numpy as jnp, optax
-  >>> import gradcraft_jax as gj
-  >>> params = {"bottom": jnp.zeros(2), "tower": jnp.zeros(1)}
-  >>> tx = shared_only(gj.mean(), lambda p: gj.label_by_path(p, "bottom"))
-  >>> stacked = {"bottom": jnp.array([[2., 0.], [0., 4.]]),
-  ...            "tower": jnp.array([[3.], [0.]])}
-  >>> upd, _ = tx.update(stacked, tx.init(params))
-  >>> upd["bottom"], upd["tower"]
-  (Array([1., 2.], dtype=float32), Array([3.], dtype=float32))
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import gradcraft_jax as gj
+    >>> params = {"bottom": jnp.zeros(2), "tower": jnp.zeros(1)}
+    >>> tx = shared_only(gj.mean(), lambda p: gj.label_by_path(p, "bottom"))
+    >>> stacked = {"bottom": jnp.array([[2., 0.], [0., 4.]]),
+    ...            "tower": jnp.array([[3.], [0.]])}
+    >>> upd, _ = tx.update(stacked, tx.init(params))
+    >>> upd["bottom"], upd["tower"]
+    (Array([1., 2.], dtype=float32), Array([3.], dtype=float32))
   """
   caller = "shared_only"
   if not callable(getattr(method, "update", None)) or not callable(getattr(method, "init", None)):
@@ -351,15 +354,16 @@ def apply_if_finite(
     An optax transformation with ``update(stacked, state, params=None,
     **extra_args)``; extra arguments are passed to ``inner``.
 
-  >>> import jax.numpy as jnp, optax
-  >>> import gradcraft_jax as gj
-  >>> params = {"w": jnp.zeros(2)}
-  >>> tx = apply_if_finite(optax.chain(gj.gradcraft(), optax.sgd(1.0)), 3)
-  >>> state = tx.init(params)
-  >>> bad = {"w": jnp.array([[jnp.nan, 1.], [0., 1.]])}
-  >>> upd, state = tx.update(bad, state, params)
-  >>> upd["w"], int(state.notfinite_count)
-  (Array([0., 0.], dtype=float32), 1)
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import gradcraft_jax as gj
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx = apply_if_finite(optax.chain(gj.gradcraft(), optax.sgd(1.0)), 3)
+    >>> state = tx.init(params)
+    >>> bad = {"w": jnp.array([[jnp.nan, 1.], [0., 1.]])}
+    >>> upd, state = tx.update(bad, state, params)
+    >>> upd["w"], int(state.notfinite_count)
+    (Array([0., 0.], dtype=float32), 1)
   """
   if isinstance(max_consecutive_errors, (bool, np.bool_)) or not isinstance(
     max_consecutive_errors, (int, np.integer)
@@ -459,17 +463,18 @@ class MultiSteps:
       accumulators have the stacked shape ``(T, ...)`` and are created at
       ``init`` from the parameters.
 
-  >>> import jax.numpy as jnp, optax
-  >>> import gradcraft_jax as gj
-  >>> params = {"w": jnp.zeros(2)}
-  >>> ms = MultiSteps(optax.chain(gj.mean(), optax.sgd(1.0)), 2, num_tasks=2)
-  >>> state = ms.init(params)
-  >>> upd, state = ms.update({"w": jnp.array([[2., 0.], [0., 0.]])}, state, params)
-  >>> upd["w"], bool(ms.has_updated(state))
-  (Array([0., 0.], dtype=float32), False)
-  >>> upd, state = ms.update({"w": jnp.array([[0., 0.], [0., 2.]])}, state, params)
-  >>> upd["w"], bool(ms.has_updated(state))  # mean of [[1, 0], [0, 1]]
-  (Array([-0.5, -0.5], dtype=float32), True)
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import gradcraft_jax as gj
+    >>> params = {"w": jnp.zeros(2)}
+    >>> ms = MultiSteps(optax.chain(gj.mean(), optax.sgd(1.0)), 2, num_tasks=2)
+    >>> state = ms.init(params)
+    >>> upd, state = ms.update({"w": jnp.array([[2., 0.], [0., 0.]])}, state, params)
+    >>> upd["w"], bool(ms.has_updated(state))
+    (Array([0., 0.], dtype=float32), False)
+    >>> upd, state = ms.update({"w": jnp.array([[0., 0.], [0., 2.]])}, state, params)
+    >>> upd["w"], bool(ms.has_updated(state))  # mean of [[1, 0], [0, 1]]
+    (Array([-0.5, -0.5], dtype=float32), True)
   """
 
   def __init__(

@@ -131,9 +131,9 @@ def discover_transforms():
 CROSS_BATCH = ("modo", "sdmgrad")
 
 
-# Known open problem (2026-12-02): SDMGrad's single-step sharded update
-# equals the single-device one (check_update), but three data-parallel
-# training steps differ by ~1.6e-2 in the parameters; not yet understood.
+# Known difference, cause not identified: SDMGrad's single-step sharded
+# update equals the single-device one (check_update), but three data-parallel
+# training steps differ by ~1.6e-2 in the parameters.
 TRAINING_KNOWN_DIFF = {
   "sdmgrad": "3 data-parallel training steps differ from single device (open problem)"
 }

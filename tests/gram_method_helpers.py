@@ -1,5 +1,5 @@
-"""Helpers of the test files of issue 14's Gram, elementwise, cross-batch
-and full-state methods: (T, d) NumPy Jacobians <-> stacked pytrees, one
+"""Shared code of the test files of the Gram, elementwise, cross-batch and
+full-state methods: (T, d) NumPy Jacobians <-> stacked pytrees, one
 jitted update, torchjd in float64."""
 
 from __future__ import annotations

@@ -168,8 +168,9 @@ def test_method_alone_keeps_its_state(case, kind):
     assert not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(update))
 
 
-def test_issue_examples_norm_ema_and_nmt_multipliers_stay_finite():
-  # issue 13, item 2: one bad batch used to poison norm_ema / multipliers
+def test_norm_ema_and_nmt_multipliers_stay_finite_after_a_bad_batch():
+  # the state of GradCraft's norm averages and NMT's multipliers survives a
+  # batch whose gradients and losses are NaN
   params = init_params()
   losses, grads = grads_of(params, make_batch(np.random.default_rng(0)))
   bad_grads, bad_losses = inject(grads, losses, "both_nan", np.random.default_rng(0))

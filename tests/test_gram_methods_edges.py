@@ -1,6 +1,7 @@
-"""Edge cases of issue 14's Gram, elementwise, cross-batch and full-state
-methods beyond the shared suite: scales 1e-12 to 1e12, zero, duplicate and
-opposite tasks with one compiled update per method, and T = 1."""
+"""Edge cases of FairGrad, ConFIG, DualProj, Krum (Gram methods), trimmed
+mean, GradDrop (elementwise), MoDo, SDMGrad (cross-batch), MoCo and ExcessMTL
+(full state) beyond the shared suite: scales 1e-12 to 1e12, zero, duplicate
+and opposite tasks with one compiled update per method, and T = 1."""
 
 import jax
 import numpy as np

@@ -54,7 +54,7 @@ def test_imtl_l_reads_no_gram_and_injects_lr():
   g = {"w": jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, jnp.nan]])}  # NaN only in a gradient
   upd, state = jax.jit(tx.update)(g, state, task_losses=jnp.array([2.0, 1.0]))
   assert not bool(jnp.all(jnp.isfinite(upd["w"])))  # visible in the sum
-  # the combined update is non-finite, so the core keeps the state (issue 13)
+  # the combined update is non-finite, so the core keeps the state
   np.testing.assert_allclose(state.inner_state.log_scales, [0.0, 0.0])
   with pytest.raises(ValueError, match="lr"):
     m.imtl_l(-1.0, num_tasks=2)

@@ -34,8 +34,7 @@ def test_num_tasks_accepts_ints(case, good):
   tx.init({"w": jnp.zeros(3)})
 
 
-def test_gradcraft_issue_examples():
-  # issue 13, item 6: both were accepted before
+def test_gradcraft_num_tasks_rejects_float_and_bool():
   with pytest.raises(ValueError, match="num_tasks"):
     gj.gradcraft(norm_decay=0.9, num_tasks=2.5)
   with pytest.raises(ValueError, match="num_tasks"):

@@ -24,8 +24,8 @@ import gradcraft_jax
 import gradcraft_jax.methods as library_methods
 
 NMT = "nmt"
-# Display order of the methods known today; methods added later to the
-# library are appended (before GradCraft, which comes last).
+# Display order of the methods listed here; any other method of the library
+# is appended after them (before GradCraft, which comes last).
 PREFERRED_ORDER = (
   "mean",
   "uncertainty_weighting",

@@ -14,7 +14,8 @@ source files are untouched):
   name (Google style documents one parameter per item);
 * list-item continuation lines re-indented from the reST text column to
   Markdown's 4 spaces;
-* ``text::`` + indented literal block -> ``text:`` + a ```` ```python ```` fence.
+* ``text::`` + indented literal block -> ``text:`` + a ```` ```python ```` fence;
+* hyperlinks ```Title <url>`_`` (the ``References:`` entries) -> ``[Title](url)``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _XREF_ROLE = re.compile(
   r":(?:py:)?(?:func|class|meth|mod|attr|data|obj|exc|const|ref)"
   r":`~?([^`]*)`"
 )
+_LINK = re.compile(r"`([^`<]+?)\s*<(https?://[^>\s]+)>`__?")
 
 
 def _indent(line: str) -> int:
@@ -110,7 +112,7 @@ def rst_to_markdown(text: str) -> str:
         j += 1
       out += [
         ind + "```pycon",
-        *(l[len(ind) :] if l.startswith(ind) else l.strip() for l in lines[i:j]),
+        *(l if l.startswith(ind) else ind + l.strip() for l in lines[i:j]),
         ind + "```",
       ]
       i = j
@@ -138,6 +140,7 @@ def rst_to_markdown(text: str) -> str:
     i += 1
   text = "\n".join(out)
   text = _MATH_ROLE.sub(lambda m: "$" + " ".join(m.group(1).split()) + "$", text)
+  text = _LINK.sub(lambda m: "[" + " ".join(m.group(1).split()) + "](" + m.group(2) + ")", text)
   return _XREF_ROLE.sub(lambda m: "`" + m.group(1) + "`", text)
 
 

@@ -1,6 +1,6 @@
 """Real-world multi-task data sets (numpy only, no JAX dependency at import time).
 
-Currently: :func:`load_census_income`, the UCI Census-Income (KDD) data set as a
+:func:`load_census_income`: the UCI Census-Income (KDD) data set as a
 three-task problem (income > 50K, never married, bachelor's degree or above).
 """
 

@@ -40,6 +40,21 @@ def aligned_mtl_balance(gram: jax.Array, scale_mode: str = "min") -> jax.Array:
 
   Returns:
     ``(T, T)`` matrix ``B`` (in the scale of ``gram``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # orthogonal gradients of norms 3 and 1: B = diag(1/3, 1) rescales
+    >>> # both to the smallest singular value, 1
+    >>> k = jnp.diag(jnp.array([9., 1.]))
+    >>> b = aligned_mtl_balance(k)
+    >>> [round(float(x), 4) for x in jnp.diagonal(b)]
+    [0.3333, 1.0]
+    >>> [round(float(x), 4) for x in jnp.diagonal(b @ k @ b)]  # aligned norms^2
+    [1.0, 1.0]
+
+  References:
+    Senushkin et al., `Independent Component Alignment for Multi-Task Learning
+    <https://arxiv.org/abs/2305.19000>`_, CVPR 2023
   """
   t = gram.shape[0]
   dtype = gram.dtype
@@ -75,6 +90,26 @@ def aligned_mtl_weights(
   The update is :math:`\sum_i p_i \hat g_i` with the aligned gradients
   :math:`\hat g_i = (B J)_i` and preference ``p`` (default ``1/T``), i.e.
   :math:`\sum_j (B p)_j g_j`.
+
+  Args:
+    gram: ``(T, T)`` Gram matrix.
+    scale_mode: ``"min"``, ``"median"`` or ``"rmse"`` (see
+      :func:`aligned_mtl_balance`).
+    preference: optional ``(T,)`` preference ``p`` (default ``1/T``).
+
+  Returns:
+    ``(T,)`` weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # B = diag(1/3, 1) (see aligned_mtl_balance) times p = (1/2, 1/2)
+    >>> w = aligned_mtl_weights(jnp.diag(jnp.array([9., 1.])))
+    >>> [round(float(x), 4) for x in w]
+    [0.1667, 0.5]
+
+  References:
+    Senushkin et al., `Independent Component Alignment for Multi-Task Learning
+    <https://arxiv.org/abs/2305.19000>`_, CVPR 2023
   """
   t = gram.shape[0]
   if preference is None:
@@ -112,12 +147,17 @@ def aligned_mtl(scale_mode: str = "min", *, num_tasks: int | None = None) -> Met
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = aligned_mtl()
-  >>> g = {"w": jnp.array([[3., 0.], [0., 1.]])}  # orthogonal rows
-  >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
-  >>> [round(float(x), 4) for x in upd["w"]]  # both rescaled to norm 1
-  [0.5, 0.5]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = aligned_mtl()
+    >>> g = {"w": jnp.array([[3., 0.], [0., 1.]])}  # orthogonal rows
+    >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(float(x), 4) for x in upd["w"]]  # both rescaled to norm 1
+    [0.5, 0.5]
+
+  References:
+    Senushkin et al., `Independent Component Alignment for Multi-Task Learning
+    <https://arxiv.org/abs/2305.19000>`_, CVPR 2023
   """
   if scale_mode not in _SCALE_MODES:
     raise ValueError(f"aligned_mtl: scale_mode must be one of {_SCALE_MODES}, got {scale_mode!r}")

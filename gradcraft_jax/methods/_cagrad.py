@@ -186,6 +186,18 @@ def cagrad_weights(
 
   Returns:
     ``(T,)`` weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # two orthogonal unit gradients: by symmetry w* = (1/2, 1/2), g_w = g_0,
+    >>> # so d = (1 + c) g_0 and each weight is (1 + c) / 2
+    >>> w = cagrad_weights(jnp.eye(2), c=0.5)
+    >>> [round(float(x), 4) for x in w]
+    [0.75, 0.75]
+
+  References:
+    Liu et al., `Conflict-Averse Gradient Descent for Multi-task Learning
+    <https://arxiv.org/abs/2110.14048>`_, NeurIPS 2021
   """
   t = gram.shape[0]
   dtype = gram.dtype
@@ -262,12 +274,17 @@ def cagrad(
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = cagrad(c=0.0)
-  >>> g = {"w": jnp.array([[1., 0.], [-1., 2.]])}
-  >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
-  >>> [round(float(x), 4) for x in upd["w"]]  # c = 0: the mean
-  [0.0, 1.0]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = cagrad(c=0.0)
+    >>> g = {"w": jnp.array([[1., 0.], [-1., 2.]])}
+    >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(float(x), 4) for x in upd["w"]]  # c = 0: the mean
+    [0.0, 1.0]
+
+  References:
+    Liu et al., `Conflict-Averse Gradient Descent for Multi-task Learning
+    <https://arxiv.org/abs/2110.14048>`_, NeurIPS 2021
   """
   check_hyperparameter("c", c, low=0.0, method="cagrad")
   check_hyperparameter("norm_eps", norm_eps, low=0.0, method="cagrad")

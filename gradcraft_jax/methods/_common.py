@@ -134,6 +134,22 @@ def pinv_psd(a: jax.Array, rcond: float | None = None) -> jax.Array:
   are treated as zero, which gives the minimum-norm solution of singular
   systems and maps all-zero rows/columns (masked-out tasks) to zero.
   Works on batches with ``jax.vmap``.
+
+  Args:
+    a: ``(n, n)`` symmetric positive semi-definite matrix.
+    rcond: relative cutoff of the eigenvalues.
+
+  Returns:
+    ``(n, n)`` pseudo-inverse of ``a``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> a = jnp.array([[2., 0.], [0., 0.]])
+    >>> p = pinv_psd(a)
+    >>> bool(jnp.allclose(p, jnp.array([[0.5, 0.], [0., 0.]])))
+    True
+    >>> bool(jnp.allclose(a @ p @ a, a)), bool(jnp.allclose(p @ a @ p, p))
+    (True, True)
   """
   n = a.shape[-1]
   if rcond is None:

@@ -44,6 +44,18 @@ def conflict_free_weights(gram: jax.Array, *, preference: jax.Array | None = Non
 
   Returns:
     ``(T,)`` weights (zero when every gradient is zero).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # g_1 = (1, 0), g_2 = (0, 2): b_hat = (1, 1) / sqrt(2), d = (1.5, 1.5)
+    >>> # = 1.5 g_1 + 0.75 g_2
+    >>> w = conflict_free_weights(jnp.array([[1., 0.], [0., 4.]]))
+    >>> [round(float(x), 4) for x in w]
+    [1.5, 0.75]
+
+  References:
+    Liu et al., `ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks
+    <https://arxiv.org/abs/2408.11104>`_, ICLR 2025
   """
   k = normalize_gram(gram)
   t = k.shape[0]
@@ -89,12 +101,17 @@ def conflict_free(*, preference: jax.Array | None = None, num_tasks: int | None 
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = conflict_free()
-  >>> g = {"w": jnp.array([[1., 0.], [0., 2.]])}
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> [round(float(x), 4) for x in upd["w"]]  # along (1, 1), length 3/sqrt(2)
-  [1.5, 1.5]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = conflict_free()
+    >>> g = {"w": jnp.array([[1., 0.], [0., 2.]])}
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> [round(float(x), 4) for x in upd["w"]]  # along (1, 1), length 3/sqrt(2)
+    [1.5, 1.5]
+
+  References:
+    Liu et al., `ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks
+    <https://arxiv.org/abs/2408.11104>`_, ICLR 2025
   """
   check_num_tasks(num_tasks, "conflict_free")
 

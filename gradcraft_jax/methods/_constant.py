@@ -14,7 +14,23 @@ __all__ = ["constant", "constant_weights"]
 
 
 def constant_weights(weights: Any, *, dtype=jnp.float32) -> jnp.ndarray:
-  """The ``(T,)`` weights of :func:`constant`, as an array of ``dtype``."""
+  """The ``(T,)`` weights of :func:`constant`, as an array of ``dtype``.
+
+  Args:
+    weights: ``(T,)`` weights (any array-like).
+    dtype: the result's dtype.
+
+  Returns:
+    ``weights`` as a ``(T,)`` array.
+
+  Examples:
+    >>> constant_weights([1, 2])
+    Array([1., 2.], dtype=float32)
+
+  References:
+    Kurin et al., `In Defense of the Unitary Scalarization for Deep Multi-Task Learning
+    <https://arxiv.org/abs/2201.04122>`_, NeurIPS 2022
+  """
   return jnp.asarray(weights, dtype)
 
 
@@ -36,11 +52,16 @@ def constant(weights: Any = None, *, num_tasks: int | None = None) -> Method:
   Returns:
     An optax transformation over stacked gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = constant(jnp.array([1.0, 2.0]))
-  >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None))
-  >>> upd["w"]
-  Array([1., 2.], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = constant(jnp.array([1.0, 2.0]))
+    >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None))
+    >>> upd["w"]
+    Array([1., 2.], dtype=float32)
+
+  References:
+    Kurin et al., `In Defense of the Unitary Scalarization for Deep Multi-Task Learning
+    <https://arxiv.org/abs/2201.04122>`_, NeurIPS 2022
   """
   check_num_tasks(num_tasks, "constant")
   t = num_tasks

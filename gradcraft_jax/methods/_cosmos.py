@@ -24,6 +24,26 @@ def cosmos_weights(task_losses: jax.Array, *, preference, penalty) -> jax.Array:
 
   (norms below ``1e-8`` are raised to it, as in torch's
   ``cosine_similarity``). The weights can be negative.
+
+  Args:
+    task_losses: ``(T,)`` losses ``l``.
+    preference: ``(T,)`` preference ``r``.
+    penalty: cosine penalty :math:`\lambda \ge 0`.
+
+  Returns:
+    ``(T,)`` weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # r = (1, 0), l = (1, 1): cos = 1/sqrt(2), and the cosine's gradient
+    >>> # (r/|r| - cos l/|l|) / |l| = (0.5, -0.5) / sqrt(2) is subtracted from r
+    >>> w = cosmos_weights(jnp.array([1., 1.]), preference=jnp.array([1., 0.]), penalty=1.0)
+    >>> [round(float(x), 4) for x in w]
+    [0.6464, 0.3536]
+
+  References:
+    Ruchte and Grabocka, `Scalable Pareto Front Approximation for Deep Multi-Objective Learning
+    <https://arxiv.org/abs/2103.13392>`_, ICDM 2021
   """
   dtype = task_losses.dtype
   r = jnp.asarray(preference, dtype)
@@ -72,11 +92,16 @@ def cosmos(
     An optax transformation whose ``update`` needs ``task_losses=`` and
     accepts ``preference=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = cosmos(jnp.array([0.5, 0.5]), penalty=1.0)
-  >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None), task_losses=jnp.array([1., 1.]))
-  >>> [round(float(x), 4) for x in upd["w"]]  # l parallel to r: cos' = 0
-  [0.5, 0.5]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = cosmos(jnp.array([0.5, 0.5]), penalty=1.0)
+    >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None), task_losses=jnp.array([1., 1.]))
+    >>> [round(float(x), 4) for x in upd["w"]]  # l parallel to r: cos' = 0
+    [0.5, 0.5]
+
+  References:
+    Ruchte and Grabocka, `Scalable Pareto Front Approximation for Deep Multi-Objective Learning
+    <https://arxiv.org/abs/2103.13392>`_, ICDM 2021
   """
   check_hyperparameter("penalty", penalty, low=0.0, method="cosmos")
   check_num_tasks(num_tasks, "cosmos")

@@ -31,8 +31,26 @@ class CRMOGMState(NamedTuple):
 
 def cr_mogm_weights(new_weights: jax.Array, previous: jax.Array, *, alpha) -> jax.Array:
   r"""The smoothed weights :math:`\lambda_k = \alpha \lambda_{k-1} + (1 -
-  \alpha) \hat\lambda_k` (``new_weights`` is :math:`\hat\lambda_k`,
-  ``previous`` is :math:`\lambda_{k-1}`)."""
+  \alpha) \hat\lambda_k`.
+
+  Args:
+    new_weights: ``(T,)`` the wrapped method's weights :math:`\hat\lambda_k`.
+    previous: ``(T,)`` the previous smoothed weights :math:`\lambda_{k-1}`.
+    alpha: EMA coefficient in ``[0, 1]``.
+
+  Returns:
+    ``(T,)`` smoothed weights :math:`\lambda_k`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> w = cr_mogm_weights(jnp.array([0.9, 0.1]), jnp.array([0.5, 0.5]), alpha=0.5)
+    >>> [round(float(x), 4) for x in w]
+    [0.7, 0.3]
+
+  References:
+    Zhou et al., `On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond
+    <https://openreview.net/forum?id=ScwfQ7hdwyP>`_, NeurIPS 2022
+  """
   alpha = jnp.asarray(alpha, new_weights.dtype)
   return alpha * previous.astype(new_weights.dtype) + (1.0 - alpha) * new_weights
 
@@ -89,14 +107,19 @@ def cr_mogm(
   Raises:
     TypeError: if ``method`` has no task weights.
 
-  >>> import jax.numpy as jnp
-  >>> import gradcraft_jax as gj
-  >>> tx = cr_mogm(gj.mgda(), alpha=0.5, num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> _, state = tx.update({"w": jnp.array([[1., 0.], [0., 1.]])}, state)
-  >>> upd, state = tx.update({"w": jnp.array([[1., 0.], [0., 3.]])}, state)
-  >>> [round(float(x), 4) for x in state.weights]  # (.5, .5), then MGDA's (.9, .1)
-  [0.7, 0.3]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gradcraft_jax as gj
+    >>> tx = cr_mogm(gj.mgda(), alpha=0.5, num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> _, state = tx.update({"w": jnp.array([[1., 0.], [0., 1.]])}, state)
+    >>> upd, state = tx.update({"w": jnp.array([[1., 0.], [0., 3.]])}, state)
+    >>> [round(float(x), 4) for x in state.weights]  # (.5, .5), then MGDA's (.9, .1)
+    [0.7, 0.3]
+
+  References:
+    Zhou et al., `On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond
+    <https://openreview.net/forum?id=ScwfQ7hdwyP>`_, NeurIPS 2022
   """
   inner_w = weighting_of(method, "cr_mogm")
   check_hyperparameter("alpha", alpha, low=0.0, high=1.0, method="cr_mogm")

@@ -55,6 +55,18 @@ def dbmtl_step(
     ``(weights, new_norm_ema)`` with
     ``weights_i = max_j n_j / n_i / (l_i + eps)``, where ``n`` is the new
     moving average (a task whose averaged norm is zero gets factor 1).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # norms (2, 1), losses (1, 4): log-gradient norms (2, 1/4); the first
+    >>> # step's decay 0.9 keeps 0.1 of them; factors (1, 8) over the losses
+    >>> w, ema = dbmtl_step(jnp.diag(jnp.array([4., 1.])), jnp.array([1., 4.]),
+    ...                     jnp.zeros(2), 1, beta=0.9, beta_sigma=0.5)
+    >>> [round(float(x), 4) for x in w], [round(float(x), 4) for x in ema]
+    ([1.0, 2.0], [0.2, 0.025])
+
+  References:
+    Lin et al., `Dual-Balancing for Multi-Task Learning <https://arxiv.org/abs/2308.12029>`_, 2023
   """
   dtype = gram.dtype
   inv_l = 1.0 / (task_losses.astype(dtype) + eps)
@@ -105,13 +117,17 @@ def dbmtl(
   Returns:
     An optax transformation; ``update(grads, state, params, task_losses=l)``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = dbmtl(num_tasks=2)
-  >>> g = {"w": jnp.array([[2., 0.], [0., 1.]])}
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 4.]))
-  >>> [round(float(x), 4) for x in upd["w"]]  # both log-gradients -> norm 2
-  [2.0, 2.0]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = dbmtl(num_tasks=2)
+    >>> g = {"w": jnp.array([[2., 0.], [0., 1.]])}
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 4.]))
+    >>> [round(float(x), 4) for x in upd["w"]]  # both log-gradients -> norm 2
+    [2.0, 2.0]
+
+  References:
+    Lin et al., `Dual-Balancing for Multi-Task Learning <https://arxiv.org/abs/2308.12029>`_, 2023
   """
   check_hyperparameter("beta", beta, low=0.0, high=1.0, high_open=True, method="dbmtl")
   check_hyperparameter("beta_sigma", beta_sigma, low=0.0, method="dbmtl")

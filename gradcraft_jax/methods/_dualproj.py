@@ -35,6 +35,22 @@ def dualproj_weights(
 
   Returns:
     ``(T,)`` weights ``v >= preference``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # g_1 = (1, 0), g_2 = (-2, 0.5): min over v >= (1/2, 1/2) of
+    >>> # (v_1 - 2 v_2)^2 + v_2^2 / 4 is at v = (1, 1/2); d = (0, 0.25)
+    >>> w = dualproj_weights(jnp.array([[1., -2.], [-2., 4.25]]))
+    >>> [round(float(x), 4) for x in w]
+    [1.0, 0.5]
+
+  References:
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
+
+    Lopez-Paz and Ranzato, `Gradient Episodic Memory for Continual Learning
+    <https://proceedings.neurips.cc/paper/2017/file/f87522788a2be2d171666752f97ddebb-Paper.pdf>`_,
+    NeurIPS 2017
   """
   t = gram.shape[0]
   dtype = gram.dtype
@@ -78,12 +94,21 @@ def dualproj(
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = dualproj()
-  >>> g = {"w": jnp.array([[1., 0.], [-2., 0.5]])}
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> [round(float(x), 4) for x in upd["w"]]  # the mean (-.5, .25), projected
-  [0.0, 0.25]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = dualproj()
+    >>> g = {"w": jnp.array([[1., 0.], [-2., 0.5]])}
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> [round(float(x), 4) for x in upd["w"]]  # the mean (-.5, .25), projected
+    [0.0, 0.25]
+
+  References:
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
+
+    Lopez-Paz and Ranzato, `Gradient Episodic Memory for Continual Learning
+    <https://proceedings.neurips.cc/paper/2017/file/f87522788a2be2d171666752f97ddebb-Paper.pdf>`_,
+    NeurIPS 2017
   """
   if not isinstance(num_iters, int) or num_iters < 1:
     raise ValueError(f"dualproj: num_iters must be a positive int, got {num_iters!r}")

@@ -44,6 +44,19 @@ def dwa_weights(
 
   Returns:
     ``(T,)`` weights summing to ``T``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # ratios r = (1, 2): 2 softmax(r / 2) = 2 (e^0.5, e^1) / (e^0.5 + e^1)
+    >>> w = dwa_weights(jnp.array([1., 2.]), jnp.array([1., 1.]), temperature=2.0)
+    >>> [round(float(x), 4) for x in w], round(float(w.sum()), 4)
+    ([0.7551, 1.2449], 2.0)
+    >>> dwa_weights(jnp.array([1., 2.]), jnp.array([1., 1.]), temperature=2.0, count=1).tolist()
+    [1.0, 1.0]
+
+  References:
+    Liu et al., `End-to-End Multi-Task Learning with Attention <https://arxiv.org/abs/1803.10704>`_,
+    CVPR 2019
   """
   t = last_losses.shape[0]
   ratio = jnp.where(
@@ -82,14 +95,19 @@ def dwa(temperature: float = 2.0, *, num_tasks: int) -> Method:
     An optax transformation whose ``update`` needs ``task_losses=`` of shape
     ``(T,)``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = dwa(num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> g = {"w": jnp.eye(2)}
-  >>> for losses in ([1., 1.], [1., 2.], [1., 2.]):
-  ...   upd, state = tx.update(g, state, task_losses=jnp.array(losses))
-  >>> [round(float(x), 4) for x in upd["w"]]  # 2 * softmax([1, 2] / 2)
-  [0.7551, 1.2449]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = dwa(num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> g = {"w": jnp.eye(2)}
+    >>> for losses in ([1., 1.], [1., 2.], [1., 2.]):
+    ...   upd, state = tx.update(g, state, task_losses=jnp.array(losses))
+    >>> [round(float(x), 4) for x in upd["w"]]  # 2 * softmax([1, 2] / 2)
+    [0.7551, 1.2449]
+
+  References:
+    Liu et al., `End-to-End Multi-Task Learning with Attention <https://arxiv.org/abs/1803.10704>`_,
+    CVPR 2019
   """
   check_hyperparameter("temperature", temperature, low=0.0, low_open=True, method="dwa")
   check_num_tasks(num_tasks, "dwa", required=True)

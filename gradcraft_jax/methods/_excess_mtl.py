@@ -63,6 +63,18 @@ def excess_mtl_weights(
 
   Returns:
     ``(T,)`` new weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # softmax(log(1/2, 1/2) + (1, 0)) = (e, 1) / (e + 1)
+    >>> w = excess_mtl_weights(jnp.array([1., 0.]), jnp.array([0.5, 0.5]), jnp.ones(2),
+    ...                        use_base=False)
+    >>> [round(float(x), 4) for x in w]
+    [0.7311, 0.2689]
+
+  References:
+    He et al., `Robust Multi-Task Learning with Excess Risks
+    <https://openreview.net/forum?id=JzWFmMySpn>`_, ICML 2024
   """
   scaled = jnp.where(use_base, excess / (base + 1e-7), excess)
   return jax.nn.softmax(jnp.log(weights) + robust_step_size * scaled)
@@ -162,13 +174,18 @@ def excess_mtl(
     An ``optax.GradientTransformationExtraArgs`` over stacked per-task
     gradients whose ``init`` needs the parameters.
 
-  >>> import jax.numpy as jnp
-  >>> tx = excess_mtl(num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> g = {"w": jnp.array([[1., 0.], [0., 0.]])}
-  >>> upd, state = tx.update(g, state)
-  >>> [round(float(x), 4) for x in state.weights]  # softmax(log(1/2) + (1, 0))
-  [0.7311, 0.2689]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = excess_mtl(num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> g = {"w": jnp.array([[1., 0.], [0., 0.]])}
+    >>> upd, state = tx.update(g, state)
+    >>> [round(float(x), 4) for x in state.weights]  # softmax(log(1/2) + (1, 0))
+    [0.7311, 0.2689]
+
+  References:
+    He et al., `Robust Multi-Task Learning with Excess Risks
+    <https://openreview.net/forum?id=JzWFmMySpn>`_, ICML 2024
   """
   check_hyperparameter(
     "robust_step_size", robust_step_size, low=0.0, low_open=True, method="excess_mtl"

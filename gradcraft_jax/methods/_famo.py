@@ -57,6 +57,17 @@ def famo_weights(task_losses: jax.Array, logits: jax.Array, min_losses=0.0) -> j
 
   Returns:
     ``(T,)`` positive weights summing to 1.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # logits 0 (z = 1/2 each): weights proportional to 1 / l = (1, 1/3)
+    >>> w = famo_weights(jnp.array([1., 3.]), jnp.zeros(2))
+    >>> [round(float(x), 4) for x in w]
+    [0.75, 0.25]
+
+  References:
+    Liu et al., `FAMO: Fast Adaptive Multitask Optimization
+    <https://openreview.net/forum?id=zMeemcUeXL>`_, NeurIPS 2023
   """
   z = jax.nn.softmax(logits.astype(task_losses.dtype))
   r = z / _shifted(task_losses, jnp.asarray(min_losses, task_losses.dtype))
@@ -73,6 +84,27 @@ def famo_logit_gradient(
   :math:`J_{\mathrm{softmax}}(\xi)^\top \delta = z \odot (\delta - z^\top
   \delta)`. A descent step on it raises the weight of tasks whose loss
   decreased less than the weighted average.
+
+  Args:
+    logits: ``(T,)`` logits :math:`\xi`.
+    before: ``(T,)`` losses before the step.
+    after: ``(T,)`` losses after the step.
+    min_losses: lower bounds :math:`b` (scalar or ``(T,)``).
+
+  Returns:
+    ``(T,)`` gradient on the logits.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # task 0's loss halved, task 1's stayed: delta = (log 2, 0), z = (1/2, 1/2),
+    >>> # gradient z * (delta - z . delta) = (log 2, -log 2) / 4
+    >>> g = famo_logit_gradient(jnp.zeros(2), jnp.array([1., 1.]), jnp.array([0.5, 1.]))
+    >>> [round(float(x), 4) for x in g]
+    [0.1733, -0.1733]
+
+  References:
+    Liu et al., `FAMO: Fast Adaptive Multitask Optimization
+    <https://openreview.net/forum?id=zMeemcUeXL>`_, NeurIPS 2023
   """
   b = jnp.asarray(min_losses, before.dtype)
   delta = jnp.log(_shifted(before, b)) - jnp.log(_shifted(after, b))
@@ -109,7 +141,7 @@ def famo(
     forward pass, but :math:`\delta` then mixes the step's progress with the
     difference between two batches (noisier than the paper's), measures the
     decrease on a fresh batch instead of the batch the step was taken on
-    (no longer the paper's quantity, even in expectation). The logit step of
+    (not the paper's quantity, even in expectation). The logit step of
     update ``t - 1`` is taken at update ``t``, before its weights are formed:
     the same point of the sequence as in the paper (nothing uses the logits
     in between), so the weights are not delayed, only measured differently;
@@ -122,9 +154,10 @@ def famo(
   The first update has no previous step and only records its losses.
 
   Cost: reads only the losses (no Gram pass; one backward pass on the lean
-  path). A non-finite ``losses_after_step`` skips the logit step. State: ``T`` logits, ``T`` previous losses and Adam's two ``T``
-  moments. Losses must stay above ``min_losses`` (the paper assumes
-  :math:`l_i > b_i`); smaller values are clamped. Order-free.
+  path). A non-finite ``losses_after_step`` skips the logit step. State:
+  ``T`` logits, ``T`` previous losses and Adam's two ``T`` moments. Losses
+  must stay above ``min_losses`` (the paper assumes :math:`l_i > b_i`);
+  smaller values are clamped. Order-free.
 
   Args:
     lr: Adam learning rate of the logits (the paper's :math:`\beta`, 0.025;
@@ -139,12 +172,17 @@ def famo(
     An optax transformation whose ``update`` needs ``task_losses=`` and
     accepts ``losses_after_step=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = famo(num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> upd, state = tx.update({"w": jnp.eye(2)}, state, task_losses=jnp.array([1., 3.]))
-  >>> upd["w"]  # logits 0: weights proportional to 1 / l
-  Array([0.75, 0.25], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = famo(num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> upd, state = tx.update({"w": jnp.eye(2)}, state, task_losses=jnp.array([1., 3.]))
+    >>> upd["w"]  # logits 0: weights proportional to 1 / l
+    Array([0.75, 0.25], dtype=float32)
+
+  References:
+    Liu et al., `FAMO: Fast Adaptive Multitask Optimization
+    <https://openreview.net/forum?id=zMeemcUeXL>`_, NeurIPS 2023
   """
   check_hyperparameter("lr", lr, low=0.0, method="famo")
   check_hyperparameter("weight_decay", weight_decay, low=0.0, method="famo")

@@ -28,6 +28,19 @@ def gls_weights(task_losses: jax.Array) -> jax.Array:
 
   Returns:
     ``(T,)`` positive weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # geometric mean of (1, 4) is 2: weights 2 / (2 * 1) and 2 / (2 * 4);
+    >>> # doubling every loss leaves them unchanged
+    >>> [round(float(x), 4) for x in gls_weights(jnp.array([1., 4.]))]
+    [1.0, 0.25]
+    >>> [round(float(x), 4) for x in gls_weights(jnp.array([2., 8.]))]
+    [1.0, 0.25]
+
+  References:
+    Chennupati et al., `MultiNet++: Multi-Stream Feature Aggregation and Geometric Loss Strategy for
+    Multi-Task Learning <https://arxiv.org/abs/1904.08492>`_, CVPR Workshops 2019
   """
   tiny = jnp.finfo(task_losses.dtype).tiny
   logs = jnp.log(jnp.maximum(task_losses, tiny))
@@ -57,12 +70,17 @@ def gls(*, num_tasks: int | None = None) -> Method:
   Returns:
     An optax transformation whose ``update`` needs ``task_losses=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = gls()
-  >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None),
-  ...                    task_losses=jnp.array([1.0, 4.0]))
-  >>> upd["w"]  # geometric mean 2: weights 2 / (2 * 1), 2 / (2 * 4)
-  Array([1.  , 0.25], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = gls()
+    >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None),
+    ...                    task_losses=jnp.array([1.0, 4.0]))
+    >>> upd["w"]  # geometric mean 2: weights 2 / (2 * 1), 2 / (2 * 4)
+    Array([1.  , 0.25], dtype=float32)
+
+  References:
+    Chennupati et al., `MultiNet++: Multi-Stream Feature Aggregation and Geometric Loss Strategy for
+    Multi-Task Learning <https://arxiv.org/abs/1904.08492>`_, CVPR Workshops 2019
   """
   check_num_tasks(num_tasks, "gls")
 

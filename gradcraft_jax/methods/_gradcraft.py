@@ -72,6 +72,18 @@ def gradcraft_coefficients(
   Returns:
     ``(s, W)``: the ``(T,)`` magnitude factors and the ``(T, T)`` projection
     coefficients (``W[i, k]`` is zero unless ``k`` conflicts with ``i``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # norms 2 and 1 at 120 degrees; tau = 1 scales g_2 by 2 (equal norms),
+    >>> # then each adjusted gradient gets half of the other: <g~_i, g^_k> = 0
+    >>> s, w = gradcraft_coefficients(jnp.array([[4., -1.], [-1., 1.]]), tau=1.0, eps=0.0)
+    >>> [round(float(x), 4) for x in s], round(float(w[0, 1]), 4), round(float(w[1, 0]), 4)
+    ([1.0, 2.0], 0.5, 0.5)
+
+  References:
+    Bai et al., `GradCraft: Elevating Multi-task Recommendations through Holistic Gradient Crafting
+    <https://arxiv.org/abs/2407.19682>`_, KDD 2024
   """
   dtype = gram.dtype
   # W is invariant to a global scale of K: normalise so that the solve works
@@ -118,12 +130,17 @@ def gradcraft_weights(gram: jax.Array, *, tau, eps, norms: jax.Array | None = No
     ``(T,)`` weights ``c`` such that the GradCraft update is
     ``sum_k c_k g_k``.
 
-  >>> import jax.numpy as jnp
-  >>> # two unit gradients at 120 degrees, tau = 0, eps = 0: each is projected
-  >>> # onto the normal of the other (PCGrad); the mean has weights 0.75, 0.75.
-  >>> k = jnp.array([[1.0, -0.5], [-0.5, 1.0]])
-  >>> gradcraft_weights(k, tau=0.0, eps=0.0)
-  Array([0.75, 0.75], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # two unit gradients at 120 degrees, tau = 0, eps = 0: each is projected
+    >>> # onto the normal of the other (PCGrad); the mean has weights 0.75, 0.75.
+    >>> k = jnp.array([[1.0, -0.5], [-0.5, 1.0]])
+    >>> gradcraft_weights(k, tau=0.0, eps=0.0)
+    Array([0.75, 0.75], dtype=float32)
+
+  References:
+    Bai et al., `GradCraft: Elevating Multi-task Recommendations through Holistic Gradient Crafting
+    <https://arxiv.org/abs/2407.19682>`_, KDD 2024
   """
   s, w = gradcraft_coefficients(gram, tau=tau, eps=eps, norms=norms)
   return s * (1.0 + jnp.sum(w, axis=0)) / gram.shape[0]
@@ -170,12 +187,17 @@ def gradcraft(
     maps a pytree whose leaves have shape ``(T, ...)`` to one like the
     parameters (same dtypes).
 
-  >>> import jax.numpy as jnp, optax
-  >>> tx = optax.chain(gradcraft(tau=0.5, eps=0.1), optax.sgd(1.0))
-  >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
-  >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
-  >>> upd["w"].shape
-  (2,)
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> tx = optax.chain(gradcraft(tau=0.5, eps=0.1), optax.sgd(1.0))
+    >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
+    >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> upd["w"].shape
+    (2,)
+
+  References:
+    Bai et al., `GradCraft: Elevating Multi-task Recommendations through Holistic Gradient Crafting
+    <https://arxiv.org/abs/2407.19682>`_, KDD 2024
   """
   check_hyperparameter("tau", tau, low=0.0, high=1.0, method="gradcraft")
   check_hyperparameter("eps", eps, low=0.0, method="gradcraft")

@@ -67,6 +67,18 @@ def graddrop_combine(
   Returns:
     A pytree like the parameters, in the input dtypes (computed in at least
     float32).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> # column 0: all positive (P = 1 > U), column 1: all negative (P = 0 < U):
+    >>> # every component is kept, whatever the draw
+    >>> g = {"w": jnp.array([[1., -2.], [3., -4.]])}
+    >>> graddrop_combine(g, jax.random.PRNGKey(0))["w"].tolist()
+    [4.0, -6.0]
+
+  References:
+    Chen et al., `Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout
+    <https://arxiv.org/abs/2010.06808>`_, NeurIPS 2020
   """
   return _combine_checked(stacked, key, leak, f)[0]
 
@@ -169,12 +181,17 @@ def graddrop(
     An ``optax.GradientTransformationExtraArgs`` over stacked per-task
     gradients; extra arguments are accepted and ignored.
 
-  >>> import jax.numpy as jnp
-  >>> tx = graddrop()
-  >>> g = {"w": jnp.array([[1., 2.], [3., 4.]])}  # same signs: kept
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> upd["w"]
-  Array([4., 6.], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = graddrop()
+    >>> g = {"w": jnp.array([[1., 2.], [3., 4.]])}  # same signs: kept
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> upd["w"]
+    Array([4., 6.], dtype=float32)
+
+  References:
+    Chen et al., `Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout
+    <https://arxiv.org/abs/2010.06808>`_, NeurIPS 2020
   """
   check_num_tasks(num_tasks, "graddrop")
   if not callable(f):

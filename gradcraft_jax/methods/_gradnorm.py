@@ -31,7 +31,23 @@ class GradNormState(NamedTuple):
 def gradnorm_weights(weights: jax.Array) -> jax.Array:
   """The weights of this update: the learned weights as they stand (the
   update of step ``t`` uses :math:`w(t)`; :func:`gradnorm_step` gives
-  :math:`w(t+1)`)."""
+  :math:`w(t+1)`).
+
+  Args:
+    weights: ``(T,)`` learned weights :math:`w(t)`.
+
+  Returns:
+    ``weights``, unchanged.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> gradnorm_weights(jnp.array([0.5, 1.5])).tolist()
+    [0.5, 1.5]
+
+  References:
+    Chen et al., `GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask
+    Networks <https://proceedings.mlr.press/v80/chen18a/chen18a.pdf>`_, ICML 2018
+  """
   return weights
 
 
@@ -63,8 +79,29 @@ def gradnorm_step(
   zero initial loss gives :math:`\tilde L_i = 1`; negative ratios are
   clamped to 0.
 
+  Args:
+    gram: ``(T, T)`` Gram matrix of the chosen layer's task gradients.
+    weights: ``(T,)`` current weights :math:`w(t)`.
+    task_losses: ``(T,)`` losses :math:`l`.
+    initial_losses: ``(T,)`` first losses :math:`L(0)`.
+    alpha: asymmetry :math:`\alpha \ge 0`.
+    lr: step size ``>= 0``.
+
   Returns:
     ``(T,)`` the next weights, non-negative, summing to ``T``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # norms (3, 1), equal training rates: target 2 for both, so
+    >>> # w = (1 - 0.1 * 3, 1 + 0.1 * 1) = (0.7, 1.1), rescaled to sum 2
+    >>> w = gradnorm_step(jnp.diag(jnp.array([9., 1.])), jnp.ones(2), jnp.ones(2),
+    ...                   jnp.ones(2), alpha=1.5, lr=0.1)
+    >>> [round(float(x), 4) for x in w]
+    [0.7778, 1.2222]
+
+  References:
+    Chen et al., `GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask
+    Networks <https://proceedings.mlr.press/v80/chen18a/chen18a.pdf>`_, ICML 2018
   """
   t = weights.shape[0]
   dtype = weights.dtype
@@ -135,16 +172,21 @@ def gradnorm(
   Returns:
     An optax transformation whose ``update`` needs ``task_losses=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = gradnorm(alpha=1.5, lr=0.1, num_tasks=2, leaves=lambda p: "shared" in p)
-  >>> g = {"head": jnp.ones((2, 3)), "shared": jnp.array([[3., 0.], [0., 1.]])}
-  >>> state = tx.init(None)
-  >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 1.]))
-  >>> upd["shared"]  # weights 1 at the first update
-  Array([3., 1.], dtype=float32)
-  >>> # norms (3, 1), mean 2: w = (1 - 0.1 * 3, 1 + 0.1 * 1), rescaled to sum 2
-  >>> [round(float(x), 4) for x in state.weights]
-  [0.7778, 1.2222]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = gradnorm(alpha=1.5, lr=0.1, num_tasks=2, leaves=lambda p: "shared" in p)
+    >>> g = {"head": jnp.ones((2, 3)), "shared": jnp.array([[3., 0.], [0., 1.]])}
+    >>> state = tx.init(None)
+    >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 1.]))
+    >>> upd["shared"]  # weights 1 at the first update
+    Array([3., 1.], dtype=float32)
+    >>> # norms (3, 1), mean 2: w = (1 - 0.1 * 3, 1 + 0.1 * 1), rescaled to sum 2
+    >>> [round(float(x), 4) for x in state.weights]
+    [0.7778, 1.2222]
+
+  References:
+    Chen et al., `GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask
+    Networks <https://proceedings.mlr.press/v80/chen18a/chen18a.pdf>`_, ICML 2018
   """
   check_hyperparameter("alpha", alpha, low=0.0, method="gradnorm")
   check_hyperparameter("lr", lr, low=0.0, method="gradnorm")

@@ -65,6 +65,22 @@ def gradvac_step(
   Returns:
     ``(weights, new_phi)``: ``(T,)`` weights ``sum_i C_i`` (the update is
     the **sum** of the corrected gradients) and the ``(T, T)`` new targets.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # g_1 = (1, 0), g_2 = (-1, 1), targets 0 (PCGrad): g_1' = g_1 + g_2 / 2,
+    >>> # g_2' = g_2 + g_1, so the sum is 2 g_1 + 1.5 g_2
+    >>> k = jnp.array([[1., -1.], [-1., 2.]])
+    >>> perms = jnp.array([[0, 1], [0, 1]])
+    >>> w, phi = gradvac_step(k, jnp.zeros((2, 2)), perms, beta=0.5)
+    >>> [round(float(x), 4) for x in w]
+    [2.0, 1.5]
+    >>> round(float(phi[0, 1]), 4)  # 0.5 * 0 + 0.5 * cos = -0.5 / sqrt(2)
+    -0.3536
+
+  References:
+    Wang et al., `Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively
+    Multilingual Models <https://openreview.net/forum?id=F1vEjWK-lH_>`_, ICLR 2021
   """
   k = normalize_gram(gram)
   t = k.shape[0]
@@ -129,13 +145,18 @@ def gradvac(beta: float = 0.5, seed: int = 0, *, num_tasks: int) -> Method:
   Returns:
     An optax transformation over stacked gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = gradvac(num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
-  >>> upd, state = tx.update(g, state)  # targets 0: PCGrad's first step
-  >>> upd["w"]
-  Array([0.5, 1.5], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = gradvac(num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
+    >>> upd, state = tx.update(g, state)  # targets 0: PCGrad's first step
+    >>> upd["w"]
+    Array([0.5, 1.5], dtype=float32)
+
+  References:
+    Wang et al., `Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively
+    Multilingual Models <https://openreview.net/forum?id=F1vEjWK-lH_>`_, ICLR 2021
   """
   check_hyperparameter("beta", beta, low=0.0, high=1.0, method="gradvac")
   check_int("seed", seed, method="gradvac", allow_array=True)

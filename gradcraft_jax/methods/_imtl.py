@@ -62,6 +62,24 @@ def imtl_g_weights(gram: jax.Array) -> jax.Array:
 
   Returns:
     ``(T,)`` weights summing to 1 (or all 0).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # orthogonal gradients of norms 2 and 1: K^-1 n = (1/2, 1), normalised
+    >>> k = jnp.diag(jnp.array([4., 1.]))
+    >>> w = imtl_g_weights(k)
+    >>> [round(float(x), 4) for x in w]
+    [0.3333, 0.6667]
+    >>> # equal projections <g, g_i> / ||g_i|| on both task directions
+    >>> [round(float(x), 4) for x in k @ w / jnp.sqrt(jnp.diagonal(k))]
+    [0.6667, 0.6667]
+
+  References:
+    Liu et al., `Towards Impartial Multi-task Learning
+    <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021
+
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
   """
   k = normalize_gram(gram)
   n = jnp.sqrt(jnp.clip(jnp.diagonal(k), 0.0))
@@ -87,11 +105,19 @@ def imtl_g(*, num_tasks: int | None = None) -> Method:
   Returns:
     An optax transformation over stacked gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = imtl_g()
-  >>> upd, _ = tx.update({"w": jnp.array([[2., 0.], [0., 1.]])}, tx.init(None))
-  >>> [round(float(x), 4) for x in upd["w"]]  # (2a, 1 - a), a = 1/3
-  [0.6667, 0.6667]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = imtl_g()
+    >>> upd, _ = tx.update({"w": jnp.array([[2., 0.], [0., 1.]])}, tx.init(None))
+    >>> [round(float(x), 4) for x in upd["w"]]  # (2a, 1 - a), a = 1/3
+    [0.6667, 0.6667]
+
+  References:
+    Liu et al., `Towards Impartial Multi-task Learning
+    <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021
+
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
   """
   check_num_tasks(num_tasks, "imtl_g")
 
@@ -108,6 +134,26 @@ def imtl_weights(gram: jax.Array, log_scales: jax.Array) -> jax.Array:
   IMTL-G applied to the scaled gradients :math:`e^{s_i} g_i` (Gram
   :math:`S K S`, :math:`S = \mathrm{diag}(e^{s})`), i.e.
   :math:`\sum_i \alpha_i e^{s_i} g_i` with :math:`\sum_i \alpha_i = 1`.
+
+  Args:
+    gram: ``(T, T)`` Gram matrix of the raw gradients.
+    log_scales: ``(T,)`` IMTL-L loss scales ``s``.
+
+  Returns:
+    ``(T,)`` weights :math:`\alpha_i e^{s_i}`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> k = jnp.diag(jnp.array([4., 1.]))
+    >>> [round(float(x), 4) for x in imtl_weights(k, jnp.zeros(2))]  # IMTL-G's
+    [0.3333, 0.6667]
+    >>> # s = (0, log 2): the scaled gradients have equal norms, alpha = (1/2, 1/2)
+    >>> [round(float(x), 4) for x in imtl_weights(k, jnp.log(jnp.array([1., 2.])))]
+    [0.5, 1.0]
+
+  References:
+    Liu et al., `Towards Impartial Multi-task Learning
+    <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021
   """
   scale = jnp.exp(log_scales.astype(gram.dtype))
   alpha = imtl_g_weights(scale[:, None] * gram * scale[None, :])
@@ -147,13 +193,18 @@ def imtl(lr: float = 1e-2, *, num_tasks: int) -> Method:
   Returns:
     An optax transformation whose ``update`` needs ``task_losses=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = imtl(lr=0.1, num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> g = {"w": jnp.array([[2., 0.], [0., 1.]])}
-  >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 3.]))
-  >>> state.log_scales
-  Array([ 0. , -0.2], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = imtl(lr=0.1, num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> g = {"w": jnp.array([[2., 0.], [0., 1.]])}
+    >>> upd, state = tx.update(g, state, task_losses=jnp.array([1., 3.]))
+    >>> state.log_scales
+    Array([ 0. , -0.2], dtype=float32)
+
+  References:
+    Liu et al., `Towards Impartial Multi-task Learning
+    <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021
   """
   check_hyperparameter("lr", lr, low=0.0, method="imtl")
   check_num_tasks(num_tasks, "imtl", required=True)

@@ -27,7 +27,23 @@ class IMTLLState(NamedTuple):
 
 def imtl_l_weights(log_scales: jax.Array) -> jax.Array:
   r"""IMTL-L weights :math:`w_i = e^{s_i}`, the gradient of
-  :math:`\sum_i e^{s_i} l_i - s_i` with respect to :math:`l_i`."""
+  :math:`\sum_i e^{s_i} l_i - s_i` with respect to :math:`l_i`.
+
+  Args:
+    log_scales: ``(T,)`` loss scales ``s``.
+
+  Returns:
+    ``(T,)`` positive weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> [round(float(x), 4) for x in imtl_l_weights(jnp.log(jnp.array([1., 2.])))]
+    [1.0, 2.0]
+
+  References:
+    Liu et al., `Towards Impartial Multi-task Learning
+    <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021
+  """
   return jnp.exp(log_scales)
 
 
@@ -62,12 +78,17 @@ def imtl_l(lr: float = 1e-2, *, num_tasks: int) -> Method:
   Returns:
     An optax transformation whose ``update`` needs ``task_losses=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = imtl_l(lr=0.1, num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> upd, state = tx.update({"w": jnp.eye(2)}, state, task_losses=jnp.array([1., 3.]))
-  >>> upd["w"], state.log_scales
-  (Array([1., 1.], dtype=float32), Array([ 0. , -0.2], dtype=float32))
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = imtl_l(lr=0.1, num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> upd, state = tx.update({"w": jnp.eye(2)}, state, task_losses=jnp.array([1., 3.]))
+    >>> upd["w"], state.log_scales
+    (Array([1., 1.], dtype=float32), Array([ 0. , -0.2], dtype=float32))
+
+  References:
+    Liu et al., `Towards Impartial Multi-task Learning
+    <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021
   """
   check_hyperparameter("lr", lr, low=0.0, method="imtl_l")
   check_num_tasks(num_tasks, "imtl_l", required=True)

@@ -11,8 +11,24 @@ __all__ = ["mean", "mean_weights"]
 
 
 def mean_weights(num_tasks: int, *, dtype=None) -> jnp.ndarray:
-  """The ``(T,)`` weights ``1 / T`` of :func:`mean` (default: JAX's default
-  float dtype, float64 under ``jax_enable_x64``)."""
+  """The ``(T,)`` weights ``1 / T`` of :func:`mean`.
+
+  Args:
+    num_tasks: the task count ``T``.
+    dtype: the weights' dtype (default: JAX's default float dtype, float64
+      under ``jax_enable_x64``).
+
+  Returns:
+    ``(T,)`` weights, each ``1 / T``.
+
+  Examples:
+    >>> mean_weights(4).tolist()
+    [0.25, 0.25, 0.25, 0.25]
+
+  References:
+    Kurin et al., `In Defense of the Unitary Scalarization for Deep Multi-Task Learning
+    <https://arxiv.org/abs/2201.04122>`_, NeurIPS 2022
+  """
   return jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
 
 
@@ -34,11 +50,16 @@ def mean(*, num_tasks: int | None = None) -> Method:
     shape ``(T, ...)``) to their mean over the task axis (same dtypes,
     accumulated in at least float32).
 
-  >>> import jax.numpy as jnp
-  >>> tx = mean()
-  >>> upd, _ = tx.update({"w": jnp.array([[1., 2.], [3., 0.]])}, tx.init(None))
-  >>> upd["w"]
-  Array([2., 1.], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = mean()
+    >>> upd, _ = tx.update({"w": jnp.array([[1., 2.], [3., 0.]])}, tx.init(None))
+    >>> upd["w"]
+    Array([2., 1.], dtype=float32)
+
+  References:
+    Kurin et al., `In Defense of the Unitary Scalarization for Deep Multi-Task Learning
+    <https://arxiv.org/abs/2201.04122>`_, NeurIPS 2022
   """
   check_num_tasks(num_tasks, "mean")
 

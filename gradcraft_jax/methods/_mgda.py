@@ -129,6 +129,20 @@ def mgda_weights(
 
   Returns:
     ``(T,)`` weights on the simplex.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # orthogonal gradients of norms 1 and 2: min (1 - w)^2 + 4 w^2 at w = 0.2
+    >>> w = mgda_weights(jnp.array([[1., 0.], [0., 4.]]))
+    >>> [round(float(x), 4) for x in w]
+    [0.8, 0.2]
+
+  References:
+    Sener and Koltun, `Multi-Task Learning as Multi-Objective Optimization
+    <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018
+
+    Désidéri, `Multiple-gradient descent algorithm (MGDA) for multiobjective optimization
+    <https://doi.org/10.1016/j.crma.2012.03.014>`_, Comptes Rendus Mathématique 2012
   """
   k = normalize_gram(gram)
   t = k.shape[0]
@@ -187,11 +201,19 @@ def mgda(num_iters: int | None = None, *, num_tasks: int | None = None) -> Metho
     An optax transformation mapping stacked gradients ``(T, ...)`` to the
     min-norm combination.
 
-  >>> import jax.numpy as jnp
-  >>> tx = mgda()
-  >>> upd, _ = tx.update({"w": jnp.array([[1., 0.], [0., 1.]])}, tx.init(None))
-  >>> [round(float(x), 5) for x in upd["w"]]
-  [0.5, 0.5]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = mgda()
+    >>> upd, _ = tx.update({"w": jnp.array([[1., 0.], [0., 1.]])}, tx.init(None))
+    >>> [round(float(x), 5) for x in upd["w"]]
+    [0.5, 0.5]
+
+  References:
+    Sener and Koltun, `Multi-Task Learning as Multi-Objective Optimization
+    <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018
+
+    Désidéri, `Multiple-gradient descent algorithm (MGDA) for multiobjective optimization
+    <https://doi.org/10.1016/j.crma.2012.03.014>`_, Comptes Rendus Mathématique 2012
   """
   if num_iters is not None:
     check_int("num_iters", num_iters, low=1, method="mgda")

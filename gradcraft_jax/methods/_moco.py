@@ -85,12 +85,17 @@ def moco(
     An ``optax.GradientTransformationExtraArgs`` over stacked per-task
     gradients whose ``init`` needs the parameters (for the state's shapes).
 
-  >>> import jax.numpy as jnp
-  >>> tx = moco(beta=1.0, gamma=0.5, num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> upd, state = tx.update({"w": jnp.array([[1., 0.], [0., 2.]])}, state)
-  >>> state.weights  # one MGDA-style step from (1/2, 1/2), as MoDo's example
-  Array([0.875, 0.125], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = moco(beta=1.0, gamma=0.5, num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> upd, state = tx.update({"w": jnp.array([[1., 0.], [0., 2.]])}, state)
+    >>> state.weights  # one MGDA-style step from (1/2, 1/2), as MoDo's example
+    Array([0.875, 0.125], dtype=float32)
+
+  References:
+    Fernando et al., `Mitigating Gradient Bias in Multi-objective Learning: A Provably Convergent
+    Approach <https://openreview.net/forum?id=dLAYGdKTi2>`_, ICLR 2023
   """
   check_hyperparameter("beta", beta, low=0.0, high=1.0, low_open=True, method="moco")
   check_hyperparameter("gamma", gamma, low=0.0, low_open=True, method="moco")

@@ -54,6 +54,17 @@ def modo_weights(cross_gram: jax.Array, weights: jax.Array, *, gamma=0.1, rho=0.
 
   Returns:
     ``(T,)`` new weights on the simplex.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # (1/2, 1/2) - 0.5 (1/2, 2) = (1/4, -1/2), projected onto the simplex
+    >>> w = modo_weights(jnp.diag(jnp.array([1., 4.])), jnp.array([0.5, 0.5]), gamma=0.5)
+    >>> [round(float(x), 4) for x in w]
+    [0.875, 0.125]
+
+  References:
+    Chen et al., `Three-Way Trade-Off in Multi-Objective Learning: Optimization, Generalization and
+    Conflict-Avoidance <https://openreview.net/forum?id=yPkbdJxQ0o>`_, NeurIPS 2023
   """
   grad = cross_gram @ weights + rho * weights
   return project_simplex(weights - gamma * grad)
@@ -96,13 +107,18 @@ def modo(gamma: float = 0.1, rho: float = 0.0, *, num_tasks: int) -> Method:
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = modo(gamma=0.5, num_tasks=2)
-  >>> g1 = {"w": jnp.array([[1., 0.], [0., 2.]])}
-  >>> g2 = {"w": jnp.array([[1., 0.], [0., 2.]])}
-  >>> upd, state = tx.update(g1, tx.init(None), stacked_2=g2)
-  >>> state.weights  # the task with the larger gradient loses weight
-  Array([0.875, 0.125], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = modo(gamma=0.5, num_tasks=2)
+    >>> g1 = {"w": jnp.array([[1., 0.], [0., 2.]])}
+    >>> g2 = {"w": jnp.array([[1., 0.], [0., 2.]])}
+    >>> upd, state = tx.update(g1, tx.init(None), stacked_2=g2)
+    >>> state.weights  # the task with the larger gradient loses weight
+    Array([0.875, 0.125], dtype=float32)
+
+  References:
+    Chen et al., `Three-Way Trade-Off in Multi-Objective Learning: Optimization, Generalization and
+    Conflict-Avoidance <https://openreview.net/forum?id=yPkbdJxQ0o>`_, NeurIPS 2023
   """
   check_hyperparameter("gamma", gamma, low=0.0, low_open=True, method="modo")
   check_hyperparameter("rho", rho, low=0.0, method="modo")

@@ -96,6 +96,18 @@ def nash_mtl_weights(
 
   Returns:
     ``(T,)`` positive weights ``alpha``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # orthogonal gradients of norms 2 and 1: K alpha = 1 / alpha gives
+    >>> # alpha_i = 1 / ||g_i||
+    >>> w = nash_mtl_weights(jnp.array([[4., 0.], [0., 1.]]))
+    >>> [round(float(x), 4) for x in w]
+    [0.5, 1.0]
+
+  References:
+    Navon et al., `Multi-Task Learning as a Bargaining Game <https://arxiv.org/abs/2202.01017>`_,
+    ICML 2022
   """
   dtype = gram.dtype
   t = gram.shape[0]
@@ -141,12 +153,17 @@ def nash_mtl(
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = nash_mtl()
-  >>> g = {"w": jnp.array([[2., 0.], [0., 1.]])}
-  >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
-  >>> [round(float(x), 4) for x in upd["w"]]  # alpha_i = 1 / ||g_i||
-  [1.0, 1.0]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = nash_mtl()
+    >>> g = {"w": jnp.array([[2., 0.], [0., 1.]])}
+    >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(float(x), 4) for x in upd["w"]]  # alpha_i = 1 / ||g_i||
+    [1.0, 1.0]
+
+  References:
+    Navon et al., `Multi-Task Learning as a Bargaining Game <https://arxiv.org/abs/2202.01017>`_,
+    ICML 2022
   """
   check_int("num_iters", num_iters, low=1, method="nash_mtl")
   check_hyperparameter("ridge", ridge, low=0.0, method="nash_mtl")

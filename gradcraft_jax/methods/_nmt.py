@@ -72,11 +72,16 @@ def nmt_update_multipliers(
     inputs' dtypes). The result is not differentiated through
     (``stop_gradient``).
 
-  >>> import jax.numpy as jnp
-  >>> nmt_update_multipliers(jnp.array([0.5, 0.0]), jnp.array([3., 0., 9.]),
-  ...                        jnp.array([1., 1.]), lagrange_lr=0.1,
-  ...                        lagrange_clip=1.0)
-  Array([0.6, 0. ], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> nmt_update_multipliers(jnp.array([0.5, 0.0]), jnp.array([3., 0., 9.]),
+    ...                        jnp.array([1., 1.]), lagrange_lr=0.1,
+    ...                        lagrange_clip=1.0)
+    Array([0.6, 0. ], dtype=float32)
+
+  References:
+    Cheng et al., `No More Tuning: Prioritized Multi-Task Learning with Lagrangian Differential
+    Multiplier Methods <https://arxiv.org/abs/2412.12092>`_, AAAI 2025
   """
   multipliers = jnp.asarray(multipliers)
   task_losses = jnp.asarray(task_losses)
@@ -110,9 +115,14 @@ def nmt_weights(multipliers: jax.Array) -> jax.Array:
   Returns:
     ``(T,)`` weights (summing to one).
 
-  >>> import jax.numpy as jnp
-  >>> nmt_weights(jnp.array([1., 2.]))
-  Array([0.25, 0.5 , 0.25], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> nmt_weights(jnp.array([1., 2.]))
+    Array([0.25, 0.5 , 0.25], dtype=float32)
+
+  References:
+    Cheng et al., `No More Tuning: Prioritized Multi-Task Learning with Lagrangian Differential
+    Multiplier Methods <https://arxiv.org/abs/2412.12092>`_, AAAI 2025
   """
   lam = jnp.asarray(multipliers)
   lam = lam.astype(jnp.result_type(jnp.float32, lam.dtype))
@@ -148,9 +158,14 @@ def nmt_loss(task_losses: jax.Array, multipliers: jax.Array, targets: jax.Array)
   Returns:
     The scalar re-scaled Lagrangian.
 
-  >>> import jax.numpy as jnp
-  >>> nmt_loss(jnp.array([2., 5.]), jnp.array([1.]), jnp.array([1.]))
-  Array(3., dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> nmt_loss(jnp.array([2., 5.]), jnp.array([1.]), jnp.array([1.]))
+    Array(3., dtype=float32)
+
+  References:
+    Cheng et al., `No More Tuning: Prioritized Multi-Task Learning with Lagrangian Differential
+    Multiplier Methods <https://arxiv.org/abs/2412.12092>`_, AAAI 2025
   """
   task_losses = jnp.asarray(task_losses)
   lam = jax.lax.stop_gradient(jnp.asarray(multipliers))
@@ -217,14 +232,19 @@ def nmt(
       time for a missing ``task_losses``, a task count other than ``T`` or a
       ``targets=`` override of the wrong shape.
 
-  >>> import jax.numpy as jnp, optax
-  >>> tx = optax.chain(nmt([1.0], lagrange_lr=0.5, lagrange_clip=10.0),
-  ...                  optax.sgd(1.0))
-  >>> g = {"w": jnp.array([[1., 0.], [0., 1.]])}
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> upd, state = tx.update(g, state, task_losses=jnp.array([3., 0.]))
-  >>> upd["w"]  # lambda = 0.5: -(g_2 + 0.5 g_1) / 1.5
-  Array([-0.33333334, -0.6666667 ], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> tx = optax.chain(nmt([1.0], lagrange_lr=0.5, lagrange_clip=10.0),
+    ...                  optax.sgd(1.0))
+    >>> g = {"w": jnp.array([[1., 0.], [0., 1.]])}
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> upd, state = tx.update(g, state, task_losses=jnp.array([3., 0.]))
+    >>> upd["w"]  # lambda = 0.5: -(g_2 + 0.5 g_1) / 1.5
+    Array([-0.33333334, -0.6666667 ], dtype=float32)
+
+  References:
+    Cheng et al., `No More Tuning: Prioritized Multi-Task Learning with Lagrangian Differential
+    Multiplier Methods <https://arxiv.org/abs/2412.12092>`_, AAAI 2025
   """
   if isinstance(targets, jax.Array):  # possibly traced: check shape only
     default_targets = targets

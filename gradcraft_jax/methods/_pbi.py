@@ -28,6 +28,28 @@ def pbi_weights(task_losses: jax.Array, *, preference, theta, reference=None) ->
 
   The weights can be negative (the penalty pulls the losses towards the
   preference ray).
+
+  Args:
+    task_losses: ``(T,)`` losses ``l``.
+    preference: ``(T,)`` preference direction ``w``.
+    theta: penalty :math:`\theta \ge 0`.
+    reference: optional ``(T,)`` reference point :math:`z^\star` (default
+      the origin).
+
+  Returns:
+    ``(T,)`` weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # l = (1, 3) along w = (1, 1): d_1 w_hat = (2, 2), p = (-1, 1),
+    >>> # d_2 = sqrt(2): weights (1, 1) / sqrt(2) + 2 (-1, 1) / sqrt(2)
+    >>> w = pbi_weights(jnp.array([1., 3.]), preference=jnp.array([1., 1.]), theta=2.0)
+    >>> [round(float(x), 4) for x in w]
+    [-0.7071, 2.1213]
+
+  References:
+    Zhang and Li, MOEA/D: A Multiobjective Evolutionary Algorithm Based on Decomposition, IEEE
+    Transactions on Evolutionary Computation 2007
   """
   dtype = task_losses.dtype
   w = jnp.asarray(preference, dtype)
@@ -75,11 +97,16 @@ def pbi(
     An optax transformation whose ``update`` needs ``task_losses=`` and
     accepts ``preference=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = pbi(jnp.array([1.0, 1.0]), theta=0.0)
-  >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None), task_losses=jnp.array([1., 2.]))
-  >>> [round(float(x), 4) for x in upd["w"]]  # theta = 0: the unit preference
-  [0.7071, 0.7071]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = pbi(jnp.array([1.0, 1.0]), theta=0.0)
+    >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None), task_losses=jnp.array([1., 2.]))
+    >>> [round(float(x), 4) for x in upd["w"]]  # theta = 0: the unit preference
+    [0.7071, 0.7071]
+
+  References:
+    Zhang and Li, MOEA/D: A Multiobjective Evolutionary Algorithm Based on Decomposition, IEEE
+    Transactions on Evolutionary Computation 2007
   """
   check_hyperparameter("theta", theta, low=0.0, method="pbi")
   check_num_tasks(num_tasks, "pbi")

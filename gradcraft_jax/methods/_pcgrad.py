@@ -96,6 +96,17 @@ def pcgrad_weights(gram: jax.Array, perms: jax.Array) -> jax.Array:
 
   Returns:
     ``(T,)`` weights ``w`` with :math:`\sum_i g_i^{PC} = \sum_k w_k g_k`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # g_1 = (1, 0), g_2 = (-1, 1): g_1^PC = g_1 + g_2 / 2, g_2^PC = g_2 + g_1
+    >>> w = pcgrad_weights(jnp.array([[1., -1.], [-1., 2.]]), jnp.array([[0, 1], [0, 1]]))
+    >>> [round(float(x), 4) for x in w]
+    [2.0, 1.5]
+
+  References:
+    Yu et al., `Gradient Surgery for Multi-Task Learning <https://arxiv.org/abs/2001.06782>`_,
+    NeurIPS 2020
   """
   return jnp.sum(sequential_projection(normalize_gram(gram), perms), axis=0)
 
@@ -111,6 +122,21 @@ def pcgrad_plus_weights(gram: jax.Array, perms: jax.Array, *, tau, eps) -> jax.A
 
   Returns:
     ``(T,)`` weights ``c`` with update ``sum_k c_k g_k``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # tau = 0, eps = 0: PCGrad's projections, averaged instead of summed
+    >>> k = jnp.array([[1., -1.], [-1., 2.]])
+    >>> w = pcgrad_plus_weights(k, jnp.array([[0, 1], [0, 1]]), tau=0.0, eps=0.0)
+    >>> [round(float(x), 4) for x in w]
+    [1.0, 0.75]
+
+  References:
+    Bai et al., `GradCraft: Elevating Multi-task Recommendations through Holistic Gradient Crafting
+    <https://arxiv.org/abs/2407.19682>`_, KDD 2024
+
+    Yu et al., `Gradient Surgery for Multi-Task Learning <https://arxiv.org/abs/2001.06782>`_,
+    NeurIPS 2020
   """
   t = gram.shape[0]
   k = normalize_gram(gram)
@@ -164,12 +190,17 @@ def pcgrad(seed: int = 0, *, num_tasks: int | None = None) -> Method:
   Returns:
     An optax transformation over stacked gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = pcgrad()
-  >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> upd["w"]  # (1, 0) + (1, 1)/2 + (0, 1)
-  Array([0.5, 1.5], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = pcgrad()
+    >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> upd["w"]  # (1, 0) + (1, 1)/2 + (0, 1)
+    Array([0.5, 1.5], dtype=float32)
+
+  References:
+    Yu et al., `Gradient Surgery for Multi-Task Learning <https://arxiv.org/abs/2001.06782>`_,
+    NeurIPS 2020
   """
   check_int("seed", seed, method="pcgrad", allow_array=True)
   check_num_tasks(num_tasks, "pcgrad")
@@ -212,12 +243,20 @@ def pcgrad_plus(
   Returns:
     An optax transformation over stacked gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = pcgrad_plus(tau=0.0, eps=0.0)
-  >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> upd["w"]  # pcgrad / 2
-  Array([0.25, 0.75], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = pcgrad_plus(tau=0.0, eps=0.0)
+    >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> upd["w"]  # pcgrad / 2
+    Array([0.25, 0.75], dtype=float32)
+
+  References:
+    Bai et al., `GradCraft: Elevating Multi-task Recommendations through Holistic Gradient Crafting
+    <https://arxiv.org/abs/2407.19682>`_, KDD 2024
+
+    Yu et al., `Gradient Surgery for Multi-Task Learning <https://arxiv.org/abs/2001.06782>`_,
+    NeurIPS 2020
   """
   check_hyperparameter("tau", tau, low=0.0, high=1.0, method="pcgrad_plus")
   check_hyperparameter("eps", eps, low=0.0, method="pcgrad_plus")

@@ -33,6 +33,16 @@ def rlw_weights(key: jax.Array, num_tasks: int, *, dtype=jnp.float32) -> jax.Arr
 
   Returns:
     ``(T,)`` positive weights summing to 1.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> w = rlw_weights(jax.random.PRNGKey(0), 3)
+    >>> w.shape, bool(jnp.isclose(w.sum(), 1.0)), bool((w > 0).all())
+    ((3,), True, True)
+
+  References:
+    Lin et al., `Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning
+    <https://openreview.net/forum?id=jjtFD8A1Wx>`_, TMLR 2022
   """
   return jax.nn.softmax(jax.random.normal(key, (num_tasks,), dtype))
 
@@ -66,11 +76,16 @@ def rlw(seed: int = 0, *, num_tasks: int | None = None) -> Method:
   Returns:
     An optax transformation over stacked gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = rlw(seed=0)
-  >>> upd, state = tx.update({"w": jnp.eye(3)}, tx.init(None))
-  >>> round(float(upd["w"].sum()), 5), bool((upd["w"] > 0).all())
-  (1.0, True)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = rlw(seed=0)
+    >>> upd, state = tx.update({"w": jnp.eye(3)}, tx.init(None))
+    >>> round(float(upd["w"].sum()), 5), bool((upd["w"] > 0).all())
+    (1.0, True)
+
+  References:
+    Lin et al., `Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning
+    <https://openreview.net/forum?id=jjtFD8A1Wx>`_, TMLR 2022
   """
   check_num_tasks(num_tasks, "rlw")
   if not isinstance(seed, (int, jax.Array)) or isinstance(seed, bool):

@@ -71,6 +71,20 @@ def sdmgrad_step(
 
   Returns:
     ``(update_weights, new_w)``, both ``(T,)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # K_12 = diag(1, 4), lambda = 1: (w_1 + 1/2)^2 + 4 (w_2 + 1/2)^2 is
+    >>> # smallest on the simplex at w = (1, 0); the update weights are
+    >>> # (w + (1/2, 1/2)) / 2
+    >>> upd_w, w = sdmgrad_step(jnp.diag(jnp.array([1., 4.])), jnp.array([0.5, 0.5]),
+    ...                         lambda_=1.0)
+    >>> [round(float(x), 4) for x in upd_w], [round(float(x), 4) for x in w]
+    ([0.75, 0.25], [1.0, 0.0])
+
+  References:
+    Xiao et al., `Direction-oriented Multi-objective Learning: Simple and Provable Stochastic
+    Algorithms <https://openreview.net/forum?id=4Ks8RPcXd9>`_, NeurIPS 2023
   """
   t = cross_gram.shape[0]
   dtype = cross_gram.dtype
@@ -134,12 +148,17 @@ def sdmgrad(
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = sdmgrad(0.0, lr=0.5, num_iters=100, num_tasks=2)
-  >>> g = {"w": jnp.array([[1., 0.], [0., 2.]])}
-  >>> upd, state = tx.update(g, tx.init(None), stacked_2=g)
-  >>> [round(float(x), 3) for x in state.weights]  # MGDA: (0.8, 0.2)
-  [0.8, 0.2]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = sdmgrad(0.0, lr=0.5, num_iters=100, num_tasks=2)
+    >>> g = {"w": jnp.array([[1., 0.], [0., 2.]])}
+    >>> upd, state = tx.update(g, tx.init(None), stacked_2=g)
+    >>> [round(float(x), 3) for x in state.weights]  # MGDA: (0.8, 0.2)
+    [0.8, 0.2]
+
+  References:
+    Xiao et al., `Direction-oriented Multi-objective Learning: Simple and Provable Stochastic
+    Algorithms <https://openreview.net/forum?id=4Ks8RPcXd9>`_, NeurIPS 2023
   """
   check_hyperparameter("lambda_", lambda_, low=0.0, method="sdmgrad")
   check_hyperparameter("lr", lr, low=0.0, low_open=True, method="sdmgrad")

@@ -71,6 +71,20 @@ def stch_weights(
 
   Returns:
     ``(T,)`` non-negative weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> l = jnp.array([1., 2.])
+    >>> # lambda = 1, z = 0, mu = 1: softmax(l) = (1, e) / (1 + e)
+    >>> [round(float(x), 4) for x in stch_weights(l, mu=1.0, preference=jnp.ones(2))]
+    [0.2689, 0.7311]
+    >>> # small mu: the gradient of the largest loss alone
+    >>> [round(float(x), 4) for x in stch_weights(l, mu=0.01, preference=jnp.ones(2))]
+    [0.0, 1.0]
+
+  References:
+    Lin et al., `Smooth Tchebycheff Scalarization for Multi-Objective Optimization
+    <https://openreview.net/forum?id=m4dO5L6eCp>`_, ICML 2024
   """
   t = task_losses.shape[0]
   dtype = task_losses.dtype
@@ -149,12 +163,17 @@ def stch(
   Returns:
     An optax transformation whose ``update`` needs ``task_losses=``.
 
-  >>> import jax.numpy as jnp
-  >>> tx = stch(mu=1.0, num_tasks=2, preference=jnp.ones(2))
-  >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None),
-  ...                    task_losses=jnp.array([1., 2.]))
-  >>> [round(float(x), 4) for x in upd["w"]]  # softmax([1, 2])
-  [0.2689, 0.7311]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = stch(mu=1.0, num_tasks=2, preference=jnp.ones(2))
+    >>> upd, _ = tx.update({"w": jnp.eye(2)}, tx.init(None),
+    ...                    task_losses=jnp.array([1., 2.]))
+    >>> [round(float(x), 4) for x in upd["w"]]  # softmax([1, 2])
+    [0.2689, 0.7311]
+
+  References:
+    Lin et al., `Smooth Tchebycheff Scalarization for Multi-Objective Optimization
+    <https://openreview.net/forum?id=m4dO5L6eCp>`_, ICML 2024
   """
   check_hyperparameter("mu", mu, low=0.0, low_open=True, method="stch")
   check_num_tasks(num_tasks, "stch", required=True)

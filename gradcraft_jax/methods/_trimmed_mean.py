@@ -36,6 +36,17 @@ def trimmed_mean_combine(stacked: Any, trim_number: int) -> Any:
   Returns:
     A pytree like the parameters, in the input dtypes (computed in at least
     float32).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # five task values of one coordinate: 1 and 100 dropped, (2 + 3 + 4) / 3
+    >>> g = {"w": jnp.array([[4.], [100.], [1.], [3.], [2.]])}
+    >>> trimmed_mean_combine(g, 1)["w"].tolist()
+    [3.0]
+
+  References:
+    Yin et al., `Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates
+    <https://proceedings.mlr.press/v80/yin18a/yin18a.pdf>`_, ICML 2018
   """
   t = _num_tasks(stacked)
   if t < 2 * trim_number + 1:
@@ -104,12 +115,17 @@ def trimmed_mean(trim_number: int = 1, *, num_tasks: int | None = None) -> Coord
     gradients; extra arguments (``task_losses``, ...) are accepted and
     ignored.
 
-  >>> import jax.numpy as jnp
-  >>> tx = trimmed_mean(1)
-  >>> g = {"w": jnp.array([[1., 9.], [2., -7.], [100., 0.]])}
-  >>> upd, _ = tx.update(g, tx.init(None))
-  >>> upd["w"]  # the median of each column
-  Array([2., 0.], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = trimmed_mean(1)
+    >>> g = {"w": jnp.array([[1., 9.], [2., -7.], [100., 0.]])}
+    >>> upd, _ = tx.update(g, tx.init(None))
+    >>> upd["w"]  # the median of each column
+    Array([2., 0.], dtype=float32)
+
+  References:
+    Yin et al., `Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates
+    <https://proceedings.mlr.press/v80/yin18a/yin18a.pdf>`_, ICML 2018
   """
   if isinstance(trim_number, bool) or not isinstance(trim_number, int) or trim_number < 0:
     raise ValueError(f"trimmed_mean: trim_number must be an int >= 0, got {trim_number!r}")

@@ -30,7 +30,23 @@ class UncertaintyWeightingState(NamedTuple):
 
 
 def uncertainty_weights(log_vars: jax.Array) -> jax.Array:
-  r"""Task weights :math:`w_i = e^{-s_i}` for log-variances ``s``."""
+  r"""Task weights :math:`w_i = e^{-s_i}` for log-variances ``s``.
+
+  Args:
+    log_vars: ``(T,)`` log-variances ``s``.
+
+  Returns:
+    ``(T,)`` positive weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> [round(float(x), 4) for x in uncertainty_weights(jnp.log(jnp.array([1., 2.])))]
+    [1.0, 0.5]
+
+  References:
+    Kendall et al., `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and
+    Semantics <https://arxiv.org/abs/1705.07115>`_, CVPR 2018
+  """
   return jnp.exp(-log_vars)
 
 
@@ -78,15 +94,20 @@ def uncertainty_weighting(lr: float = 1e-2, *, num_tasks: int) -> Method:
     An optax transformation whose ``update(grads, state, params,
     task_losses=l)`` needs the ``(T,)`` task losses.
 
-  >>> import jax.numpy as jnp
-  >>> tx = uncertainty_weighting(lr=0.1, num_tasks=2)
-  >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> g = {"w": jnp.array([[1., 0.], [0., 1.]])}
-  >>> upd, state = tx.update(g, state, task_losses=jnp.array([2., 0.5]))
-  >>> upd["w"]
-  Array([1., 1.], dtype=float32)
-  >>> state.log_vars
-  Array([ 0.1 , -0.05], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = uncertainty_weighting(lr=0.1, num_tasks=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> g = {"w": jnp.array([[1., 0.], [0., 1.]])}
+    >>> upd, state = tx.update(g, state, task_losses=jnp.array([2., 0.5]))
+    >>> upd["w"]
+    Array([1., 1.], dtype=float32)
+    >>> state.log_vars
+    Array([ 0.1 , -0.05], dtype=float32)
+
+  References:
+    Kendall et al., `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and
+    Semantics <https://arxiv.org/abs/1705.07115>`_, CVPR 2018
   """
   check_hyperparameter("lr", lr, low=0.0, method="uncertainty_weighting")
   check_num_tasks(num_tasks, "uncertainty_weighting", required=True)

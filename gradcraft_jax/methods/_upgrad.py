@@ -107,6 +107,19 @@ def dual_cone_weights(
 
   Returns:
     ``(T,)`` weights ``v >= u``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # g_1 = (1, 0), g_2 = (-2, 0.5), u = (1/2, 1/2): v = (1, 1/2), and
+    >>> # K v = (<g_1, d>, <g_2, d>) = (0, 1/8) >= 0 with d = J^T v
+    >>> k = jnp.array([[1., -2.], [-2., 4.25]])
+    >>> v = dual_cone_weights(k, jnp.array([0.5, 0.5]))
+    >>> [round(float(x), 4) for x in v], round(float((k @ v)[1]), 4)
+    ([1.0, 0.5], 0.125)
+
+  References:
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
   """
   t = gram.shape[0]
   dtype = gram.dtype
@@ -130,6 +143,19 @@ def upgrad_weights(
 
   Returns:
     ``(T,)`` weights.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> # g_1 = (1, 0), g_2 = (-1, 1): their projections onto the dual cone
+    >>> # are (.5, .5) = g_1 + g_2 / 2 and (0, 1) = g_1 + g_2; the mean of
+    >>> # the two has weights (1, 3/4)
+    >>> w = upgrad_weights(jnp.array([[1., -1.], [-1., 2.]]))
+    >>> [round(float(x), 4) for x in w]
+    [1.0, 0.75]
+
+  References:
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
   """
   t = gram.shape[0]
   dtype = gram.dtype
@@ -176,12 +202,17 @@ def upgrad(*, num_iters: int = 20, reg_eps: float = 0.0, num_tasks: int | None =
   Returns:
     An optax transformation over stacked per-task gradients.
 
-  >>> import jax.numpy as jnp
-  >>> tx = upgrad()
-  >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
-  >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
-  >>> [round(float(x), 4) for x in upd["w"]]  # mean of (.5, .5) and (0, 1)
-  [0.25, 0.75]
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = upgrad()
+    >>> g = {"w": jnp.array([[1., 0.], [-1., 1.]])}
+    >>> upd, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(float(x), 4) for x in upd["w"]]  # mean of (.5, .5) and (0, 1)
+    [0.25, 0.75]
+
+  References:
+    Quinton and Rey, `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_, 2024
   """
   check_int("num_iters", num_iters, low=1, method="upgrad")
   check_hyperparameter("reg_eps", reg_eps, low=0.0, method="upgrad")
