@@ -80,7 +80,21 @@ _ON_FALLBACK = ("warn", "silent", "raise")
 class FallbackWarning(UserWarning):
   """A fast route of :func:`~gradcraft_jax.per_task_value_and_grad` or
   :func:`~gradcraft_jax.combined_value_and_grad` could not be taken, and the
-  step took its plain route instead (same result, more time or memory)."""
+  step took its plain route instead (same result, more time or memory).
+
+  Examples:
+    >>> import warnings
+    >>> import jax.numpy as jnp
+    >>> import gradcraft_jax as gj
+    >>> def fun(w, x):
+    ...   scale = float(x[0])  # reads a concrete value: no abstract trace
+    ...   return jnp.stack([scale * jnp.sum(w), jnp.sum(w ** 2)])
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   _ = gj.per_task_value_and_grad(fun)(jnp.ones(2), jnp.ones(3))
+    >>> any(issubclass(c.category, gj.FallbackWarning) for c in caught)
+    True
+  """
 
 
 class Fallback(Exception):

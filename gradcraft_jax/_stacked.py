@@ -314,11 +314,12 @@ def gram_matrix(stacked: Any) -> jax.Array:
     ``(T, T)`` symmetric positive semi-definite matrix in
     :func:`accumulation_dtype` (float32 for bf16/fp16/fp32 inputs).
 
-  >>> import jax.numpy as jnp
-  >>> g = {"a": jnp.array([[1., 0.], [1., 1.]]), "b": jnp.array([[2.], [0.]])}
-  >>> gram_matrix(g)
-  Array([[5., 1.],
-         [1., 2.]], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g = {"a": jnp.array([[1., 0.], [1., 1.]]), "b": jnp.array([[2.], [0.]])}
+    >>> gram_matrix(g)
+    Array([[5., 1.],
+           [1., 2.]], dtype=float32)
   """
   t = num_tasks(stacked)
   acc = accumulation_dtype(stacked)
@@ -363,9 +364,10 @@ def weighted_sum(stacked: Any, weights: jax.Array) -> Any:
     A pytree like the parameters (task axis removed), each leaf in its input
     dtype; the sum is accumulated in at least float32.
 
-  >>> import jax.numpy as jnp
-  >>> weighted_sum({"a": jnp.array([[1., 2.], [3., 4.]])}, jnp.array([0.5, 1.]))
-  {'a': Array([3.5, 5. ], dtype=float32)}
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> weighted_sum({"a": jnp.array([[1., 2.], [3., 4.]])}, jnp.array([0.5, 1.]))
+    {'a': Array([3.5, 5. ], dtype=float32)}
   """
   return weighted_sum_checked(stacked, weights)[0]
 
@@ -453,12 +455,13 @@ def cross_gram(stacked_1: Any, stacked_2: Any) -> jax.Array:
   Returns:
     ``(T, T)`` matrix.
 
-  >>> import jax.numpy as jnp
-  >>> a = {"w": jnp.array([[1., 0.], [0., 1.]])}
-  >>> b = {"w": jnp.array([[2., 1.], [0., 3.]])}
-  >>> cross_gram(a, b)
-  Array([[2., 0.],
-         [1., 3.]], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> a = {"w": jnp.array([[1., 0.], [0., 1.]])}
+    >>> b = {"w": jnp.array([[2., 1.], [0., 3.]])}
+    >>> cross_gram(a, b)
+    Array([[2., 0.],
+           [1., 3.]], dtype=float32)
   """
   leaves_1, tree_1 = jax.tree_util.tree_flatten(stacked_1)
   leaves_2, tree_2 = jax.tree_util.tree_flatten(stacked_2)

@@ -73,6 +73,13 @@ class Coverage(dict):
     traced to look for one);
   * ``fallbacks``: the reasons the step leaves a fast route, as it reports
     them (``on_fallback``); empty when it takes them all.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> fun = lambda w, x: jnp.stack([jnp.sum(x @ w), jnp.sum((x @ w) ** 2)])
+    >>> cov = gram_coverage(fun)(jnp.ones((8, 2)), jnp.ones((2, 8)))
+    >>> isinstance(cov, dict), cov.fallbacks
+    (True, ())
   """
 
   def __init__(self, reasons: dict, combined: str, fallbacks: tuple):
@@ -272,16 +279,16 @@ def gram_coverage(
     fallbacks included. Trace-time only: nothing is computed.
 
   Examples:
-  >>> import jax.numpy as jnp
-  >>> def fun(p, x):
-  ...   h = jnp.tanh(x @ p["w"] + p["b"])
-  ...   return jnp.stack([jnp.sum(h), jnp.sum(h ** 2)])
-  >>> p = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
-  >>> cov = gram_coverage(fun)(p, jnp.ones((2, 8)))
-  >>> cov
-  {"['b']": 'used by broadcast_in_dim', "['w']": 'dense'}
-  >>> cov.combined, cov.fallbacks
-  ('one pullback of the weighted losses', ())
+    >>> import jax.numpy as jnp
+    >>> def fun(p, x):
+    ...   h = jnp.tanh(x @ p["w"] + p["b"])
+    ...   return jnp.stack([jnp.sum(h), jnp.sum(h ** 2)])
+    >>> p = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+    >>> cov = gram_coverage(fun)(p, jnp.ones((2, 8)))
+    >>> cov
+    {"['b']": 'used by broadcast_in_dim', "['w']": 'dense'}
+    >>> cov.combined, cov.fallbacks
+    ('one pullback of the weighted losses', ())
   """
   _check_gram(gram)
   _check_chunk_size(chunk_size)
@@ -437,20 +444,21 @@ def combined_value_and_grad(
     ValueError: if ``fun`` does not return a 1-D vector of real losses.
     RuntimeError: with ``on_fallback="raise"``, when a fast route is left.
 
-  >>> import jax, jax.numpy as jnp
-  >>> import gradcraft_jax as gj
-  >>> def fun(w, x):
-  ...   return jnp.stack([jnp.sum((x @ w - 1.0) ** 2), jnp.sum((x @ w + 1.0) ** 2)])
-  >>> w, x = jnp.ones((3,)), jnp.eye(3)
-  >>> method = gj.mgda()
-  >>> step = jax.jit(combined_value_and_grad(fun, method))
-  >>> losses, grads, state = step(w, method.init(w), x)
-  >>> grads.shape
-  (3,)
-  >>> _, stacked = gj.per_task_value_and_grad(fun)(w, x)
-  >>> ref, _ = method.update(stacked, method.init(w), w, task_losses=losses)
-  >>> bool(jnp.allclose(grads, ref, atol=1e-6))
-  True
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import gradcraft_jax as gj
+    >>> def fun(w, x):
+    ...   return jnp.stack([jnp.sum((x @ w - 1.0) ** 2), jnp.sum((x @ w + 1.0) ** 2)])
+    >>> w, x = jnp.ones((3,)), jnp.eye(3)
+    >>> method = gj.mgda()
+    >>> step = jax.jit(combined_value_and_grad(fun, method))
+    >>> losses, grads, state = step(w, method.init(w), x)
+    >>> grads.shape
+    (3,)
+    >>> _, stacked = gj.per_task_value_and_grad(fun)(w, x)
+    >>> ref, _ = method.update(stacked, method.init(w), w, task_losses=losses)
+    >>> bool(jnp.allclose(grads, ref, atol=1e-6))
+    True
   """
   weighting = weighting_of(method, "combined_value_and_grad")
   _check_gram(gram)

@@ -112,12 +112,13 @@ def per_task_value_and_grad(
       real parameters only).
     ValueError: if ``fun`` does not return a 1-D vector of real losses.
 
-  >>> import jax.numpy as jnp
-  >>> f = lambda w, x: jnp.stack([jnp.sum(w * x), jnp.sum(w ** 2)])
-  >>> losses, g = per_task_value_and_grad(f)(jnp.array([1., 2.]), jnp.array([3., 4.]))
-  >>> g
-  Array([[3., 4.],
-         [2., 4.]], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> f = lambda w, x: jnp.stack([jnp.sum(w * x), jnp.sum(w ** 2)])
+    >>> losses, g = per_task_value_and_grad(f)(jnp.array([1., 2.]), jnp.array([3., 4.]))
+    >>> g
+    Array([[3., 4.],
+           [2., 4.]], dtype=float32)
   """
   if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")

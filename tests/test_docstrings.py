@@ -35,16 +35,7 @@ MODULES = (
 # Docstrings whose doctest is not under an ``Examples:`` heading: for these
 # only the ``>>>`` lines are required. The list may only shrink
 # (test_bare_doctests_list_is_current).
-BARE_DOCTESTS = frozenset(
-  {
-    "combined_value_and_grad",
-    "cross_gram",
-    "gram_coverage",
-    "gram_matrix",
-    "per_task_value_and_grad",
-    "weighted_sum",
-  }
-)
+BARE_DOCTESTS = frozenset()
 
 
 def _is_record(obj) -> bool:
