@@ -120,7 +120,9 @@ _FIRST_GROUPS = ("gradcraft_jax.methods._gradcraft", "gradcraft_jax.methods._nmt
 def _exports(root: str, package: str) -> tuple[list[str], dict[str, str]]:
   """``(__all__, name -> module.name)`` of a package's ``__init__.py``."""
   init = os.path.join(root, *package.split("."), "__init__.py")
-  with open(init, encoding="utf-8") as f:
+  single = os.path.join(root, *package.split(".")) + ".py"
+  is_module = not os.path.isfile(init) and os.path.isfile(single)
+  with open(single if is_module else init, encoding="utf-8") as f:
     tree = ast.parse(f.read())
   names: list[str] = []
   source: dict[str, str] = {}
@@ -132,6 +134,8 @@ def _exports(root: str, package: str) -> tuple[list[str], dict[str, str]]:
       isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
     ):
       names = list(ast.literal_eval(node.value))
+  if is_module:  # a plain module: its public names are defined in it
+    source = {name: f"{package}.{name}" for name in names}
   return names, source
 
 
@@ -194,6 +198,9 @@ def _api_markdown(root: str, package: str, seen: set[str]) -> str:
         "%s.__all__ lists %r but no 'from ... import %s' line defines it", package, name, name
       )
       continue
+    target = os.path.join(root, *path.split("."))
+    if os.path.isdir(target) or os.path.isfile(target + ".py"):
+      continue  # a submodule (``from package import module``): documented on its own
     defining = _defining_path(root, path)
     if defining in seen:
       continue
