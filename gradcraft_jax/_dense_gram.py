@@ -453,7 +453,12 @@ def _explicitly_sharded(aval) -> bool:
   reduced locally and all-reduced, are the better route)."""
   sharding = getattr(aval, "sharding", None)
   mesh = getattr(sharding, "mesh", None)
-  if mesh is None or getattr(mesh, "empty", True) or not getattr(mesh, "explicit_axes", ()):
+  if (
+    sharding is None
+    or mesh is None
+    or getattr(mesh, "empty", True)
+    or not getattr(mesh, "explicit_axes", ())
+  ):
     return False
   return any(s is not None for s in sharding.spec)
 

@@ -163,9 +163,9 @@ def analyse(flat, choose: Callable, p=None) -> Routes:
   for k in head:
     reasons[k] = _local_label(sp.leaf_reach[k], p.reasons[k])
   dense = tuple(u for u in p.uses if u.leaf not in head)
-  batched = tuple(b for k, b in batched.items() if k not in head)
-  tables = tuple(tab for k, tab in tables.items() if k not in head)
-  return Routes(p.jaxpr, num_tasks, dense, batched, tables, sp, reasons)
+  batched_uses = tuple(b for k, b in batched.items() if k not in head)
+  table_uses = tuple(tab for k, tab in tables.items() if k not in head)
+  return Routes(p.jaxpr, num_tasks, dense, batched_uses, table_uses, sp, reasons)
 
 
 # ----------------------------------------------------------------- evaluation
@@ -293,10 +293,10 @@ def _sliced_broadcast_cot(eqn, val, cot, a):
   if a in bd:  # a size-1 dimension of the operand
     x = jnp.squeeze(val, bd.index(a))
     bd.remove(a)
-  bd = tuple(d - (d > a) for d in bd)
+  dims = tuple(d - (d > a) for d in bd)
 
   def one(c):
-    return jax.vjp(lambda x: jax.lax.broadcast_in_dim(x, shape, bd), x)[1](c)[0]
+    return jax.vjp(lambda x: jax.lax.broadcast_in_dim(x, shape, dims), x)[1](c)[0]
 
   out = jax.vmap(one, in_axes=a)(cot)
   return out.reshape((oshape[a], *jnp.shape(val)))
@@ -415,7 +415,7 @@ def lean_vjp(flat, rt: Routes, leaves, arrays) -> LeanVJP:
     env = base_env()
     env.update(zip(sp.head_reads, reads))
     env.update((invars[k], x) for k, x in zip(sp.head_leaves, hl))
-    hrecs = [None] * len(zc_eqns)
+    hrecs: list[list[Any] | None] = [None] * len(zc_eqns)
 
     def pre(i, invals):
       for p in range(len(invals)):
@@ -443,8 +443,8 @@ def lean_vjp(flat, rt: Routes, leaves, arrays) -> LeanVJP:
 
   def site_cots():
     """Per-task cotangents ``(T, *value.shape)`` of the trunk values."""
-    terms = [[] for _ in sp.bvars]
-    by_task = [{} for _ in sp.bvars]
+    terms: list[list[jax.Array]] = [[] for _ in sp.bvars]
+    by_task: list[dict[int, jax.Array]] = [{} for _ in sp.bvars]
     for j, s in enumerate(subst):
       c = g_sub[j]
       if s.kind == "task":

@@ -64,7 +64,7 @@ from jax.extend import core as jcore
 
 from gradcraft_jax import _dense_gram
 
-NONE = frozenset()
+NONE: frozenset[int] = frozenset()
 
 # Primitives whose output element depends only on the same element of each
 # input (inputs of the output's shape, or scalars).
@@ -276,7 +276,7 @@ def _unstack_rule(eqn, outs, union):
   are the outputs' (or every output reaches by the same other axis)."""
   axis = eqn.params["axis"]
   n = len(eqn.invars)
-  ts = []
+  ts: list[int | None] = []
   for v, r in zip(eqn.outvars, outs):
     if eqn.primitive.name == "unstack":
       s = (next(iter(r)),) if isinstance(r, frozenset) and len(r) == 1 else None
@@ -400,7 +400,9 @@ def split(jaxpr, num_diff: int, num_tasks: int, trunk_leaves=(), no_sites=()) ->
   top = normal(Axis(0, tuple(range(num_tasks))))
   reach, contrib = reach_jaxpr(jaxpr, [top] + [NONE] * (len(jaxpr.outvars) - 1))
 
-  dep, param, producer, consumers = set(leaves), set(leaves), {}, {}
+  dep, param = set(leaves), set(leaves)
+  producer: dict[Any, int] = {}
+  consumers: dict[Any, list[tuple[int, int]]] = {}
   for i, e in enumerate(eqns):
     ins = [v for v in e.invars if not isinstance(v, jcore.Literal)]
     outs = [v for v in e.outvars if not isinstance(v, jcore.DropVar)]

@@ -423,6 +423,22 @@ def weighted_sum_checked(stacked: Any, weights: jax.Array) -> tuple[Any, jax.Arr
   return jax.tree_util.tree_map(combine, stacked), ok
 
 
+def same_treedef(treedef_1: Any, treedef_2: Any) -> bool:
+  """Whether two tree structures (``jax.tree_util.PyTreeDef``) are equal.
+
+  Typed ``Any``: jaxlib ships no type stubs for ``PyTreeDef``, so a type
+  checker cannot compare two of them.
+
+  Examples:
+    >>> import jax
+    >>> same_treedef(jax.tree_util.tree_structure({"a": 1}), jax.tree_util.tree_structure({"a": 2}))
+    True
+    >>> same_treedef(jax.tree_util.tree_structure({"a": 1}), jax.tree_util.tree_structure([1]))
+    False
+  """
+  return bool(treedef_1 == treedef_2)
+
+
 def is_concrete_number(x: Any) -> bool:
   """True for scalars whose value is known at trace time.
 
@@ -465,7 +481,7 @@ def cross_gram(stacked_1: Any, stacked_2: Any) -> jax.Array:
   """
   leaves_1, tree_1 = jax.tree_util.tree_flatten(stacked_1)
   leaves_2, tree_2 = jax.tree_util.tree_flatten(stacked_2)
-  if tree_1 != tree_2:
+  if not same_treedef(tree_1, tree_2):
     raise ValueError(
       "cross_gram: the second batch's stacked gradients have another tree structure "
       f"({tree_2}) than the first ({tree_1})"

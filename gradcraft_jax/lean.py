@@ -173,7 +173,7 @@ def _plan_route(fun, full_args, nums, has_aux, gram, chunk_size) -> _Route:
       leaf_reason = "per-task pullback (chunk_size given)"
   dense = p is not None and choose is not None
   routes = None
-  if dense and not per_task_sum:
+  if p is not None and choose is not None and not per_task_sum:  # dense
     # Towers, stacked experts and embedding tables (the head/trunk split
     # assumes every backward rule is linear in the cotangent: not taken
     # when a custom VJP is reached).

@@ -209,16 +209,17 @@ def train_prioritized(
   nmt([0.0], **hp)  # validates the hyperparameters (ValueError) up front
   get_batch = data if callable(data) else (lambda stage, step: data)
 
-  targets, history = [], []
+  targets: list[float] = []
+  history: list[StageHistory] = []
   for k in range(num_stages):
     init, step = _make_step(loss_fn, k, optimizer, targets, hp, use_nmt_loss)
     state = init(params)
-    losses, lams = [], []
+    step_losses, lams = [], []
     for i in range(steps[k]):
       params, state, l, lam = step(params, state, get_batch(k, i))
-      losses.append(l)
+      step_losses.append(l)
       lams.append(lam)
-    losses = np.asarray(jnp.stack(losses))
+    losses = np.asarray(jnp.stack(step_losses))
     if eval_fn is not None:
       target = float(np.asarray(eval_fn(params))[k])
     else:

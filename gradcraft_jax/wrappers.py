@@ -501,9 +501,11 @@ class MultiSteps:
       if every_k_schedule < 1:
         raise ValueError(f"MultiSteps: every_k_schedule must be >= 1, got {every_k_schedule}")
       k = int(every_k_schedule)
-      every_k_schedule = lambda step: k
+      schedule: Callable[[jax.Array], jax.Array | int] = lambda step: k
+    else:
+      schedule = every_k_schedule
     self._opt = optax.with_extra_args_support(opt)
-    self._every_k_schedule = every_k_schedule
+    self._every_k_schedule = schedule
     self._num_tasks = int(num_tasks)
 
   @property

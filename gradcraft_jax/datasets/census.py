@@ -266,7 +266,8 @@ def _raw_from_uci_dir(directory: str) -> _Raw:
     split: list(zip(*rows)) if rows else [()] * N_COLUMNS for split, rows in parsed.items()
   }
   n = {split: len(rows) for split, rows in parsed.items()}
-  vocab, codes = [], {"train": [], "test": []}
+  vocab: list[np.ndarray] = []
+  codes: dict[str, list[np.ndarray]] = {"train": [], "test": []}
   for j in _RAW_CAT_COLS:
     both = np.asarray(list(columns["train"][j]) + list(columns["test"][j]), dtype=str)
     uniq, inverse = np.unique(both, return_inverse=True)
@@ -364,7 +365,8 @@ def write_compact_npz(
   """
   raw = _raw_from_uci_dir(os.fspath(src_dir))
   arrays = _raw_to_npz_arrays(raw)
-  np.savez_compressed(os.fspath(out_file), **arrays)
+  # numeric and unicode arrays only; the loader reads with allow_pickle=False too
+  np.savez_compressed(os.fspath(out_file), allow_pickle=False, **arrays)
   return arrays
 
 

@@ -26,7 +26,7 @@ class CRMOGMState(NamedTuple):
 
   inner: Any
   weights: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a public field name, shadows tuple.count
 
 
 def cr_mogm_weights(new_weights: jax.Array, previous: jax.Array, *, alpha) -> jax.Array:

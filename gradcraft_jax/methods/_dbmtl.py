@@ -27,7 +27,7 @@ class DBMTLState(NamedTuple):
       ``||g_i|| / (l_i + eps)``, starting from zero.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a public field name, shadows tuple.count
   norm_ema: jax.Array
 
 

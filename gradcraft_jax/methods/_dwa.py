@@ -23,7 +23,7 @@ class DWAState(NamedTuple):
     prior_losses: ``(T,)`` losses of the step before, ``L(t-2)``.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a public field name, shadows tuple.count
   last_losses: jax.Array
   prior_losses: jax.Array
 

@@ -14,7 +14,13 @@ import jax.numpy as jnp
 
 from gradcraft_jax import _cpu_gram
 from gradcraft_jax._guards import check_task_count
-from gradcraft_jax._stacked import accumulation_dtype, finite_probe, kernel_pass, weighted_sum
+from gradcraft_jax._stacked import (
+  accumulation_dtype,
+  finite_probe,
+  kernel_pass,
+  same_treedef,
+  weighted_sum,
+)
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
 from gradcraft_jax.weighting import CoordinatewiseMethod
 
@@ -37,7 +43,7 @@ class ExcessMTLState(NamedTuple):
   weights: jax.Array
   base: jax.Array
   warmup_sum: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a public field name, shadows tuple.count
 
 
 def excess_mtl_weights(
@@ -217,7 +223,9 @@ def excess_mtl(
     if not jax.tree_util.tree_leaves(updates):
       return updates, state
     check_task_count(updates, "excess_mtl", t0)
-    if jax.tree_util.tree_structure(updates) != jax.tree_util.tree_structure(state.sq_sum):
+    if not same_treedef(
+      jax.tree_util.tree_structure(updates), jax.tree_util.tree_structure(state.sq_sum)
+    ):
       raise ValueError(
         "excess_mtl: the stacked gradients do not have the structure of the parameters "
         "given to init"

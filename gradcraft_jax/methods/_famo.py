@@ -29,7 +29,7 @@ class FAMOState(NamedTuple):
     logit_opt_state: the state of the Adam optimizer of the logits.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a public field name, shadows tuple.count
   logits: jax.Array
   prev_losses: jax.Array
   logit_opt_state: Any

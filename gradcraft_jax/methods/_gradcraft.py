@@ -216,7 +216,7 @@ def gradcraft(
   def init_fn(params):
     if not averaged:
       return optax.EmptyState()
-    if not is_concrete_number(num_tasks):
+    if num_tasks is None or not is_concrete_number(num_tasks):
       raise ValueError(f"gradcraft: norm_decay > 0 needs a concrete num_tasks, got {num_tasks!r}")
     dtype = accumulation_dtype(params)
     return GradCraftState(norm_ema=jnp.zeros((int(num_tasks),), dtype))

@@ -23,7 +23,7 @@ class GradNormState(NamedTuple):
     initial_losses: ``(T,)`` the losses of the first update, :math:`L_i(0)`.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a public field name, shadows tuple.count
   weights: jax.Array
   initial_losses: jax.Array
 

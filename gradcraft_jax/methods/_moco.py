@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from gradcraft_jax._guards import all_finite, check_task_count
-from gradcraft_jax._stacked import gram_matrix, weighted_sum
+from gradcraft_jax._stacked import gram_matrix, same_treedef, weighted_sum
 from gradcraft_jax.methods._common import check_hyperparameter, check_num_tasks
 from gradcraft_jax.methods._cross_batch import project_simplex
 from gradcraft_jax.weighting import CoordinatewiseMethod
@@ -117,7 +117,9 @@ def moco(
     if not jax.tree_util.tree_leaves(updates):
       return updates, state
     check_task_count(updates, "moco", t0)
-    if jax.tree_util.tree_structure(updates) != jax.tree_util.tree_structure(state.tracked):
+    if not same_treedef(
+      jax.tree_util.tree_structure(updates), jax.tree_util.tree_structure(state.tracked)
+    ):
       raise ValueError(
         "moco: the stacked gradients do not have the structure of the parameters given to init"
       )

@@ -117,9 +117,9 @@ def nash_mtl_weights(
   if isinstance(max_norm, (int, float)) and max_norm == 0:
     return alpha
   norm = jnp.sqrt(jnp.clip(alpha @ gram @ alpha, 0.0))
-  max_norm = jnp.asarray(max_norm, dtype)
-  clip = (max_norm > 0) & (norm > max_norm)
-  return jnp.where(clip, alpha * max_norm / jnp.where(clip, norm, 1.0), alpha)
+  bound = jnp.asarray(max_norm, dtype)
+  clip = (bound > 0) & (norm > bound)
+  return jnp.where(clip, alpha * bound / jnp.where(clip, norm, 1.0), alpha)
 
 
 def nash_mtl(

@@ -42,7 +42,7 @@ class NMTState(NamedTuple):
   """
 
   multipliers: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a public field name, shadows tuple.count
 
 
 def nmt_update_multipliers(
@@ -246,6 +246,7 @@ def nmt(
     Cheng et al., `No More Tuning: Prioritized Multi-Task Learning with Lagrangian Differential
     Multiplier Methods <https://arxiv.org/abs/2412.12092>`_, AAAI 2025
   """
+  default_targets: jax.Array | np.ndarray
   if isinstance(targets, jax.Array):  # possibly traced: check shape only
     default_targets = targets
     if targets.ndim != 1 or targets.shape[0] < 1:

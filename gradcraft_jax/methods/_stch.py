@@ -26,7 +26,7 @@ class STCHState(NamedTuple):
       point; the warm-up average once the warm-up is over).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a public field name, shadows tuple.count
   loss_sum: jax.Array
   reference: jax.Array
 
