@@ -193,6 +193,14 @@ def _run(jaxpr, env, order, pre=None, post=None):
         env[v] = x
 
 
+def _zeros(aval):
+  """Zeros of ``aval``'s type (its sharding too, on an explicit mesh: the
+  cotangents pulled back from them must have the outputs' types)."""
+  if _dense_gram._explicitly_sharded(aval):
+    return jnp.zeros(aval.shape, aval.dtype, out_sharding=aval.sharding)
+  return jnp.zeros(aval.shape, aval.dtype)
+
+
 def _slice_shape(axis, n, ndim, lead=0):
   shape = [1] * (lead + ndim)
   shape[lead + axis] = n
@@ -372,10 +380,7 @@ def lean_vjp(fun, full_args, nums, has_aux, choose, caller="combined_value_and_g
   by_eqn: dict = {}
   for q, (i, _) in enumerate(perts):
     by_eqn.setdefault(i, []).append(q)
-  zs = []
-  for i, _ in perts:
-    aval = jaxpr.eqns[i].outvars[0].aval
-    zs.append(jnp.zeros(aval.shape, aval.dtype))
+  zs = [_zeros(jaxpr.eqns[i].outvars[0].aval) for i, _ in perts]
 
   def base_env():
     env = dict(zip(jaxpr.constvars, closed.consts))
@@ -409,10 +414,7 @@ def lean_vjp(fun, full_args, nums, has_aux, choose, caller="combined_value_and_g
   sliced = [s for s in sp.sites if s.kind not in ("task", "axis")]
   zc_eqns = sorted({s.eqn for s in sliced})
   zc_at = {i: j for j, i in enumerate(zc_eqns)}
-  zcs = []
-  for i in zc_eqns:
-    aval = jaxpr.eqns[i].outvars[0].aval
-    zcs.append(jnp.zeros(aval.shape, aval.dtype))
+  zcs = [_zeros(jaxpr.eqns[i].outvars[0].aval) for i in zc_eqns]
 
   def head(hl, svals, zcs):
     env = base_env()
@@ -471,8 +473,13 @@ def lean_vjp(fun, full_args, nums, has_aux, choose, caller="combined_value_and_g
       if by_task[v]:
         zero = jnp.zeros_like(bv)
         ts.append(jnp.stack([by_task[v].get(k, zero) for k in range(t)]))
-      out.append(sum(ts[1:], ts[0]) if ts else jnp.zeros((t, *bv.shape), bv.dtype))
+      out.append(sum(ts[1:], ts[0]) if ts else jnp.broadcast_to(jnp.zeros_like(bv), (t, *bv.shape)))
     return out
+
+  try:  # traced here: a failure takes the caller's plain route
+    d_sites = site_cots()
+  except Exception:  # pylint: disable=broad-except
+    return None
 
   def gram(selected, acc):
     k_mat = jnp.zeros((t, t), acc)
@@ -481,7 +488,7 @@ def lean_vjp(fun, full_args, nums, has_aux, choose, caller="combined_value_and_g
       if selected[k]:
         diag = diag + _local_diag(sp.leaf_reach[k], g, t, acc)
     if sp.bvars and any(selected[k] for k in tleaf):
-      g_trunk, g_z = jax.vmap(trunk_vjp)(site_cots())
+      g_trunk, g_z = jax.vmap(trunk_vjp)(d_sites)
       covered = {u.leaf for u in rt.dense} | {b.leaf for b in rt.batched}
       covered |= {tab.leaf for tab in rt.tables}
       rest = [g for k, g in zip(tleaf, g_trunk) if selected[k] and k not in covered]
