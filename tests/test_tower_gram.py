@@ -20,6 +20,7 @@ from lean_route_models import (
   coverage,
   embedding_model,
   mmoe_model,
+  ple_model,
   ranking_model,
   stacked_tower_model,
   tower_model,
@@ -32,6 +33,7 @@ MODELS = {
   "towers": tower_model,
   "stacked_towers": stacked_tower_model,
   "mmoe": mmoe_model,
+  "ple": ple_model,
   "ranking": ranking_model,
 }
 
@@ -51,6 +53,12 @@ def test_coverage_names_the_routes():
   cov = coverage(fun, params, args, gram="dense")
   assert cov["['ex2']"] == "dense (batched)"  # einsum('ebh,ehk->ebk')
   assert cov["['ex1']"] == "dense"  # einsum('bd,edh->ebh'): no batch dimension
+  fun, params, args = ple_model(jnp.float32)
+  cov = coverage(fun, params, args)
+  # task experts: slices 2t, 2t+1 of the leading axis are task t's (a reshape)
+  assert cov["['task_ex']"] == cov["['gates']"] == "task-local (per-task slices)"
+  assert {cov[f"['towers'][{t}]"] for t in range(T)} == {"task-local (tower)"}
+  assert not cov["['shared_ex']"].startswith("task-local")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
