@@ -167,7 +167,8 @@ def test_single_task():
   params = {"w": jnp.arange(6.0).reshape(3, 2) / 5, "e": jnp.ones((4, 2))}
   x = jnp.ones((2, 3))
   cov = gj.gram_coverage(fun)(params, x)
-  assert set(cov.values()) == {"task-local (tower)"}
+  assert cov["['e']"] == "task-local (tower)"
+  assert cov["['w']"] == "task-local (per-task slices)"  # column 1 reaches no loss
   method = gj.upgrad()
   state = method.init(params)
   losses, grads, _ = jax.jit(gj.combined_value_and_grad(fun, method))(params, state, x)
