@@ -476,11 +476,6 @@ def lean_vjp(fun, full_args, nums, has_aux, choose, caller="combined_value_and_g
       out.append(sum(ts[1:], ts[0]) if ts else jnp.broadcast_to(jnp.zeros_like(bv), (t, *bv.shape)))
     return out
 
-  try:  # traced here: a failure takes the caller's plain route
-    d_sites = site_cots()
-  except Exception:  # pylint: disable=broad-except
-    return None
-
   def gram(selected, acc):
     k_mat = jnp.zeros((t, t), acc)
     diag = jnp.zeros((t,), acc)
@@ -488,7 +483,7 @@ def lean_vjp(fun, full_args, nums, has_aux, choose, caller="combined_value_and_g
       if selected[k]:
         diag = diag + _local_diag(sp.leaf_reach[k], g, t, acc)
     if sp.bvars and any(selected[k] for k in tleaf):
-      g_trunk, g_z = jax.vmap(trunk_vjp)(d_sites)
+      g_trunk, g_z = jax.vmap(trunk_vjp)(site_cots())
       covered = {u.leaf for u in rt.dense} | {b.leaf for b in rt.batched}
       covered |= {tab.leaf for tab in rt.tables}
       rest = [g for k, g in zip(tleaf, g_trunk) if selected[k] and k not in covered]
