@@ -195,6 +195,14 @@ def _run(jaxpr, env, order, pre=None, post=None):
         env[v] = x
 
 
+def _zeros(aval):
+  """Zeros of ``aval``'s type (its sharding too, on an explicit mesh: the
+  cotangents pulled back from them must have the outputs' types)."""
+  if _dense_gram._explicitly_sharded(aval):
+    return jnp.zeros(aval.shape, aval.dtype, out_sharding=aval.sharding)
+  return jnp.zeros(aval.shape, aval.dtype)
+
+
 def _slice_shape(axis, n, ndim, lead=0):
   shape = [1] * (lead + ndim)
   shape[lead + axis] = n
@@ -369,10 +377,7 @@ def lean_vjp(flat, rt: Routes, leaves, arrays) -> LeanVJP:
   by_eqn: dict = {}
   for q, (i, _) in enumerate(perts):
     by_eqn.setdefault(i, []).append(q)
-  zs = []
-  for i, _ in perts:
-    aval = jaxpr.eqns[i].outvars[0].aval
-    zs.append(jnp.zeros(aval.shape, aval.dtype))
+  zs = [_zeros(jaxpr.eqns[i].outvars[0].aval) for i, _ in perts]
 
   def base_env():
     env = dict(zip(jaxpr.constvars, closed.consts))
@@ -406,10 +411,7 @@ def lean_vjp(flat, rt: Routes, leaves, arrays) -> LeanVJP:
   sliced = [s for s in sp.sites if s.kind not in ("task", "axis")]
   zc_eqns = sorted({s.eqn for s in sliced})
   zc_at = {i: j for j, i in enumerate(zc_eqns)}
-  zcs = []
-  for i in zc_eqns:
-    aval = jaxpr.eqns[i].outvars[0].aval
-    zcs.append(jnp.zeros(aval.shape, aval.dtype))
+  zcs = [_zeros(jaxpr.eqns[i].outvars[0].aval) for i in zc_eqns]
 
   def head(hl, svals, zcs):
     env = base_env()
@@ -468,7 +470,7 @@ def lean_vjp(flat, rt: Routes, leaves, arrays) -> LeanVJP:
       if by_task[v]:
         zero = jnp.zeros_like(bv)
         ts.append(jnp.stack([by_task[v].get(k, zero) for k in range(t)]))
-      out.append(sum(ts[1:], ts[0]) if ts else jnp.zeros((t, *bv.shape), bv.dtype))
+      out.append(sum(ts[1:], ts[0]) if ts else jnp.broadcast_to(jnp.zeros_like(bv), (t, *bv.shape)))
     return out
 
   def gram(selected, acc):

@@ -97,11 +97,9 @@ class Axis:
 
 
 def normal(r):
-  """An :class:`Axis` whose slices all reach one task (or none) as a set."""
-  if isinstance(r, Axis):
-    s = {t for t in r.tasks if t is not None}
-    if len(s) <= 1:
-      return frozenset(s)
+  """An :class:`Axis` whose slices all reach the same task (or none) as a set."""
+  if isinstance(r, Axis) and len(set(r.tasks)) <= 1:
+    return frozenset(t for t in r.tasks[:1] if t is not None)
   return r
 
 
@@ -150,13 +148,42 @@ def _shape(v):
   return tuple(getattr(getattr(v, "aval", None), "shape", ()))
 
 
-def _axis_map(ishape, oshape, a):
-  """The input axis of a reshape that carries output axis ``a`` whole."""
+def _reshape_rule(ishape, oshape, a, tasks):
+  """What the operand of a reshape reaches, its output reaching by axis
+  ``a``: an input axis that is output axis ``a`` whole, or ``a`` merged with
+  the axes after it (its slice ``k`` is then task ``tasks[k // inner]``), or
+  ``a`` split with the axes after it into input axes (the outer one
+  carries it when each of its slices covers one task); None otherwise."""
   before = math.prod(oshape[:a])
   for j in range(len(ishape)):
-    if ishape[j] == oshape[a] and math.prod(ishape[:j]) == before:
-      return j
+    if math.prod(ishape[:j]) != before:
+      continue
+    inner = 1
+    for r in range(a + 1, len(oshape) + 1):  # ishape[j] = prod(oshape[a:r])
+      if ishape[j] == oshape[a] * inner:
+        return normal(Axis(j, tuple(tasks[k // inner] for k in range(ishape[j]))))
+      if r < len(oshape):
+        inner *= oshape[r]
+    if oshape[a] % ishape[j] == 0:  # output axis a = input axes j, j+1, ...
+      inner = oshape[a] // ishape[j]
+      if math.prod(ishape[j + 1 :]) % inner == 0 and _inner_prod_ok(ishape, j, inner):
+        groups = [set(tasks[k * inner : (k + 1) * inner]) for k in range(ishape[j])]
+        if all(len(g - {None}) <= 1 for g in groups):
+          ts = tuple(next(iter(g - {None}), None) for g in groups)
+          return normal(Axis(j, ts))
   return None
+
+
+def _inner_prod_ok(ishape, j, inner):
+  """Input axes after ``j`` multiply to ``inner`` over a prefix of them."""
+  acc = 1
+  for d in ishape[j + 1 :]:
+    acc *= d
+    if acc == inner:
+      return True
+    if acc > inner:
+      return False
+  return inner == 1
 
 
 def _same_axis(s, oshape, a):
@@ -193,6 +220,8 @@ def _backward(eqn, outs, depth):
     return _unstack_rule(eqn, outs, union)
   if name == "optimization_barrier" and len(outs) == n:
     return list(outs)
+  if name == "slice" and not isinstance(outs[0], Axis):
+    return [_slice_of_set(eqn, outs[0])] + [union] * (n - 1)
   if all(not isinstance(r, Axis) for r in outs):
     return [union] * n
   if name == "custom_jvp_call" and depth < _MAX_DEPTH:
@@ -232,9 +261,9 @@ def _backward(eqn, outs, depth):
   elif name == "transpose":
     res[0] = ax(p["permutation"][a])
   elif name in _SHAPE_ONLY:
-    j = _axis_map(shapes[0], oshape, a)
-    if j is not None:
-      res[0] = ax(j)
+    r = _reshape_rule(shapes[0], oshape, a, tasks)
+    if r is not None:
+      res[0] = r
   elif name == "dot_general":
     for k, j in enumerate(_dot_operand_axes(eqn, a)):
       if j is not None:
@@ -269,6 +298,22 @@ def _backward(eqn, outs, depth):
     if shapes[0][a] == oshape[a] == shapes[1][a]:
       res[0], res[1] = ax(a), ax(a)
   return res
+
+
+def _slice_of_set(eqn, r):
+  """A static slice along one axis whose output reaches one set: the
+  operand's slices outside it reach nothing through this use."""
+  ishape, p = _shape(eqn.invars[0]), eqn.params
+  oshape = _shape(eqn.outvars[0])
+  cut = [j for j in range(len(ishape)) if oshape[j] != ishape[j]]
+  if len(cut) != 1 or len(r) != 1:
+    return r
+  (a,) = cut
+  (t,) = tuple(r)
+  start, limit = p["start_indices"][a], p["limit_indices"][a]
+  stride = (p["strides"] or (1,) * len(ishape))[a]
+  ts = [t if start <= i < limit and (i - start) % stride == 0 else None for i in range(ishape[a])]
+  return normal(Axis(a, tuple(ts)))
 
 
 def _unstack_rule(eqn, outs, union):

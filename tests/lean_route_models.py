@@ -283,3 +283,30 @@ def ranking_model(dtype):
     return jnp.mean((out - y.T) ** 2, axis=1)
 
   return fun, p, (uid, iid, y)
+
+
+def ple_model(dtype):
+  """PLE-style: two task experts per task stacked ``(2T, D, H)`` (their
+  outputs reshaped to ``(B, T, 2, H)``), shared experts, per-task gates over
+  own and shared experts, then separate towers reading ``mixed[:, t]``."""
+  k = jax.random.split(jax.random.PRNGKey(10), 8 + T)
+  b, d, h, ns = 6, 5, 4, 2
+  p = {
+    "task_ex": _normal(k[0], (2 * T, d, h), 0.5, dtype),
+    "shared_ex": _normal(k[1], (ns, d, h), 0.5, dtype),
+    "gates": _normal(k[2], (T, d, 2 + ns), 0.5, dtype),
+    "towers": [_normal(k[8 + t], (h,), 0.5, dtype) for t in range(T)],
+  }
+  x = _normal(k[3], (b, d), 1.0, dtype)
+  y = _normal(k[4], (b, T), 1.0, dtype)
+
+  def fun(p, x, y):
+    own = jnp.tanh(jnp.einsum("bd,ndh->bnh", x, p["task_ex"])).reshape(b, T, 2, h)
+    shared = jnp.tanh(jnp.einsum("bd,ndh->bnh", x, p["shared_ex"]))
+    cands = jnp.concatenate([own, jnp.broadcast_to(shared[:, None], (b, T, ns, h))], axis=2)
+    g = jax.nn.softmax(jnp.einsum("bd,tdn->btn", x, p["gates"]), axis=-1)
+    mixed = jnp.einsum("btn,btnh->bth", g, cands)
+    out = jnp.stack([mixed[:, t] @ p["towers"][t] for t in range(T)], axis=1)
+    return jnp.mean((out - y) ** 2, axis=0)
+
+  return fun, p, (x, y)
