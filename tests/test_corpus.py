@@ -10,15 +10,100 @@ the tests of one model share it (cached), and run on one xdist worker
 import pytest
 from corpus import check, models
 
+# What is wrong today, by cause.
+_INT_CAST = (
+  "a weight cast to an integer or bool dtype before its product is taken for a dense use "
+  "(the cast treated as a view): non-zero Gram block for a zero gradient"
+)
+_INT_CAST_COVERAGE = "gram_coverage reports a weight cast to an integer or bool dtype as 'dense'"
+_INT_DOT = "integer dot_general fed by an integer-cast weight: AssertionError [('float0', 'V')]"
+_INT_DOT_EAGER = (
+  "the lean step without jit on an integer dot_general: ValueError: setting an array element "
+  "with a sequence"
+)
+_COMPLEX_ACT = (
+  "a real weight applied to a complex activation: the dense identity casts activations and "
+  "cotangents to real, dropping their imaginary parts"
+)
+_COMPLEX_PARAMS = "complex parameters: the Gram matrix is not Re(G^H G) (no conjugate)"
+_COMPLEX_PARAMS_METHOD = (
+  "complex parameters: the complex Gram matrix reaches IMTL-G, which crashes (ValueError: Clip "
+  "received a complex value)"
+)
+_CANCELLATION = (
+  "cancellation in <(a a^T) d_s, d_t>: inputs with a large common offset and output cotangents "
+  "summing to nearly zero over the batch (batch normalisation)"
+)
+_NONLINEAR_VJP = (
+  "a custom_vjp rule not linear in the cotangent (clip_gradient) is applied once to the "
+  "weighted cotangent instead of per task: wrong combined update"
+)
+_CUSTOM_VJP_CHUNK = (
+  "chunk_size forms the Gram matrix with forward mode, which cannot differentiate a "
+  "custom_vjp: TypeError"
+)
+_CONCRETE_COVERAGE = (
+  "gram_coverage traces the batch abstractly: ConcretizationTypeError on a loss that reads a "
+  "concrete batch value (the step falls back silently)"
+)
+_CONCRETE_CHUNK = (
+  "chunk_size runs its chunks in lax.map, which stages the loss' read of a concrete batch "
+  "value: ConcretizationTypeError"
+)
+_PY_FLOAT_EAGER = (
+  "a Python float leaf in the parameters, lean step without jit: AttributeError: 'float' "
+  "object has no attribute 'dtype'"
+)
+
 # (model, route) -> what is wrong today. Each pair runs as
 # xfail(strict=False): it reports XPASS once fixed, and the pair is then
-# removed from here.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {}
+# removed from here. A pair may fail in one dtype only (the cancellation at
+# offset 1e3 shows in float32).
+KNOWN_FAILURES: dict[tuple[str, str], str] = {
+  **{
+    (m, r): _INT_CAST
+    for m in ("quant_int8_weight", "bool_mask_weight")
+    for r in ("lean_auto", "lean_dense")
+  },
+  ("quant_int8_weight", "lean_auto_eager"): _INT_CAST,
+  **{
+    (m, r): _INT_CAST_COVERAGE
+    for m in ("quant_int8_weight", "bool_mask_weight", "int8_dot")
+    for r in ("coverage_auto", "coverage_dense")
+  },
+  ("int8_dot", "per_task"): _INT_DOT,
+  ("int8_dot", "per_task_eager"): _INT_DOT,
+  ("int8_dot", "lean_auto_eager"): _INT_DOT_EAGER,
+  **{
+    (r_m, r): _COMPLEX_ACT
+    for r_m in ("fourier_features",)
+    for r in ("lean_auto", "lean_dense", "lean_auto_eager")
+  },
+  ("complex_params", "lean_auto"): _COMPLEX_PARAMS_METHOD,
+  **{
+    ("complex_params", r): _COMPLEX_PARAMS for r in ("lean_dense", "lean_pullback", "lean_chunk2")
+  },
+  **{
+    (m, r): _CANCELLATION
+    for m in ("offset_batchnorm_1e3", "offset_batchnorm_1e4")
+    for r in ("lean_auto", "lean_dense")
+  },
+  **{
+    ("custom_vjp_clip_gradient", r): _NONLINEAR_VJP
+    for r in ("lean_auto", "lean_dense", "lean_pullback", "lean_auto_eager")
+  },
+  ("custom_vjp_clip_gradient", "lean_chunk2"): _CUSTOM_VJP_CHUNK,
+  ("custom_vjp_linear", "lean_chunk2"): _CUSTOM_VJP_CHUNK,
+  ("concrete_batch_read", "coverage_auto"): _CONCRETE_COVERAGE,
+  ("concrete_batch_read", "coverage_dense"): _CONCRETE_COVERAGE,
+  ("concrete_batch_read", "lean_chunk2"): _CONCRETE_CHUNK,
+  ("python_float_leaf", "lean_auto_eager"): _PY_FLOAT_EAGER,
+}
 
 
 def _params():
   for model in models.FAMILIES:
-    for route in check.ROUTES:
+    for route in check.routes_of(model):
       reason = KNOWN_FAILURES.get((model, route))
       marks = [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
       yield pytest.param(model, route, marks=marks, id=f"{model}-{route}")
@@ -26,7 +111,7 @@ def _params():
 
 def test_corpus_size():
   assert len(models.FAMILIES) >= 40
-  assert not set(KNOWN_FAILURES) - {(m, r) for m in models.FAMILIES for r in check.ROUTES}
+  assert not set(KNOWN_FAILURES) - {(m, r) for m in models.FAMILIES for r in check.routes_of(m)}
 
 
 @pytest.mark.parametrize("dtype", check.DTYPES)

@@ -18,7 +18,27 @@ from hypothesis import Phase, given, settings
 # operation is checked on its other routes by test_generated_programs and on
 # these by test_generated_known_failures (xfail, strict=False); once fixed,
 # the pair is removed from here.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {}
+_CUSTOM_VJP_CHUNK = (
+  "chunk_size forms the Gram matrix with forward mode, which cannot differentiate a "
+  "custom_vjp: TypeError"
+)
+_NONLINEAR_VJP = (
+  "a custom_vjp rule not linear in the cotangent (clip_gradient) is applied once to the "
+  "weighted cotangent instead of per task: wrong combined update"
+)
+_INT_CAST = (
+  "a weight cast to int8 before its product is taken for a dense use: non-zero Gram block "
+  "for a zero gradient, and gram_coverage reports it as 'dense'"
+)
+KNOWN_FAILURES: dict[tuple[str, str], str] = {
+  ("custom_vjp", "lean_chunk2"): _CUSTOM_VJP_CHUNK,
+  **{("clip_vjp", r): _NONLINEAR_VJP for r in ("lean_auto", "lean_dense", "lean_pullback")},
+  ("clip_vjp", "lean_chunk2"): _CUSTOM_VJP_CHUNK,
+  **{
+    ("int_cast", r): _INT_CAST
+    for r in ("lean_auto", "lean_dense", "coverage_auto", "coverage_dense")
+  },
+}
 
 # Every route that runs under jit on any model, and gram_coverage.
 ROUTES = tuple(n for n, r in check.ROUTES.items() if r.jit and r.models is None)

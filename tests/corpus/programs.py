@@ -170,7 +170,10 @@ def build(program: Program) -> models.Case:
     return jnp.mean((h @ params["head"] + params["head_b"] - y) ** 2, axis=0)
 
   x, y = normal((B, program.width)), normal((B, T))
-  return models.Case(fun, (params, x, y, batch), rtol=rtol(program))
+  int_cast = tuple(
+    f"['{i}_int_cast']" for i, (kind, _) in enumerate(program.ops) if kind == "int_cast"
+  )
+  return models.Case(fun, (params, x, y, batch), rtol=rtol(program), not_dense=int_cast)
 
 
 def _layer(kind, o, name, d, params, batch, normal, rng):
