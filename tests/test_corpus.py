@@ -106,6 +106,8 @@ def _params():
     for route in check.routes_of(model):
       reason = KNOWN_FAILURES.get((model, route))
       marks = [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
+      if not check.ROUTES[route].jit:  # op-by-op dispatch: seconds per model
+        marks.append(pytest.mark.slow)
       yield pytest.param(model, route, marks=marks, id=f"{model}-{route}")
 
 

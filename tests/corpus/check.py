@@ -338,16 +338,35 @@ def routes_of(model: str) -> list:
   return [n for n, r in ROUTES.items() if r.models is None or model in r.models]
 
 
+class _Lazy(dict):
+  """A dict computing a missing entry with ``compute(key)``."""
+
+  def __init__(self, compute):
+    super().__init__()
+    self._compute = compute
+
+  def __missing__(self, key):
+    self[key] = value = self._compute(key)
+    return value
+
+
 @functools.lru_cache(maxsize=None)
 def run(model: str, dtype: str) -> tuple[dict, dict]:
   """``(reference, outcomes)`` for one model in one dtype. The reference
   (``jax.jacrev`` and the loss values) and every jitted route are traced
   into one function, compiled once (each route traced on its own, so that
   one that raises is recorded and the others still run); if that function
-  fails to compile or run, each route is compiled on its own."""
+  fails to compile or run, each route is compiled on its own. The routes
+  without ``jit`` run when their outcome is first read."""
   case = get_case(model)
   names = routes_of(model)
-  results = {}
+
+  def without_jit(name):
+    with x64(dtype):
+      args = case_args(case, dtype)
+      return _record(lambda: compiled(lambda *a: _call(case, ROUTES[name], a), args, jit=False))
+
+  results = _Lazy(without_jit)
   with x64(dtype):
     args = case_args(case, dtype)
     jit = not case.eager_only
@@ -375,10 +394,8 @@ def run(model: str, dtype: str) -> tuple[dict, dict]:
           lambda name=name: compiled(lambda *a: _call(case, ROUTES[name], a), args)
         )
     for name in names:
-      if name not in jitted:  # eager routes and gram_coverage
-        results[name] = _record(
-          lambda name=name: compiled(lambda *a: _call(case, ROUTES[name], a), args, jit=False)
-        )
+      if ROUTES[name].kind == "coverage":
+        results[name] = without_jit(name)
   ref["gram"] = np_gram(ref["jac"])
   losses = ref["value"][0] if case.has_aux else ref["value"]
   ref["updates"] = {m: reference_update(m, dtype, ref["jac"], ref["gram"], losses) for m in METHODS}
@@ -451,19 +468,52 @@ def _value_parts(case, value):
   return (value[0], value[1]) if case.has_aux else (value, None)
 
 
-def check_route(model: str, route_name: str, dtype: str) -> str:
-  """Assert the rule for one model, route and dtype; returns ``"ok"`` or
-  ``"refused"``."""
-  case = get_case(model)
+def _comparisons(model: str, route_name: str, dtype: str):
+  """``(what, actual, expected, peer, dtypes_of)`` for every quantity a
+  successful route is compared on."""
   route = ROUTES[route_name]
   ref, results = run(model, dtype)
   outcome = results[route_name]
+  truth = run(model, "float64")[0] if dtype == "float32" else ref
+  peer = ref if dtype == "float32" else None
+
+  def item(what, actual, key, sub=None, check_dtypes=True):
+    def pick(r):
+      x = r[key]
+      return x if sub is None else x[sub]
+
+    dtypes_of = pick(ref) if check_dtypes else None
+    return what, actual, pick(truth), None if peer is None else pick(peer), dtypes_of
+
+  if route.kind == "per_task":
+    value, stacked = outcome.value
+    yield item("losses", value, "value", check_dtypes=False)
+    yield item("stacked per-task gradients", stacked, "jac")
+    yield item("Gram matrix of the stacked gradients", np_gram(stacked), "gram", check_dtypes=False)
+  else:
+    for name in route.methods:
+      value, grads, state = outcome.value[name]
+      yield item(f"losses ({name})", value, "value", check_dtypes=False)
+      if name == "probe":
+        yield item("Gram matrix formed by the step", np.asarray(state), "gram", check_dtypes=False)
+      yield item(f"combined update of {name}", grads, "updates", sub=name)
+
+
+def check_route(model: str, route_name: str, dtype: str) -> str:
+  """Assert the rule for one model, route and dtype; returns ``"ok"``,
+  ``"refused"`` (a clear error the model allows) or ``"fallback"`` (the
+  route raised to report a fallback, as a strict mode may)."""
+  case = get_case(model)
+  route = ROUTES[route_name]
+  outcome = run(model, dtype)[1][route_name]
   fallbacks = [w for w in outcome.warnings if FALLBACK_WARNING.search(w)]
   note = f" (reported fallback: {fallbacks})" if fallbacks else ""
   if outcome.warnings:
     note += f" (warnings: {list(outcome.warnings)})"
   if outcome.error is not None:
     e = outcome.error
+    if FALLBACK_WARNING.search(str(e)):
+      return "fallback"
     if (
       case.refusal
       and isinstance(e, (ValueError, TypeError, NotImplementedError))
@@ -476,38 +526,35 @@ def check_route(model: str, route_name: str, dtype: str) -> str:
   if route.kind == "coverage":
     _check_coverage(case, dtype, outcome.value, route)
     return "ok"
-
-  truth = run(model, "float64")[0] if dtype == "float32" else ref
-  peer = ref if dtype == "float32" else None
   rtol = _tolerance(case, dtype)
-
-  def close(actual, key, what, sub=None, check_dtypes=True):
-    def pick(r):
-      x = r[key]
-      return x if sub is None else x[sub]
-
+  for what, actual, expected, peer, dtypes_of in _comparisons(model, route_name, dtype):
     assert_close(
       actual,
-      pick(truth),
+      expected,
       rtol=rtol,
       what=f"{route_name} [{dtype}] {what}{note}",
-      peer=None if peer is None else pick(peer),
-      dtypes_of=pick(ref) if check_dtypes else None,
+      peer=peer,
+      dtypes_of=dtypes_of,
     )
-
-  if route.kind == "per_task":
-    value, stacked = outcome.value
-    close(value, "value", "losses", check_dtypes=False)
-    close(stacked, "jac", "stacked per-task gradients")
-    close(np_gram(stacked), "gram", "Gram matrix of the stacked gradients", check_dtypes=False)
-  else:
-    for name in route.methods:
-      value, grads, state = outcome.value[name]
-      close(value, "value", f"losses ({name})", check_dtypes=False)
-      if name == "probe":
-        close(np.asarray(state), "gram", "Gram matrix formed by the step", check_dtypes=False)
-      close(grads, "updates", f"combined update of {name}", sub=name)
   return "ok"
+
+
+def relative_error(model: str, route_name: str, dtype: str) -> float | None:
+  """The route's largest error against the float64 ``jax.jacrev``
+  reference, relative to each leaf's scale (as in :func:`assert_close`,
+  without the tolerance), over everything it is compared on; None if the
+  route raised or is ``gram_coverage``."""
+  outcome = run(model, dtype)[1][route_name]
+  if outcome.error is not None or ROUTES[route_name].kind == "coverage":
+    return None
+  worst = 0.0
+  for _, actual, expected, _, _ in _comparisons(model, route_name, dtype):
+    a, e = _host(actual), _host(expected)
+    top = max([_max_abs(x) for x in jax.tree_util.tree_leaves(e)] + [0.0])
+    floor = LEAF_FLOOR * top if top > 0 else 1.0
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(e)):
+      worst = max(worst, _max_abs(x - y) / max(_max_abs(y), floor))
+  return worst
 
 
 def _check_coverage(case, dtype, coverage, route):
