@@ -15,7 +15,7 @@ from corpus import check, models
 
 import gradcraft_jax as gj
 
-# What is wrong today, by cause.
+# The known wrong results and crashes, by cause.
 _INT_CAST = (
   "a weight cast to an integer or bool dtype before its product is taken for a dense use "
   "(the cast treated as a view): non-zero Gram block for a zero gradient"
@@ -60,7 +60,7 @@ _PY_FLOAT_EAGER = (
   "object has no attribute 'dtype'"
 )
 
-# (model, route) -> what is wrong today. Each pair runs as
+# (model, route) -> what is known to be wrong. Each pair runs as
 # xfail(strict=False): it reports XPASS once fixed, and the pair is then
 # removed from here. A pair may fail in one dtype only (the cancellation at
 # offset 1e3 shows in float32).

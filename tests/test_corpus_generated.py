@@ -14,7 +14,7 @@ import pytest
 from corpus import check, programs
 from hypothesis import Phase, given, settings
 
-# (operation kind, route) -> what is wrong today. A program with such an
+# (operation kind, route) -> what is known to be wrong. A program with such an
 # operation is checked on its other routes by test_generated_programs and on
 # these by test_generated_known_failures (xfail, strict=False); once fixed,
 # the pair is removed from here.
