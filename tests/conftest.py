@@ -35,7 +35,13 @@ _RUN_FIRST = (
   "test_docs_build.py",
   "test_packaging.py::test_sdist_and_wheel",
 )
-_GROUPED = {"test_compat_matrix": "name", "test_method_properties": "case"}
+_GROUPED = {
+  "test_compat_matrix": "name",
+  "test_method_properties": "case",
+  # one compiled function per model and dtype serves all of its routes, and
+  # the float32 checks read the float64 run
+  "test_corpus": "model",
+}
 
 
 @pytest.hookimpl(tryfirst=True)
