@@ -10,7 +10,7 @@ emits are recorded, and a reported fallback is named in the failure message.
 Routes (:data:`ROUTES`, the one place to add one):
 
 * ``per_task_value_and_grad`` (stacked per-task gradients), with its default
-  options and with ``dense=False``;
+  options and with ``gram="pullback"``;
 * ``combined_value_and_grad`` (the lean step) with each ``gram`` mode and
   with ``chunk_size=2`` (two chunks for ``T = 3``, one padded), each with a
   Gram probe: a method whose weights are ``K c`` and whose state is ``K``,
@@ -130,7 +130,7 @@ EAGER_MODELS = (
 # Every route the corpus checks. Adding one is one line here.
 ROUTES: dict[str, Route] = {
   "per_task": _route("per_task"),
-  "per_task_plain": _route("per_task", dense=False),
+  "per_task_plain": _route("per_task", gram="pullback"),
   "lean_auto": _route("lean", gram="auto", methods=_ALL),
   "lean_dense": _route("lean", gram="dense", methods=("probe",)),
   "lean_pullback": _route("lean", gram="pullback"),
