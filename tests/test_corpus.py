@@ -64,46 +64,7 @@ _PY_FLOAT_EAGER = (
 # xfail(strict=False): it reports XPASS once fixed, and the pair is then
 # removed from here. A pair may fail in one dtype only (the cancellation at
 # offset 1e3 shows in float32).
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-  **{
-    (m, r): _INT_CAST
-    for m in ("quant_int8_weight", "bool_mask_weight")
-    for r in ("lean_auto", "lean_dense")
-  },
-  ("quant_int8_weight", "lean_auto_eager"): _INT_CAST,
-  **{
-    (m, r): _INT_CAST_COVERAGE
-    for m in ("quant_int8_weight", "bool_mask_weight", "int8_dot")
-    for r in ("coverage_auto", "coverage_dense")
-  },
-  ("int8_dot", "per_task"): _INT_DOT,
-  ("int8_dot", "per_task_eager"): _INT_DOT,
-  ("int8_dot", "lean_auto_eager"): _INT_DOT_EAGER,
-  **{
-    (r_m, r): _COMPLEX_ACT
-    for r_m in ("fourier_features",)
-    for r in ("lean_auto", "lean_dense", "lean_auto_eager")
-  },
-  ("complex_params", "lean_auto"): _COMPLEX_PARAMS_METHOD,
-  **{
-    ("complex_params", r): _COMPLEX_PARAMS for r in ("lean_dense", "lean_pullback", "lean_chunk2")
-  },
-  **{
-    (m, r): _CANCELLATION
-    for m in ("offset_batchnorm_1e3", "offset_batchnorm_1e4")
-    for r in ("lean_auto", "lean_dense")
-  },
-  **{
-    ("custom_vjp_clip_gradient", r): _NONLINEAR_VJP
-    for r in ("lean_auto", "lean_dense", "lean_pullback", "lean_auto_eager")
-  },
-  ("custom_vjp_clip_gradient", "lean_chunk2"): _CUSTOM_VJP_CHUNK,
-  ("custom_vjp_linear", "lean_chunk2"): _CUSTOM_VJP_CHUNK,
-  ("concrete_batch_read", "coverage_auto"): _CONCRETE_COVERAGE,
-  ("concrete_batch_read", "coverage_dense"): _CONCRETE_COVERAGE,
-  ("concrete_batch_read", "lean_chunk2"): _CONCRETE_CHUNK,
-  ("python_float_leaf", "lean_auto_eager"): _PY_FLOAT_EAGER,
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def _params():

@@ -30,15 +30,7 @@ _INT_CAST = (
   "a weight cast to int8 before its product is taken for a dense use: non-zero Gram block "
   "for a zero gradient, and gram_coverage reports it as 'dense'"
 )
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-  ("custom_vjp", "lean_chunk2"): _CUSTOM_VJP_CHUNK,
-  **{("clip_vjp", r): _NONLINEAR_VJP for r in ("lean_auto", "lean_dense", "lean_pullback")},
-  ("clip_vjp", "lean_chunk2"): _CUSTOM_VJP_CHUNK,
-  **{
-    ("int_cast", r): _INT_CAST
-    for r in ("lean_auto", "lean_dense", "coverage_auto", "coverage_dense")
-  },
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 # Every route that runs under jit on any model, and gram_coverage.
 ROUTES = tuple(n for n, r in check.ROUTES.items() if r.jit and r.models is None)
