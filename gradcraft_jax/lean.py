@@ -173,10 +173,14 @@ def _plan_route(fun, full_args, nums, has_aux, gram, chunk_size) -> _Route:
       leaf_reason = "per-task pullback (chunk_size given)"
   dense = p is not None and choose is not None
   routes = None
-  if p is not None and choose is not None and not per_task_sum:  # dense
+  real_leaves = flat is not None and all(
+    jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in flat.diff
+  )
+  if p is not None and choose is not None and not per_task_sum and real_leaves:  # dense
     # Towers, stacked experts and embedding tables (the head/trunk split
     # assumes every backward rule is linear in the cotangent: not taken
-    # when a custom VJP is reached).
+    # when a custom VJP is reached; integer leaves, whose cotangents are
+    # float0, keep the dense route).
     try:
       with _dense_gram.guarded("the analysis of towers, experts and tables"):
         routes = _lean_routes.analyse(flat, choose, p)
@@ -222,15 +226,19 @@ def _take_dense(route: _Route, leaves, arrays):
   """``_build``'s result (or ``_build_lean``'s, where the structured routes
   apply), or None after recording why the dense route is left (then every
   leaf takes its per-task pullback)."""
+  structured = None
   if route.routes is not None:
     try:
       return _build_lean(route, leaves, arrays)
     except _dense_gram.Fallback as e:
-      route.fallbacks.append((f"{e.reason}: only dense layers take the identity", e.__cause__))
+      structured = (f"{e.reason}: only dense layers take the identity", e.__cause__)
+      route.fallbacks.append(structured)
       route.routes = None
   try:
     return _build(route, leaves, arrays)
   except _dense_gram.Fallback as e:
+    if structured is not None:  # one report: the whole fast route is left
+      route.fallbacks.remove(structured)
     route.fallbacks.append((f"{e.reason}: every leaf takes its per-task pullback", e.__cause__))
     route.dense = False
     route.leaf_reason = f"per-task pullback ({e.reason})"

@@ -656,4 +656,4 @@ def test_switch_spellings():
     with pytest.raises(ValueError, match="on_fallback must be one of"):
       bad()
   with pytest.raises(TypeError):
-    gj.per_task_value_and_grad(f, gram="pullback")  # spelled gram="pullback"
+    gj.per_task_value_and_grad(f, dense=False)  # spelled gram="pullback"

@@ -206,8 +206,8 @@ def graddrop(
     if not jax.tree_util.tree_leaves(updates):
       return updates, state
     t = check_task_count(updates, "graddrop", num_tasks)
-    if leak is not None and jnp.shape(leak) != (t,):
-      raise ValueError(f"graddrop: leak has shape {jnp.shape(leak)}, expected ({t},)")
+    if leak is not None and jnp.shape(jnp.asarray(leak)) != (t,):
+      raise ValueError(f"graddrop: leak has shape {jnp.shape(jnp.asarray(leak))}, expected ({t},)")
     key, sub = jax.random.split(state.key)
     out, finite = _combine_checked(updates, sub, leak, f)
     out = jax.tree_util.tree_map(lambda x: jnp.where(finite, x, jnp.nan).astype(x.dtype), out)
