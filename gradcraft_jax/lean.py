@@ -326,6 +326,18 @@ def _leaf_paths(args, nums, single):
   return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
+def _selected(paths, leaves) -> list:
+  """Which leaves a Gram matrix sums over: all, or those whose key path
+  satisfies ``leaves`` (:attr:`Weighting.gram_leaves`)."""
+  sel = [leaves is None or bool(leaves(path)) for path in paths]
+  if not any(sel):
+    raise ValueError(
+      "combined_value_and_grad: the leaf selection matches none of the "
+      f"gradient leaves; their key paths are {paths}"
+    )
+  return sel
+
+
 def _check_chunk_size(chunk_size):
   if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -499,6 +511,15 @@ def combined_value_and_grad(
     eye = jnp.eye(t, dtype=dtype)
     return lambda w: weighted_sum(jax.vmap(vjp_leaves)(eye), w)
 
+  def traced_result(flat, single, losses, aux_leaves, grads, new_state):
+    """The step's output from the traced function's flat leaves."""
+    grads = jax.tree_util.tree_unflatten(flat.diff_tree, grads)
+    grads = grads[0] if single else grads
+    if has_aux:
+      aux = jax.tree_util.tree_unflatten(flat.out_tree, list(aux_leaves))
+      return (losses, aux), grads, new_state
+    return losses, grads, new_state
+
   def lean_step(route, traced, single, method_state, extra_args):
     """The step on the structured routes (towers, experts, tables, dense)."""
     flat, losses, aux_leaves = route.flat, traced.losses, traced.aux_leaves
@@ -506,23 +527,13 @@ def combined_value_and_grad(
     acc = _acc_dtype(flat.diff)
 
     def gram_fn(leaves=None):
-      sel = [leaves is None or bool(leaves(path)) for path in paths]
-      if not any(sel):
-        raise ValueError(
-          "combined_value_and_grad: the leaf selection matches none of the "
-          f"gradient leaves; their key paths are {paths}"
-        )
+      sel = _selected(paths, leaves)
       return traced.gram(sel, acc)
 
     grads, new_state = weigh_and_pull_back(
       losses, method_state, extra_args, gram_fn, traced.pull_back
     )
-    grads = jax.tree_util.tree_unflatten(flat.diff_tree, grads)
-    grads = grads[0] if single else grads
-    if has_aux:
-      aux = jax.tree_util.tree_unflatten(flat.out_tree, list(aux_leaves))
-      return (losses, aux), grads, new_state
-    return losses, grads, new_state
+    return traced_result(flat, single, losses, aux_leaves, grads, new_state)
 
   def dense_step(route, traced, single, method_state, extra_args):
     """The step on the dense route (``fun`` traced once)."""
@@ -536,12 +547,7 @@ def combined_value_and_grad(
     acc = _acc_dtype(flat.diff)
 
     def gram_fn(leaves=None):
-      sel = [leaves is None or bool(leaves(path)) for path in paths]
-      if not any(sel):
-        raise ValueError(
-          "combined_value_and_grad: the leaf selection matches none of the "
-          f"gradient leaves; their key paths are {paths}"
-        )
+      sel = _selected(paths, leaves)
       g_leaves, g_zs = jax.vmap(vjp_fn)(eye)
       rest = [g_leaves[k] for k in range(nd) if sel[k] and k not in covered]
       k_mat = gram_matrix(rest).astype(acc) if rest else jnp.zeros((t, t), acc)
@@ -555,12 +561,7 @@ def combined_value_and_grad(
     else:
       pull_back = lambda w: vjp_fn(w)[0]  # noqa: E731
     grads, new_state = weigh_and_pull_back(losses, method_state, extra_args, gram_fn, pull_back)
-    grads = jax.tree_util.tree_unflatten(flat.diff_tree, grads)
-    grads = grads[0] if single else grads
-    if has_aux:
-      aux = jax.tree_util.tree_unflatten(flat.out_tree, list(aux_leaves))
-      return (losses, aux), grads, new_state
-    return losses, grads, new_state
+    return traced_result(flat, single, losses, aux_leaves, grads, new_state)
 
   def step(params, method_state, *args, **extra_args):
     full_args = (params, *args)
