@@ -1,8 +1,9 @@
 """Which methods the benchmark runs and how each one is built.
 
 Methods are enumerated from ``gradcraft_jax.methods.__all__``: every public
-function whose return annotation is an optax ``GradientTransformation`` is a
-method factory (the ``*_weights`` functions and other helpers are not).
+function whose return annotation is ``Method`` or ``CoordinatewiseMethod``
+(both optax gradient transformations) is a method factory (the ``*_weights``
+and ``*_step`` functions and other helpers are not).
 NMT is run separately (priority stages), so it is left out of the list.
 
 A factory is called with ``num_tasks=T`` and ``seed=seed`` when it takes
@@ -24,6 +25,8 @@ import gradcraft_jax
 import gradcraft_jax.methods as library_methods
 
 NMT = "nmt"
+# Return annotations of the method factories.
+METHOD_TYPES = ("Method", "CoordinatewiseMethod")
 # Display order of the methods known today; methods added later to the
 # library are appended (before GradCraft, which comes last).
 PREFERRED_ORDER = (
@@ -76,7 +79,8 @@ def library_method_names() -> list[str]:
     if not inspect.isfunction(obj) or name == NMT:
       continue
     ann = inspect.signature(obj).return_annotation
-    if "GradientTransformation" in str(ann):
+    ann = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+    if ann in METHOD_TYPES or "GradientTransformation" in ann:
       found.append(name)
   rank = {n: i for i, n in enumerate(PREFERRED_ORDER)}
   known = sorted((n for n in found if n in rank), key=rank.get)
