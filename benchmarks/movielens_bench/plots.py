@@ -1,0 +1,145 @@
+"""The effect figure: paired differences to equal weighting with intervals.
+
+One panel per backbone; one row per entry, sorted by the mean paired
+difference (best on top); a thick bar: the interval at Holm's level (it
+excludes zero exactly when the decision is "better" or "worse"), a thin bar:
+the per-comparison 95% interval; colour by decision. Linear axis around the
+bulk of the entries: an entry far outside is drawn at the panel's edge with
+an arrow and its value. GradCraft (red) and the best entries (bold) are
+labelled with their values. A caption line gives the data, machine, date,
+commit and command.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .report import DIGITS, METRIC_LABELS
+
+COLORS = {"better": "#2ca02c", "worse": "#d62728", "tie": "#7f7f7f"}
+GRADCRAFT = "gradcraft"
+
+
+def _plt():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def _limits(mean, lo, hi):
+  """x-range of the bulk: the 10-90% range of the means, padded by the
+  typical interval width, always including zero."""
+  q10, q90 = np.percentile(mean, [10, 90])
+  half = np.nanmedian(np.maximum(hi - mean, mean - lo)) if np.any(np.isfinite(lo)) else 0.0
+  pad = max(2.0 * float(np.nan_to_num(half)), 0.25 * (q90 - q10), 1e-6)
+  left, right = min(q10 - pad, 0.0), max(q90 + pad, 0.0)
+  # Widen to every interval that is not far outside (at most 3x the bulk's width).
+  width = right - left
+  inside_lo = lo[np.isfinite(lo) & (lo > left - width)]
+  inside_hi = hi[np.isfinite(hi) & (hi < right + width)]
+  left = min([left, *inside_lo.tolist()])
+  right = max([right, *inside_hi.tolist()])
+  margin = 0.04 * (right - left)
+  return left - margin, right + margin
+
+
+def plot_effects(rows_by_backbone: dict, metric: str, path: str, caption: str, n_best: int = 3):
+  """Paired difference to equal weighting of ``metric`` (``"dm"``, ``"ndcg"``, ...)."""
+  plt = _plt()
+  p = f"d_{metric}_"
+  sign = -1.0 if metric == "rmse" else 1.0  # RMSE: a negative difference is better
+  panels = {}
+  for b, rows in rows_by_backbone.items():
+    comp = [r for r in rows if r.get(p + "n") and np.isfinite(r.get(p + "mean", np.nan))]
+    if comp:
+      comp.sort(key=lambda r: -sign * r[p + "mean"])
+      panels[b] = comp
+  if not panels:
+    return False
+  n = max(len(c) for c in panels.values())
+  fig, axes = plt.subplots(
+    1,
+    len(panels),
+    figsize=(max(5.6 * len(panels), 7.0), 0.26 * n + 2.2),
+    squeeze=False,
+  )
+  d = DIGITS[metric]
+  for ax, (b, comp) in zip(axes[0], panels.items()):
+    names = [r["method"] for r in comp]
+    mean = np.array([r[p + "mean"] for r in comp])
+    lo95 = np.array([r[p + "ci95_low"] for r in comp], float)
+    hi95 = np.array([r[p + "ci95_high"] for r in comp], float)
+    loh = np.array([r[p + "ci_holm_low"] for r in comp], float)
+    hih = np.array([r[p + "ci_holm_high"] for r in comp], float)
+    dec = [r[p + "decision"] for r in comp]
+    y = np.arange(len(comp))
+    left, right = _limits(mean, loh, hih)
+    ax.axvline(0.0, color="k", lw=0.9)
+    ranked = np.argsort(-sign * mean)
+    best = [i for i in ranked if dec[i] == "better"][:n_best] or list(ranked[:n_best])
+    for i in y:
+      c = COLORS.get(dec[i], "#7f7f7f")
+      if names[i] == GRADCRAFT:
+        c = "#d62728" if dec[i] != "better" else c
+      inside = left <= mean[i] <= right
+      if inside:
+        for lo, hi, lw in ((lo95[i], hi95[i], 0.9), (loh[i], hih[i], 3.0)):
+          if np.isfinite(lo):
+            ax.plot([max(lo, left), min(hi, right)], [i, i], color=c, lw=lw, alpha=0.8)
+        ax.plot(mean[i], i, "o", color=c, ms=5, mec="k", mew=0.5, zorder=3)
+      else:
+        edge = left if mean[i] < left else right
+        ax.annotate(
+          f"{mean[i]:+.{d}f}",
+          (edge, i),
+          xytext=(10 if edge == left else -10, 0),
+          textcoords="offset points",
+          ha="left" if edge == left else "right",
+          va="center",
+          fontsize=7,
+          color=c,
+          arrowprops=dict(arrowstyle="<-" if edge == left else "->", color=c, lw=0.8),
+        )
+      if names[i] == GRADCRAFT or i in best:
+        x = min(max(hih[i] if np.isfinite(hih[i]) else mean[i], left), right)
+        ax.annotate(
+          f"{names[i]} {mean[i]:+.{d}f}",
+          (x, i),
+          xytext=(4, 0),
+          textcoords="offset points",
+          va="center",
+          fontsize=7,
+          fontweight="bold",
+          color="#d62728" if names[i] == GRADCRAFT else "k",
+          clip_on=True,
+        )
+    ax.set_xlim(left, right)
+    ax.set_ylim(len(comp) - 0.5, -0.5)
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=7.5)
+    for lab in ax.get_yticklabels():
+      if lab.get_text() == GRADCRAFT:
+        lab.set_color("#d62728")
+        lab.set_fontweight("bold")
+      elif lab.get_text() in {names[i] for i in best}:
+        lab.set_fontweight("bold")
+    ax.grid(axis="x", alpha=0.3)
+    ax.tick_params(axis="x", labelsize=8)
+    direction = "lower is better" if metric == "rmse" else "higher is better"
+    ax.set_title(f"{b}", fontsize=10)
+    ax.set_xlabel(f"{METRIC_LABELS[metric]} − equal weighting ({direction})", fontsize=8.5)
+  m = next(iter(panels.values()))[0].get(p + "m", "")
+  fig.suptitle(
+    f"MovieLens-100K, test: paired difference to equal weighting over seeds, "
+    f"{METRIC_LABELS[metric]}\nthick: interval at Holm's level ({m} comparisons per panel), "
+    "thin: 95% per comparison; green better, red worse, grey tie; sorted by effect",
+    fontsize=9.5,
+  )
+  fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=7, wrap=True)
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
