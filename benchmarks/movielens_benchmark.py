@@ -35,14 +35,15 @@ Statistics: per entry and metric, the paired difference to equal weighting
 over seeds, its 95% t-interval, the seeds won and Holm-adjusted decisions
 over the entries of a backbone (``benchmarks/stats.py``).
 
-Outputs in ``--out``: ``movielens.md`` and ``movielens.csv`` (both record the
-command, date, commit and machine), ``results.json``, ``movielens_dm.png``
-and ``movielens_ndcg.png`` (paired effects).
+Outputs in ``--out``: ``movielens_table.md`` and ``movielens_table.csv``
+(both record the command, date, commit and machine), ``movielens_results.json``
+(every trial and run), ``movielens_dm.png`` and ``movielens_ndcg.png``
+(paired effects against equal weighting).
 
 Run from the repository root::
 
-    python benchmarks/movielens_benchmark.py --fetch --out out/movielens
-    python benchmarks/movielens_benchmark.py --quick --out /tmp/movielens
+    python benchmarks/movielens_benchmark.py --fetch --out docs/benchmarks
+    python benchmarks/movielens_benchmark.py --fetch --quick --out /tmp/movielens
 """
 
 from __future__ import annotations
@@ -176,9 +177,9 @@ def run_backbone(backbone, entries, ml, sp, rows, cfg, mc, args, log) -> dict:
     log(f"  [{backbone}] {name}")
     try:
       if name == SINGLE:
-        results[name] = tune_and_run_single(SingleTaskRunner(ctx), params0, seeds, args.lrs, log)
-        continue
-      runner = NMTRunner(ctx) if name == NMT else MethodRunner(ctx, name)
+        runner = SingleTaskRunner(ctx)
+      else:
+        runner = NMTRunner(ctx) if name == NMT else MethodRunner(ctx, name)
     except M.Skip as e:
       results[name] = str(e)
       log(f"  [{backbone}] {name}: {e}")
@@ -187,7 +188,10 @@ def run_backbone(backbone, entries, ml, sp, rows, cfg, mc, args, log) -> dict:
       traceback.print_exc(limit=3, file=sys.stderr)
       results[name] = _error(e)
       continue
-    results[name] = tune_and_run(runner, name, params0, seeds, args.lrs, args.trials, log)
+    if name == SINGLE:
+      results[name] = tune_and_run_single(runner, params0, seeds, args.lrs, log)
+    else:
+      results[name] = tune_and_run(runner, name, params0, seeds, args.lrs, args.trials, log)
     for s, r in results[name]["runs"].items():
       tail = (
         " ".join(f"{k} {r.test[k]:.4f}" for k in report.TEST_METRICS)
@@ -407,7 +411,6 @@ def main(argv=None):
     f"{k}: {meta[k]}" for k in ("data", "machine", "date", "commit", "command") if k in meta
   )
   md = [
-    "## MovieLens-100K multi-task ranking benchmark\n",
     "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n",
     f"\nConfig: `{json.dumps(dataclasses.asdict(cfg))}`; model sizes `{dataclasses.asdict(mc)}`.\n",
     f"\n{budget}\n",
@@ -429,9 +432,9 @@ def main(argv=None):
       report.trials_markdown(o["results"], list(o["results"])),
     ]
   md_text = "".join(md)
-  with open(os.path.join(args.out, "movielens.md"), "w") as f:
+  with open(os.path.join(args.out, "movielens_table.md"), "w") as f:
     f.write(md_text)
-  with open(os.path.join(args.out, "movielens.csv"), "w") as f:
+  with open(os.path.join(args.out, "movielens_table.csv"), "w") as f:
     f.write(report.table_csv(rows_by, meta))
   figures = {}
   for metric, fname in (("dm", "movielens_dm.png"), ("ndcg", "movielens_ndcg.png")):
@@ -479,7 +482,7 @@ def main(argv=None):
       for b, o in outs.items()
     },
   }
-  with open(os.path.join(args.out, "results.json"), "w") as f:
+  with open(os.path.join(args.out, "movielens_results.json"), "w") as f:
     json.dump(summary, f, indent=1, default=_json_default)
   print("\n" + md_text, flush=True)
   print(f"wall time {wall:.1f} s on {jax.devices()[0].platform}", flush=True)

@@ -288,6 +288,25 @@ def test_tuning_settings_build_every_method():
   assert tuning.settings("not_a_method", 3) == [{}]
 
 
+def test_docs_list_the_tuned_settings():
+  """docs/movielens.md lists every method's settings as movielens_bench/tuning.py tries them."""
+  with open(os.path.join(ROOT, "docs", "movielens.md"), encoding="utf-8") as f:
+    rows = [ln for ln in f if ln.startswith("| `")]
+  for name, (settings, _) in tuning.HPARAMS.items():
+    row = [r for r in rows if f"`{name}`" in r.split("|")[1]]
+    if not settings:
+      assert not row, name
+      continue
+    assert len(row) == 1, name
+    keys = list(settings[0])
+    if len(keys) == 1:
+      want = f"`{keys[0]}` " + ", ".join(f"{s[keys[0]]:g}" for s in settings)
+    else:
+      values = ", ".join("(" + ", ".join(f"{s[k]:g}" for k in keys) + ")" for s in settings)
+      want = "(" + ", ".join(f"`{k}`" for k in keys) + ") " + values
+    assert want in row[0], (name, want, row[0])
+
+
 def test_fetch_falls_back_to_the_recbole_wheel(tmp_path, monkeypatch, generated):
   """GroupLens unreachable: the files come out of the RecBole wheel that
   ``pip download`` saves (here a generated wheel), and SOURCE.txt says so."""
@@ -344,9 +363,14 @@ def test_quick_run_end_to_end(tmp_path, generated):
     "--batch-size",
     "128",
   )
-  for f in ("movielens.md", "movielens.csv", "results.json", "movielens_dm.png"):
+  for f in (
+    "movielens_table.md",
+    "movielens_table.csv",
+    "movielens_results.json",
+    "movielens_dm.png",
+  ):
     assert (out / f).is_file() and (out / f).stat().st_size > 0, f
-  meta, rows = report.read_csv(str(out / "movielens.csv"))
+  meta, rows = report.read_csv(str(out / "movielens_table.csv"))
   assert {"command", "date", "commit", "machine", "data"} <= set(meta)
   assert "--quick" in meta["command"] and "grouplens" in meta["data"]
   by = {r["method"]: r for r in rows}
@@ -357,6 +381,6 @@ def test_quick_run_end_to_end(tmp_path, generated):
     assert 0.0 <= float(r["ndcg_mean"]) <= float(r["hr_mean"]) <= 1.0
     if name != "mean":
       assert r["d_dm_decision"] in ("better", "worse", "tie") and int(r["d_dm_n"]) == 2
-  md = (out / "movielens.md").read_text()
+  md = (out / "movielens_table.md").read_text()
   assert "Tuning budget" in md and "Holm" in md and meta["commit"] in md
   assert "wall time" in proc.stdout

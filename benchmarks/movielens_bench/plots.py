@@ -1,12 +1,12 @@
 """The effect figure: paired differences to equal weighting with intervals.
 
 One panel per backbone; one row per entry, sorted by the mean paired
-difference (best on top); a thick bar: the interval at Holm's level (it
-excludes zero exactly when the decision is "better" or "worse"), a thin bar:
-the per-comparison 95% interval; colour by decision. Linear axis around the
-bulk of the entries: an entry far outside is drawn at the panel's edge with
-an arrow and its value. GradCraft (red) and the best entries (bold) are
-labelled with their values. A caption line gives the data, machine, date,
+difference (best on top); a thin bar with caps: the interval at Holm's level
+(it excludes zero exactly when the decision is "better" or "worse"), a thick
+bar: the per-comparison 95% interval; colour by decision. Linear axis around
+the bulk of the entries: an entry far outside is drawn at the panel's edge
+with an arrow and its value. GradCraft (purple label) and the best entries
+(bold) carry their values in their labels. A caption line gives the data, machine, date,
 commit and command.
 """
 
@@ -18,6 +18,7 @@ from .report import DIGITS, METRIC_LABELS
 
 COLORS = {"better": "#2ca02c", "worse": "#d62728", "tie": "#7f7f7f"}
 GRADCRAFT = "gradcraft"
+GRADCRAFT_COLOR = "#7b3294"  # its label (purple); its interval is coloured by decision
 
 
 def _plt():
@@ -79,23 +80,26 @@ def plot_effects(rows_by_backbone: dict, metric: str, path: str, caption: str, n
     left, right = _limits(mean, loh, hih)
     ax.axvline(0.0, color="k", lw=0.9)
     ranked = np.argsort(-sign * mean)
-    best = [i for i in ranked if dec[i] == "better"][:n_best] or list(ranked[:n_best])
+    best = set(int(i) for i in ranked[:n_best]) | {i for i in y if dec[i] == "better"}
     for i in y:
       c = COLORS.get(dec[i], "#7f7f7f")
-      if names[i] == GRADCRAFT:
-        c = "#d62728" if dec[i] != "better" else c
       inside = left <= mean[i] <= right
       if inside:
-        for lo, hi, lw in ((lo95[i], hi95[i], 0.9), (loh[i], hih[i], 3.0)):
-          if np.isfinite(lo):
-            ax.plot([max(lo, left), min(hi, right)], [i, i], color=c, lw=lw, alpha=0.8)
+        if np.isfinite(loh[i]):  # Holm's level: thin, with caps
+          x0, x1 = max(loh[i], left), min(hih[i], right)
+          ax.plot([x0, x1], [i, i], color=c, lw=1.0)
+          for x, cut in ((x0, loh[i] < left), (x1, hih[i] > right)):
+            if not cut:
+              ax.plot([x, x], [i - 0.22, i + 0.22], color=c, lw=1.0)
+        if np.isfinite(lo95[i]):  # per comparison 95%: thick
+          ax.plot([max(lo95[i], left), min(hi95[i], right)], [i, i], color=c, lw=3.5, alpha=0.55)
         ax.plot(mean[i], i, "o", color=c, ms=5, mec="k", mew=0.5, zorder=3)
       else:
         edge = left if mean[i] < left else right
         ax.annotate(
           f"{mean[i]:+.{d}f}",
           (edge, i),
-          xytext=(10 if edge == left else -10, 0),
+          xytext=(12 if edge == left else -12, 0),
           textcoords="offset points",
           ha="left" if edge == left else "right",
           va="center",
@@ -103,28 +107,19 @@ def plot_effects(rows_by_backbone: dict, metric: str, path: str, caption: str, n
           color=c,
           arrowprops=dict(arrowstyle="<-" if edge == left else "->", color=c, lw=0.8),
         )
-      if names[i] == GRADCRAFT or i in best:
-        x = min(max(hih[i] if np.isfinite(hih[i]) else mean[i], left), right)
-        ax.annotate(
-          f"{names[i]} {mean[i]:+.{d}f}",
-          (x, i),
-          xytext=(4, 0),
-          textcoords="offset points",
-          va="center",
-          fontsize=7,
-          fontweight="bold",
-          color="#d62728" if names[i] == GRADCRAFT else "k",
-          clip_on=True,
-        )
+    labels = [
+      f"{nm}  {mean[i]:+.{d}f}" if (nm == GRADCRAFT or i in best) else nm
+      for i, nm in enumerate(names)
+    ]
     ax.set_xlim(left, right)
     ax.set_ylim(len(comp) - 0.5, -0.5)
     ax.set_yticks(y)
-    ax.set_yticklabels(names, fontsize=7.5)
-    for lab in ax.get_yticklabels():
-      if lab.get_text() == GRADCRAFT:
-        lab.set_color("#d62728")
+    ax.set_yticklabels(labels, fontsize=7.5)
+    for i, lab in enumerate(ax.get_yticklabels()):
+      if names[i] == GRADCRAFT:
+        lab.set_color(GRADCRAFT_COLOR)
         lab.set_fontweight("bold")
-      elif lab.get_text() in {names[i] for i in best}:
+      elif i in best:
         lab.set_fontweight("bold")
     ax.grid(axis="x", alpha=0.3)
     ax.tick_params(axis="x", labelsize=8)
@@ -134,8 +129,9 @@ def plot_effects(rows_by_backbone: dict, metric: str, path: str, caption: str, n
   m = next(iter(panels.values()))[0].get(p + "m", "")
   fig.suptitle(
     f"MovieLens-100K, test: paired difference to equal weighting over seeds, "
-    f"{METRIC_LABELS[metric]}\nthick: interval at Holm's level ({m} comparisons per panel), "
-    "thin: 95% per comparison; green better, red worse, grey tie; sorted by effect",
+    f"{METRIC_LABELS[metric]}\nthin with caps: interval at Holm's level ({m} comparisons per "
+    "panel; it decides), thick: 95% per comparison; green better, red worse, grey tie\n"
+    "sorted by effect; GradCraft (purple) and the best entries (bold) with their values",
     fontsize=9.5,
   )
   fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=7, wrap=True)

@@ -41,7 +41,7 @@ from . import model as Mo
 class Config:
   batch_size: int = 1024
   neg_ratio: int = 4
-  max_epochs: float = 8.0
+  max_epochs: float = 6.0
   evals_per_epoch: int = 2
   patience: int = 2
   eval_negatives: int = 99

@@ -20,7 +20,7 @@ import itertools
 # factory keyword arguments; an empty list: no hyperparameter is tuned.
 HPARAMS: dict[str, tuple[list[dict], str]] = {
   "mean": ([], "none"),
-  "constant": ([], "none (uniform weights: equal weighting by construction)"),
+  "constant": ([], "none (weights 1: the sum; with Adam, equal weighting up to Adam's epsilon)"),
   "uncertainty_weighting": (
     [{"lr": 1e-2}, {"lr": 1e-1}, {"lr": 1e-3}],
     "step size of the log-variances (library default first)",
