@@ -25,7 +25,7 @@ WWW 2017); like AUC and rating RMSE on the held-out interactions.
 
 Tuning (equal for every entry, single-task models and NMT included): every
 learning rate of ``--lrs`` times the first ``--trials`` settings of the
-method's own hyperparameters (``movielens_bench/tuning.py``), trained on seed
+method's own hyperparameters (``benchmarks/tuning.py``), trained on seed
 0 and selected on the validation score (the mean over tasks of the
 improvement over a constant predictor); the test split is read once per
 final run, at the checkpoint selected on validation. The selected setting
@@ -65,9 +65,10 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tuning  # noqa: E402
 from census_bench import methods as M  # noqa: E402
 from movielens_bench import data as D  # noqa: E402
-from movielens_bench import plots, report, tuning  # noqa: E402
+from movielens_bench import plots, report  # noqa: E402
 from movielens_bench.model import ModelConfig  # noqa: E402
 from movielens_bench.training import (  # noqa: E402
   Config,

@@ -27,8 +27,7 @@ import math
 
 import numpy as np
 import stats
-
-from . import tuning
+import tuning
 
 EW = "mean"
 SINGLE = "single_task"

@@ -1,15 +1,18 @@
-"""The equal tuning budget: one learning-rate grid for every entry, and up
-to ``trials`` settings of each method's main hyperparameters.
+"""The equal tuning budget of the benchmarks: one learning-rate grid for
+every entry, and up to ``trials`` settings of each method's main
+hyperparameters.
 
 Every entry (equal weighting, the single-task models and NMT included) is
 trained at every learning rate of the grid; a method with hyperparameters of
 its own is also trained at each of its first ``trials`` settings listed in
 :data:`HPARAMS` (the paper's recommended value or the library's default
-first, then values around it). A
-method without hyperparameters gets the learning-rate grid only. The
-setting with the best validation score is selected; nothing else is tuned
-(the inner solver iterations, which are not hyperparameters of the method's
-objective, keep the library's defaults).
+first, then values around it). A method without hyperparameters gets the
+learning-rate grid only. The setting with the best validation score is
+selected; nothing else is tuned (the inner solver iterations, which are not
+hyperparameters of the method's objective, keep the library's defaults).
+
+This is a plain module used by the benchmarks (``sys.path`` must include
+``benchmarks/``); it is not part of the ``gradcraft_jax`` package.
 """
 
 from __future__ import annotations
@@ -121,6 +124,11 @@ def settings(method: str, trials: int) -> list[dict]:
 def grid(method: str, lrs, trials: int) -> list[tuple[float, dict]]:
   """``(learning rate, hyperparameters)`` of every trial of ``method``."""
   return [(float(lr), h) for lr, h in itertools.product(lrs, settings(method, trials))]
+
+
+def tuned_names(method: str, trials: int) -> list[str]:
+  """The hyperparameter names that vary over the settings tried (sorted)."""
+  return sorted({k for h in settings(method, trials) for k in h})
 
 
 def describe(hp: dict) -> str:
