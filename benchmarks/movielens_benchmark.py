@@ -65,10 +65,11 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import effects_plot  # noqa: E402
 import tuning  # noqa: E402
 from census_bench import methods as M  # noqa: E402
 from movielens_bench import data as D  # noqa: E402
-from movielens_bench import plots, report  # noqa: E402
+from movielens_bench import report  # noqa: E402
 from movielens_bench.model import ModelConfig  # noqa: E402
 from movielens_bench.training import (  # noqa: E402
   Config,
@@ -180,7 +181,8 @@ def run_backbone(backbone, entries, ml, sp, rows, cfg, mc, args, log) -> dict:
       if name == SINGLE:
         runner = SingleTaskRunner(ctx)
       else:
-        runner = NMTRunner(ctx) if name == NMT else MethodRunner(ctx, name)
+        tuned = tuning.tuned_names(name, args.trials)
+        runner = NMTRunner(ctx) if name == NMT else MethodRunner(ctx, name, tuned)
     except M.Skip as e:
       results[name] = str(e)
       log(f"  [{backbone}] {name}: {e}")
@@ -440,7 +442,16 @@ def main(argv=None):
   figures = {}
   for metric, fname in (("dm", "movielens_dm.png"), ("ndcg", "movielens_ndcg.png")):
     path = os.path.join(args.out, fname)
-    if plots.plot_effects(rows_by, metric, path, caption):
+    if effects_plot.plot_effects(
+      rows_by,
+      f"d_{metric}_",
+      path,
+      label="Δm (%)" if metric == "dm" else report.METRIC_LABELS[metric],
+      title="MovieLens-100K, test",
+      caption=caption,
+      digits=report.DIGITS[metric],
+      lower_is_better=not report.HIGHER_IS_BETTER[metric],
+    ):
       figures[metric] = fname
   summary = {
     "meta": meta,

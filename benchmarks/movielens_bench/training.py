@@ -312,10 +312,11 @@ def evaluate_test_split(ctx: Context, res: RunResult) -> RunResult:
 
 
 class MethodRunner:
-  """A library method on the whole model, Adam after it."""
+  """A library method on the whole model, Adam after it. ``tuned``: the
+  hyperparameter names the runs vary (injected: one trace for every value)."""
 
-  def __init__(self, ctx: Context, name: str):
-    self.ctx, self.name = ctx, name
+  def __init__(self, ctx: Context, name: str, tuned=()):
+    self.ctx, self.name, self.tuned = ctx, name, tuple(tuned)
     self.factory = getattr(gradcraft_jax, name)
     M.factory_kwargs(self.factory, ctx.T, 0)  # raises Skip with the reason
     self.uses_seed = "seed" in M.factory_kwargs(self.factory, ctx.T, 0)
@@ -323,12 +324,13 @@ class MethodRunner:
     self._updates = {}
 
   def _tx(self, seed, hparams):
-    return optax.chain(M.make_method(self.name, self.ctx.T, seed, hparams), optax.scale_by_adam())
+    method = M.make_injected(self.name, self.ctx.T, seed, hparams, self.tuned)
+    return optax.chain(method, optax.scale_by_adam())
 
   def run(self, seed, params, lr, hparams=None, *, evaluate_test=True):
     hparams = dict(hparams or {})
     trace_seed = 0 if self.name in M.SEED_IN_STATE_ONLY or not self.uses_seed else seed
-    key = (trace_seed, tuple(sorted(hparams.items())))
+    key = (trace_seed,) if self.tuned else (trace_seed, tuple(sorted(hparams.items())))
     if key not in self._updates:
       self._updates[key] = make_update(self._tx(trace_seed, hparams))
     state = self._tx(seed, hparams).init(params)

@@ -1,4 +1,5 @@
-"""The effect figure: paired differences to equal weighting with intervals.
+"""The effect figure of the benchmarks: paired differences to equal
+weighting with intervals (rows of ``stats.PairedComparison`` fields).
 
 One panel per backbone; one row per entry, sorted by the mean paired
 difference (best on top); a thin bar with caps: the interval at Holm's level
@@ -6,15 +7,16 @@ difference (best on top); a thin bar with caps: the interval at Holm's level
 bar: the per-comparison 95% interval; colour by decision. Linear axis around
 the bulk of the entries: an entry far outside is drawn at the panel's edge
 with an arrow and its value. GradCraft (purple label) and the best entries
-(bold) carry their values in their labels. A caption line gives the data, machine, date,
-commit and command.
+(bold) carry their values in their labels. A caption line gives the data,
+machine, date, commit and command.
+
+This is a plain module used by the benchmarks (``sys.path`` must include
+``benchmarks/``); it is not part of the ``gradcraft_jax`` package.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from .report import DIGITS, METRIC_LABELS
 
 COLORS = {"better": "#2ca02c", "worse": "#d62728", "tie": "#7f7f7f"}
 GRADCRAFT = "gradcraft"
@@ -47,11 +49,40 @@ def _limits(mean, lo, hi):
   return left - margin, right + margin
 
 
-def plot_effects(rows_by_backbone: dict, metric: str, path: str, caption: str, n_best: int = 3):
-  """Paired difference to equal weighting of ``metric`` (``"dm"``, ``"ndcg"``, ...)."""
+def plot_effects(
+  rows_by_backbone: dict,
+  prefix: str,
+  path: str,
+  *,
+  label: str,
+  title: str,
+  caption: str,
+  digits: int = 4,
+  lower_is_better: bool = False,
+  n_best: int = 3,
+) -> bool:
+  """Paired difference to equal weighting, one panel per key of ``rows_by_backbone``.
+
+  Args:
+    rows_by_backbone: panel name -> rows (dicts) holding ``<prefix>mean``,
+      ``<prefix>ci95_low``/``_high``, ``<prefix>ci_holm_low``/``_high``,
+      ``<prefix>decision``, ``<prefix>n`` and ``<prefix>m`` (the fields of
+      ``stats.PairedComparison.as_dict``) and ``method``.
+    prefix: the prefix of those fields (e.g. ``"d_dm_"``).
+    path: the PNG to write.
+    label: the quantity, for the x axis (e.g. ``"Δm vs EW (%)"``).
+    title: the first line of the figure's title (data set, split).
+    caption: the caption line at the bottom (data, machine, date, commit, command).
+    digits: decimals of the values in the labels.
+    lower_is_better: the metric improves downwards (RMSE, a loss).
+    n_best: how many of the best entries to label.
+
+  Returns:
+    Whether a figure was written (``False`` when no row has a comparison).
+  """
   plt = _plt()
-  p = f"d_{metric}_"
-  sign = -1.0 if metric == "rmse" else 1.0  # RMSE: a negative difference is better
+  p = prefix
+  sign = -1.0 if lower_is_better else 1.0
   panels = {}
   for b, rows in rows_by_backbone.items():
     comp = [r for r in rows if r.get(p + "n") and np.isfinite(r.get(p + "mean", np.nan))]
@@ -67,7 +98,7 @@ def plot_effects(rows_by_backbone: dict, metric: str, path: str, caption: str, n
     figsize=(max(5.6 * len(panels), 7.0), 0.26 * n + 2.2),
     squeeze=False,
   )
-  d = DIGITS[metric]
+  d = digits
   for ax, (b, comp) in zip(axes[0], panels.items()):
     names = [r["method"] for r in comp]
     mean = np.array([r[p + "mean"] for r in comp])
@@ -123,13 +154,13 @@ def plot_effects(rows_by_backbone: dict, metric: str, path: str, caption: str, n
         lab.set_fontweight("bold")
     ax.grid(axis="x", alpha=0.3)
     ax.tick_params(axis="x", labelsize=8)
-    direction = "lower is better" if metric == "rmse" else "higher is better"
+    direction = "lower is better" if lower_is_better else "higher is better"
     ax.set_title(f"{b}", fontsize=10)
-    ax.set_xlabel(f"{METRIC_LABELS[metric]} − equal weighting ({direction})", fontsize=8.5)
+    ax.set_xlabel(f"{label}: difference to equal weighting ({direction})", fontsize=8.5)
   m = next(iter(panels.values()))[0].get(p + "m", "")
   fig.suptitle(
-    f"MovieLens-100K, test: paired difference to equal weighting over seeds, "
-    f"{METRIC_LABELS[metric]}\nthin with caps: interval at Holm's level ({m} comparisons per "
+    f"{title}: paired difference to equal weighting over seeds, "
+    f"{label}\nthin with caps: interval at Holm's level ({m} comparisons per "
     "panel; it decides), thick: 95% per comparison; green better, red worse, grey tie\n"
     "sorted by effect; GradCraft (purple) and the best entries (bold) with their values",
     fontsize=9.5,
