@@ -16,6 +16,8 @@ This is a plain module used by the benchmarks (``sys.path`` must include
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 COLORS = {"better": "#2ca02c", "worse": "#d62728", "tie": "#7f7f7f"}
@@ -95,7 +97,7 @@ def plot_effects(
   fig, axes = plt.subplots(
     1,
     len(panels),
-    figsize=(max(5.6 * len(panels), 7.0), 0.26 * n + 2.2),
+    figsize=(max(5.6 * len(panels), 7.0), 0.26 * n + 3.0),
     squeeze=False,
   )
   d = digits
@@ -158,15 +160,21 @@ def plot_effects(
     ax.set_title(f"{b}", fontsize=10)
     ax.set_xlabel(f"{label}: difference to equal weighting ({direction})", fontsize=8.5)
   m = next(iter(panels.values()))[0].get(p + "m", "")
-  fig.suptitle(
-    f"{title}: paired difference to equal weighting over seeds, "
-    f"{label}\nthin with caps: interval at Holm's level ({m} comparisons per "
-    "panel; it decides), thick: 95% per comparison; green better, red worse, grey tie\n"
-    "sorted by effect; GradCraft (purple) and the best entries (bold) with their values",
-    fontsize=9.5,
-  )
-  fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=7, wrap=True)
-  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  width, height = fig.get_size_inches()
+  chars = int(width * 17)  # characters per line at the caption's font size
+  head = [
+    f"{title}: paired difference to equal weighting over seeds, {label}",
+    f"thin with caps: interval at Holm's level ({m} comparisons per panel; it decides); "
+    "thick: 95% per comparison",
+    "green better, red worse, grey tie; sorted by effect; "
+    "GradCraft (purple) and the best entries (bold) with their values",
+  ]
+  head = [ln for part in head for ln in textwrap.wrap(part, int(width * 15))]
+  fig.suptitle("\n".join(head), fontsize=9)
+  foot = textwrap.wrap(caption, chars)
+  fig.text(0.5, 0.01, "\n".join(foot), ha="center", va="bottom", fontsize=7)
+  bottom = (0.12 + 0.13 * len(foot)) / height
+  fig.tight_layout(rect=(0, bottom, 1, 1))  # leaves room for the suptitle itself
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return True

@@ -50,13 +50,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -66,6 +62,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import effects_plot  # noqa: E402
+import run_meta  # noqa: E402
 import tuning  # noqa: E402
 from census_bench import methods as M  # noqa: E402
 from movielens_bench import data as D  # noqa: E402
@@ -206,44 +203,6 @@ def run_backbone(backbone, entries, ml, sp, rows, cfg, mc, args, log) -> dict:
   return {"ctx": ctx, "results": results, "rows": rows_out, "wall_s": time.perf_counter() - t0}
 
 
-def _git(*cmd) -> str:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    out = subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10)
-    return out.stdout.strip() if out.returncode == 0 else ""
-  except (OSError, subprocess.SubprocessError):
-    return ""
-
-
-def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  dev = jax.devices()[0]
-  return (
-    f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
-    f"jax {jax.__version__} on {dev.platform} ({dev.device_kind})"
-  )
-
-
-def metadata(argv) -> dict:
-  commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
-  if _git("status", "--porcelain", "--untracked-files=no"):
-    commit += " (uncommitted changes)"
-  return {
-    "command": "python benchmarks/movielens_benchmark.py " + shlex.join(argv),
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "commit": commit,
-    "machine": _machine(),
-  }
-
-
 def entries_of(args) -> list[str]:
   names = M.library_method_names()
   extra = [SINGLE, NMT]
@@ -357,7 +316,7 @@ def _clean(v):
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   args, cfg = parse_args(argv)
-  meta = metadata(argv)
+  meta = run_meta.metadata("benchmarks/movielens_benchmark.py", argv)
   os.makedirs(args.out, exist_ok=True)
   t_start = time.perf_counter()
 

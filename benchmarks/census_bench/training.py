@@ -53,6 +53,7 @@ class Config:
   max_rows: int | None = None
   lagrange_lr: float = 1.0
   lagrange_clip: float = 10.0
+  alpha: float = 0.05  # family-wise level of Holm's procedure
 
 
 @dataclasses.dataclass
@@ -322,7 +323,7 @@ class MethodRunner:
       evaluate_test=evaluate_test,
       second_batch=self.second_batch,
     )
-    res.extra.update(lr=lr, **hparams)
+    res.extra.update(lr=lr, hparams=hparams)
     return res
 
 
