@@ -36,9 +36,10 @@ of AV-A to equal weighting over seeds, its 95% t-interval, the seeds won,
 and a decision ("better"/"worse" only where the interval at Holm's level
 excludes zero; Holm over the entries of a backbone).
 
-The default run: every method on the shared bottom (the crafting methods of
-``CRAFTING`` also shared-only) and the single-task models; on MMoE and PLE
-equal weighting and GradCraft (whole model and shared-only), with the shared
+The default run: every method on the shared bottom, GradCraft also
+shared-only (``--shared-crafting``: every method of ``CRAFTING`` also
+shared-only), and the single-task models; on MMoE and PLE equal weighting
+and GradCraft (whole model and shared-only), with the shared
 bottom's single-task models (the shared-bottom model trained on each task
 alone: a plain MLP per task) as the RI-A reference instead of MMoE and PLE
 trained on one task; 3 seeds. ``--all-methods`` runs everything on every
@@ -96,9 +97,9 @@ except ImportError:  # pragma: no cover - tqdm is in the [examples] extra
 NMT = M.NMT
 BACKBONES = ("shared_bottom", "mmoe", "ple")
 # Gradient-crafting methods (the GradCraft paper's baselines that change the
-# direction of the update, and GradCraft): by default these also run on the
-# shared parameters only; with --all-methods every method whose weights read
-# the Gram matrix does.
+# direction of the update, and GradCraft): with --shared-crafting these also
+# run on the shared parameters only (by default GradCraft only); with
+# --all-methods every method whose weights read the Gram matrix does.
 CRAFTING = ("mgda", "pcgrad", "pcgrad_plus", "gradvac", "cagrad", "imtl_g", "gradcraft")
 # The subset run on MMoE and PLE by default (every method with --all-methods).
 CORE_METHODS = ("mean", "gradcraft")
@@ -339,7 +340,7 @@ def make_plans(args, cfg) -> list[Plan]:
     methods = tuple(names) if full else tuple(m for m in CORE_METHODS if m in names)
     if args.all_methods:  # loss-only ones are dropped later
       shared = tuple(m for m in methods if m != "mean" and m not in M.SECOND_BATCH)
-    elif full:
+    elif full and args.shared_crafting:
       shared = tuple(m for m in methods if m in CRAFTING)
     else:
       shared = tuple(m for m in CORE_SHARED if m in methods)
@@ -392,6 +393,11 @@ def parse_args(argv=None):
     "--all-methods", action="store_true", help="every method on every backbone (slower)"
   )
   ap.add_argument("--no-shared", action="store_true", help="skip the shared-only rows")
+  ap.add_argument(
+    "--shared-crafting",
+    action="store_true",
+    help="every crafting method also shared-only on the first backbone (default: GradCraft)",
+  )
   ap.add_argument("--no-single", action="store_true", help="skip the single-task models (no RI-A)")
   ap.add_argument("--no-nmt", action="store_true", help="skip NMT")
   args = ap.parse_args(argv)

@@ -138,7 +138,7 @@ QUICK_METHODS = ("mean", "uncertainty_weighting", "mgda", "cr_mogm", "moco", "mo
 @pytest.mark.slow
 def test_quick_run_writes_every_output(tmp_path):
   out = tmp_path / "census"
-  proc = run_quick(SCRIPT, out, "--methods", ",".join(QUICK_METHODS))
+  proc = run_quick(SCRIPT, out, "--methods", ",".join(QUICK_METHODS), "--shared-crafting")
   for f in ("table.md", "table.csv", "results.json", "auc_by_method.png", "auc_effects.png"):
     assert (out / f).is_file() and (out / f).stat().st_size > 0, f
   assert (out / "curves.png").is_file() and (out / "grad_cosines.png").is_file()
