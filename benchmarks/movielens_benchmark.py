@@ -23,6 +23,10 @@ negatives; HR@10 and NDCG@10 of the held-out item ranked by the click score
 among 99 items the user never interacted with (the protocol of He et al.,
 WWW 2017); like AUC and rating RMSE on the held-out interactions.
 
+Default run: every entry on the shared bottom; equal weighting and GradCraft
+on MMoE and PLE (``--all-methods``: every entry on every backbone; the other
+rows of the MMoE and PLE tables say they were not run).
+
 Tuning (equal for every entry, single-task models and NMT included): every
 learning rate of ``--lrs`` times the first ``--trials`` settings of the
 method's own hyperparameters (``benchmarks/tuning.py``), trained on seed
@@ -83,6 +87,10 @@ SINGLE, NMT, EW = report.SINGLE, report.NMT, report.EW
 DEFAULT_LRS = "1e-3,3e-3"
 QUICK = dict(max_users=60, max_epochs=1.0, evals_per_epoch=2, patience=1, batch_size=256)
 QUICK_METHODS = "mean,gradcraft"
+# Entries trained on the second and third backbones by default (every entry
+# with --all-methods); the other rows say why they are empty.
+CORE_ENTRIES = (EW, "gradcraft")
+NOT_RUN = "not run on this backbone in the default budget (--all-methods runs every entry)"
 
 
 def _error(e: BaseException) -> str:
@@ -165,7 +173,9 @@ def tune_and_run_single(runner: SingleTaskRunner, params0, seeds, lrs, log) -> d
   return out
 
 
-def run_backbone(backbone, entries, ml, sp, rows, cfg, mc, args, log) -> dict:
+def run_backbone(backbone, entries, ml, sp, rows, cfg, mc, args, log, run=None) -> dict:
+  """Every entry of ``entries`` on ``backbone`` (only those in ``run`` are
+  trained; the others get a row that says so)."""
   t0 = time.perf_counter()
   ctx = Context(ml, sp, rows, cfg, backbone, mc)
   log(f"[{backbone}] {ctx.num_params:,} parameters")
@@ -173,6 +183,9 @@ def run_backbone(backbone, entries, ml, sp, rows, cfg, mc, args, log) -> dict:
   params0 = {s: ctx.init_params(s) for s in seeds}
   results = {}
   for name in entries:
+    if run is not None and name not in run:
+      results[name] = NOT_RUN
+      continue
     log(f"  [{backbone}] {name}")
     try:
       if name == SINGLE:
@@ -237,6 +250,12 @@ def parse_args(argv=None):
     "--methods",
     default=None,
     help="comma-separated library methods (and single_task, nmt); equal weighting is always run",
+  )
+  ap.add_argument(
+    "--all-methods",
+    action="store_true",
+    help="every entry on every backbone (default: every entry on the first backbone, "
+    "equal weighting and GradCraft on the others)",
   )
   ap.add_argument("--no-single", action="store_true", help="skip the single-task models")
   ap.add_argument("--no-nmt", action="store_true", help="skip NMT")
@@ -339,16 +358,20 @@ def main(argv=None):
   log(f"machine: {meta['machine']}")
   log(f"config: {dataclasses.asdict(cfg)}")
   entries = entries_of(args)
-  n_trials = sum(len(tuning.grid(e, args.lrs, args.trials)) for e in entries)
-  log(
-    f"plan: backbones {args.backbones}; {len(entries)} entries; learning rates {args.lrs}; "
-    f"up to {args.trials} hyperparameter settings each: {n_trials} tuning trials and "
-    f"{len(entries) * (args.seeds - 1)} further seed runs per backbone"
-  )
+  plan = {}
+  for i, b in enumerate(args.backbones):
+    every = i == 0 or args.all_methods or args.methods is not None
+    plan[b] = entries if every else [e for e in entries if e in CORE_ENTRIES]
+    n_trials = sum(len(tuning.grid(e, args.lrs, args.trials)) for e in plan[b])
+    log(
+      f"plan {b}: {len(plan[b])} entries; learning rates {args.lrs}; up to {args.trials} "
+      f"hyperparameter settings each: {n_trials} tuning trials and "
+      f"{len(plan[b]) * (args.seeds - 1)} further seed runs"
+    )
   mc = ModelConfig()
   outs = {}
   for b in args.backbones:
-    outs[b] = run_backbone(b, entries, ml, sp, rows, cfg, mc, args, log)
+    outs[b] = run_backbone(b, entries, ml, sp, rows, cfg, mc, args, log, run=plan[b])
     log(f"[{b}] done in {outs[b]['wall_s']:.0f} s")
   wall = time.perf_counter() - t_start
   meta["wall time"] = f"{wall:.0f} s"

@@ -219,10 +219,14 @@ def paired_markdown(rows: list[dict]) -> str:
   ]
   for r in comp:
     lines.append(f"| {r['method']} | " + " | ".join(paired_cell(r, k) for k in keys) + " |")
-  missing = [r["method"] for r in rows if not r.get("d_dm_n") and r["method"] != EW]
+  skipped = [r for r in rows if not r.get("d_dm_n") and r["method"] != EW]
+  not_run = [r["method"] for r in skipped if r["note"].startswith("not run on this backbone")]
+  missing = [r["method"] for r in skipped if r["method"] not in not_run]
   text = "\n".join(lines) + "\n"
   if missing:
-    text += f"\nNot compared (fewer than two paired seeds, or not run): {', '.join(missing)}.\n"
+    text += f"\nNot compared (fewer than two paired seeds, or failed): {', '.join(missing)}.\n"
+  if not_run:
+    text += f"\nNot run on this backbone in the default budget: {len(not_run)} entries.\n"
   return text
 
 
