@@ -512,13 +512,13 @@ def training_rows(data: MovieLens, sp: Split, neg_ratio: int, seed: int) -> dict
   }
 
 
-def eval_candidates(data: MovieLens, rows: dict, num_negatives: int, seed: int) -> np.ndarray:
+def eval_candidates(data: MovieLens, rows: dict, num_negatives: int, seed) -> np.ndarray:
   """``(n, 1 + num_negatives)`` item indices per held-out interaction: the
   held-out item in column 0, then ``num_negatives`` distinct items the user
   never interacted with (in any split), drawn uniformly with a generator
-  seeded by ``seed``."""
+  seeded by ``seed`` (an int or a tuple of ints)."""
   seen = interacted(data)
-  rng = np.random.default_rng((seed, 11))
+  rng = np.random.default_rng([*np.atleast_1d(seed).ravel().tolist(), 11])
   out = np.zeros((rows["user"].size, 1 + num_negatives), np.int32)
   out[:, 0] = rows["item"]
   for k, u in enumerate(rows["user"].tolist()):

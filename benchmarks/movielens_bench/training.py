@@ -367,7 +367,7 @@ class SingleTaskRunner:
       extra={"task": jnp.int32(task)},
       evaluate_test=evaluate_test,
     )
-    res.extra["task"] = task
+    res.extra.update(task=task, lr=lr)
     res.cos = None
     return res
 
