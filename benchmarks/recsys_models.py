@@ -73,6 +73,7 @@ __all__ = [
   "PLE",
   "make_model",
   "init",
+  "draw_params",
   "make_loss_fn",
   "make_logits_fn",
   "make_batch_fn",
@@ -412,13 +413,20 @@ def init(cfg: RecsysConfig, seed: int = 0) -> tuple[nnx.GraphDef, Any]:
   drawn on the host by NumPy (fast for large tables, nothing compiled).
 
   The model is built abstractly (``nnx.eval_shape``), then every parameter
-  is drawn from ``seed``: embedding tables ``N(0, 1 / width)`` (the variance
-  of ``nnx.Embed``'s default), kernels ``(..., fan_in, fan_out)`` truncated
-  normal (+-2 std) of variance ``1 / fan_in`` (LeCun, ``nnx.Linear``'s
-  default), biases zero.
+  is drawn from ``seed`` by :func:`draw_params`.
   """
   cls = _CLASSES[cfg.model]
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+  return graphdef, draw_params(abstract, seed)
+
+
+def draw_params(abstract: Any, seed: int) -> Any:
+  """Initial values of an abstract parameter state (``nnx.split`` of an
+  ``nnx.eval_shape``-built model), drawn on the host by NumPy from ``seed``:
+  embedding tables ``N(0, 1 / width)`` (the variance of ``nnx.Embed``'s
+  default), kernels ``(..., fan_in, fan_out)`` truncated normal (+-2 std) of
+  variance ``1 / fan_in`` (LeCun, ``nnx.Linear``'s default), biases zero.
+  Leaves are visited in the pytree's order."""
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -438,7 +446,7 @@ def init(cfg: RecsysConfig, seed: int = 0) -> tuple[nnx.GraphDef, Any]:
       value *= np.float32(1.0 / (0.8796256610342398 * np.sqrt(shape[-2])))
     return jnp.asarray(value)
 
-  return graphdef, jax.tree_util.tree_map_with_path(draw, abstract)
+  return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 def make_model(cfg: RecsysConfig, seed: int = 0) -> nnx.Module:

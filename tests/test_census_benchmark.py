@@ -44,8 +44,16 @@ def test_summary_ri_paired_and_diagnostics_by_hand():
   assert by["mean"]["RI-A_mean"] == pytest.approx(5.0)
   assert by["mean"]["AV-A_mean"] == pytest.approx(np.mean([0.89, 0.895]))
   # Paired with EW: seed 0 0.9 - 0.89 = +0.01 (win), seed 1 0.89 - 0.895 = -0.005.
-  assert by["gradcraft"]["dEW_mean"] == pytest.approx(np.mean([0.01, -0.005]))
-  assert by["gradcraft"]["wins"] == 1 and by["gradcraft"]["n_pair"] == 2
+  g = by["gradcraft"]
+  assert g["dEW_mean"] == pytest.approx(np.mean([0.01, -0.005]))
+  assert g["wins"] == 1 and g["n_pair"] == 2
+  # Sample std 0.015 / sqrt(2); 95% interval with the published t_{0.975, 1} = 12.7062047.
+  sd = 0.015 / np.sqrt(2)
+  assert g["dEW_std"] == pytest.approx(sd)
+  half = 12.7062047 * sd / np.sqrt(2)
+  assert (g["dEW_ci95_low"], g["dEW_ci95_high"]) == pytest.approx((0.0025 - half, 0.0025 + half))
+  assert g["dEW_decision"] == "tie" and g["dEW_m"] == 2  # mgda has one paired seed only
+  assert by["single_task"]["n_pair"] == 2  # the single-task models are compared with EW too
   assert by["mgda"]["n_pair"] == 1 and by["mgda"]["wins"] == 1  # only seed 1 ran
   # Diagnostics: one of two steps conflicting in seed 0, none in seed 1 -> 25 %.
   assert by["mean"]["conflict_all"] == pytest.approx(0.25)
@@ -56,9 +64,9 @@ def test_summary_ri_paired_and_diagnostics_by_hand():
   rows = list(by.values())
   md = report.table_markdown(rows, ("a", "b"))
   assert "1/2 seeds ok" in md and "skipped" in md and "**" in md
-  assert "0.8900\u00a0±\u00a00.0050" not in md  # AV-A std of mean is 0.0025
-  assert f"{0.8925:.4f}\u00a0±\u00a0{0.0025:.4f}" in md  # non-breaking, never wrapped
-  assert "(1/2)" in md  # seeds won against EW
+  # AV-A of mean: 0.89 and 0.895, sample std 0.005 / sqrt(2).
+  assert f"{0.8925:.4f}\u00a0±\u00a0{0.005 / np.sqrt(2):.4f}" in md  # non-breaking, never wrapped
+  assert "(1/2)\u00a0tie" in md  # seeds won against EW, decision
   assert "25\u00a0%" in report.diagnostics_markdown(rows)
   assert report.table_csv(rows, ("a", "b"), backbone="x").count("\n") == 6
 
@@ -130,13 +138,16 @@ QUICK_METHODS = ("mean", "uncertainty_weighting", "mgda", "cr_mogm", "moco", "mo
 @pytest.mark.slow
 def test_quick_run_writes_every_output(tmp_path):
   out = tmp_path / "census"
-  proc = run_quick(SCRIPT, out, "--methods", ",".join(QUICK_METHODS))
-  for f in ("table.md", "table.csv", "results.json", "auc_by_method.png"):
+  proc = run_quick(SCRIPT, out, "--methods", ",".join(QUICK_METHODS), "--shared-crafting")
+  for f in ("table.md", "table.csv", "results.json", "auc_by_method.png", "auc_effects.png"):
     assert (out / f).is_file() and (out / f).stat().st_size > 0, f
   assert (out / "curves.png").is_file() and (out / "grad_cosines.png").is_file()
   assert "\r" not in proc.stdout  # no progress bar in a log
   with open(out / "table.csv") as f:
-    csv_rows = list(csv.DictReader(f))
+    lines = f.readlines()
+  meta = dict(ln[2:].rstrip("\n").split(": ", 1) for ln in lines if ln.startswith("# "))
+  assert {"command", "date", "commit", "machine"} <= set(meta)
+  csv_rows = list(csv.DictReader(ln for ln in lines if not ln.startswith("#")))
   listed = [r["method"] for r in csv_rows]
   expected = [report.SINGLE, *QUICK_METHODS, "nmt"]
   for name in expected:
@@ -152,8 +163,13 @@ def test_quick_run_writes_every_output(tmp_path):
     if int(r["n_ok"]) == 0:
       assert r["note"].strip('"'), r
   md = (out / "table.md").read_text()
-  assert "GradCraft grid" in md and "Conflict diagnostics" in md
+  assert "Tuning trials" in md and "Conflict diagnostics" in md and "Equal tuning budget" in md
   summary = json.loads((out / "results.json").read_text())
-  grids = summary["backbones"]["shared_bottom"]["grids"]
-  assert set(grids) == {"gradcraft", "gradcraft (shared)"}
+  tuned = summary["backbones"]["shared_bottom"]["tuning"]
+  assert {"mean", "gradcraft", "gradcraft (shared)", "single_task", "nmt"} <= set(tuned)
+  for name, rec in tuned.items():  # the same learning-rate grid for every entry
+    assert {t["lr"] for t in rec["trials"]} == set(summary["config"]["lrs"]), name
+  for r in csv_rows:
+    if r["method"] not in ("mean",) and int(r["n_ok"]) > 0:
+      assert r["dEW_decision"] in ("better", "worse", "tie", "n/a"), r
   assert "wall time" in proc.stdout

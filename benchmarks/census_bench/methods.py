@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import inspect
 
+import optax
+
 import gradcraft_jax
 import gradcraft_jax.methods as library_methods
 
@@ -116,6 +118,21 @@ def make_method(name: str, num_tasks: int, seed: int = 0, hparams: dict | None =
   """``gradcraft_jax.<name>(...)`` with the benchmark's arguments."""
   factory = getattr(gradcraft_jax, name)
   return factory(**factory_kwargs(factory, num_tasks, seed, hparams))
+
+
+def make_injected(
+  name: str, num_tasks: int, seed: int, hparams: dict, tuned: tuple | list = ()
+) -> optax.GradientTransformation:
+  """``gradcraft_jax.<name>`` with the hyperparameters named in ``tuned``
+  injected (``optax.inject_hyperparams``: their values live in the state, so
+  one traced update serves every value tried) and every other argument
+  static. Without ``tuned``, :func:`make_method`."""
+  if not tuned:
+    return make_method(name, num_tasks, seed, hparams)
+  factory = getattr(gradcraft_jax, name)
+  static = tuple(p for p in inspect.signature(factory).parameters if p not in tuned)
+  injected = optax.inject_hyperparams(factory, static_args=static)
+  return injected(**factory_kwargs(factory, num_tasks, seed, hparams))
 
 
 def probe(tx, params, num_tasks: int, name: str = "") -> bool:

@@ -4,9 +4,16 @@ equal weighting, and the conflict diagnostics.
 * AV-A: mean test AUC over the tasks.
 * RI-A: mean over tasks of ``(AUC - AUC_single) / AUC_single`` in %, where
   ``AUC_single`` is the single-task model of the same seed.
-* Paired comparison: for each seed where both ran, ``AV-A(method) -
-  AV-A(equal weighting)`` (same initial parameters and batch order); mean
-  ± std of that difference and the number of seeds where it is positive.
+* Paired comparison (``stats.compare_to_reference``): for each seed where
+  both ran, ``AV-A(method) - AV-A(equal weighting)`` (same initial
+  parameters and batch order); the mean and sample std of that difference,
+  its 95% t-interval, the seeds won, Holm's adjusted p-value over the
+  entries compared on the backbone, the interval at Holm's level and the
+  decision (``better``/``worse`` only where it excludes zero, else ``tie``).
+  Fields ``dEW_<field>`` (``wins`` and ``n_pair`` also without prefix).
+* Standard deviations are sample standard deviations (``ddof = 1``).
+* Tuning: the trials of each entry, its selected setting and the
+  validation margin between the best and the second-best trial.
 * Diagnostics: fraction of training steps where at least one pair of task
   gradients has a negative cosine, and the 5 / 50 / 95 % quantiles of all
   pairwise cosines over training (all seeds pooled), on all parameters and
@@ -18,12 +25,31 @@ rendered table never breaks ``0.9422 ± 0.0002`` over two lines.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import stats
+import tuning
 
 SINGLE = "single_task"
 EW = "mean"
 NB = "\u00a0"  # non-breaking space
 PM = f"{NB}±{NB}"
+
+
+def _std(values) -> float:
+  return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def chosen_text(record: dict | None) -> str:
+  """``lr 0.003; tau=0.5, eps=0`` (one learning rate per task for the single-task models)."""
+  chosen = (record or {}).get("chosen")
+  if not chosen:
+    return "-"
+  lr = chosen["lr"]
+  text = "lr " + ("/".join(f"{x:g}" for x in lr) if isinstance(lr, list) else f"{lr:g}")
+  hp = tuning.describe(chosen.get("hparams", {}))
+  return text if hp == "-" else f"{text}; {hp}"
 
 
 def _fmt(mean, std, n, digits=4, sign=False):
@@ -47,11 +73,28 @@ def _diag(runs: dict, key: str):
   return float(np.mean(fr)), np.concatenate(pooled)
 
 
-def summarise(results: dict, order: list, task_names) -> list[dict]:
-  """One row per entry of ``order`` (see the module docstring)."""
+def _ava_by_seed(runs) -> dict:
+  if not isinstance(runs, dict):
+    return {}
+  return {s: float(np.mean(r.test_auc)) for s, r in runs.items() if r.status == "ok"}
+
+
+def summarise(
+  results: dict, order: list, task_names, records: dict | None = None, alpha: float = 0.05
+) -> list[dict]:
+  """One row per entry of ``order`` (see the module docstring). ``records``:
+  entry -> tuning record (``trials``, ``chosen``, ``margin``)."""
   T = len(task_names)
   single = results.get(SINGLE)
   ew = results.get(EW)
+  records = records or {}
+  paired = {}
+  if isinstance(ew, dict):
+    values = {m: _ava_by_seed(results.get(m)) for m in order}
+    compared = [m for m in order if m != EW]
+    paired = {
+      c.method: c for c in stats.compare_to_reference(values, EW, alpha=alpha, methods=compared)
+    }
   rows = []
   for name in order:
     runs = results.get(name)
@@ -63,32 +106,38 @@ def summarise(results: dict, order: list, task_names) -> list[dict]:
     row["n_seeds"] = len(runs)
     ok = {s: r for s, r in runs.items() if r.status == "ok"}
     row["note"] = "; ".join(f"seed {s}: {r.status}" for s, r in runs.items() if r.status != "ok")
-    if "tau" in next(iter(runs.values())).extra:
-      r0 = next(iter(runs.values()))
-      hp = f"tau={r0.extra['tau']:g}, eps={r0.extra['eps']:g}"
-      row["note"] = hp + ("; " + row["note"] if row["note"] else "")
     row["n_ok"] = len(ok)
+    rec = records.get(name)
+    if rec:
+      row["trials"] = len(rec.get("trials", []))
+      row["chosen"] = chosen_text(rec)
+      row["margin"] = rec.get("margin", math.nan)
+      n = row["trials"]
+      tune = f"{row['chosen']} ({n} trial{'s' if n != 1 else ''}"
+      if np.isfinite(row["margin"]):
+        tune += f", margin {row['margin']:.4f}"
+      row["note"] = tune + ")" + ("; " + row["note"] if row["note"] else "")
     aucs = np.array([ok[s].test_auc for s in ok]).reshape(-1, T)
     for t, tn in enumerate(task_names):
       row[f"{tn}_mean"] = float(np.mean(aucs[:, t])) if ok else np.nan
-      row[f"{tn}_std"] = float(np.std(aucs[:, t])) if ok else np.nan
+      row[f"{tn}_std"] = _std(aucs[:, t]) if ok else np.nan
     ava = {s: float(np.mean(ok[s].test_auc)) for s in ok}
     row["AV-A_mean"] = float(np.mean(list(ava.values()))) if ok else np.nan
-    row["AV-A_std"] = float(np.std(list(ava.values()))) if ok else np.nan
+    row["AV-A_std"] = _std(list(ava.values())) if ok else np.nan
     ri = [
       100 * np.mean((ok[s].test_auc - single[s].test_auc) / single[s].test_auc)
       for s in ok
       if isinstance(single, dict) and s in single and single[s].status == "ok"
     ]
     row["RI-A_mean"] = float(np.mean(ri)) if ri else np.nan
-    row["RI-A_std"] = float(np.std(ri)) if ri else np.nan
+    row["RI-A_std"] = _std(ri) if ri else np.nan
     row["n_ri"] = len(ri)
-    if name not in (SINGLE, EW) and isinstance(ew, dict):
-      d = [ava[s] - float(np.mean(ew[s].test_auc)) for s in ok if s in ew and ew[s].status == "ok"]
-      row["n_pair"] = len(d)
-      row["dEW_mean"] = float(np.mean(d)) if d else np.nan
-      row["dEW_std"] = float(np.std(d)) if d else np.nan
-      row["wins"] = int(np.sum(np.asarray(d) > 0)) if d else 0
+    c = paired.get(name)
+    if c is not None and c.n:
+      for f, v in c.as_dict().items():
+        if f != "method":
+          row[f"dEW_{f}"] = v
+      row["n_pair"], row["wins"] = c.n, c.wins
     for key, label in (("cos_all", "all"), ("cos_shared", "shared")):
       frac, pooled = _diag(ok, key)
       row[f"conflict_{label}"] = frac
@@ -103,7 +152,7 @@ def summarise(results: dict, order: list, task_names) -> list[dict]:
 def table_markdown(rows, task_names) -> str:
   """The main table: per-task AUC, AV-A, RI-A, paired comparison with EW."""
   keys = list(task_names) + ["AV-A", "RI-A"]
-  cols = list(task_names) + ["AV-A", "RI-A (%)", "ΔAV-A vs EW (seeds won)"]
+  cols = list(task_names) + ["AV-A", "RI-A (%)", "ΔAV-A vs EW [Holm interval] (seeds won)"]
   best = {}
   for k in keys:  # best among the multi-task methods (not the reference)
     vals = [r.get(f"{k}_mean", np.nan) for r in rows if r["method"] != SINGLE]
@@ -127,11 +176,10 @@ def table_markdown(rows, task_names) -> str:
       if r["method"] != SINGLE and best[k] is not None and np.isfinite(m) and m == best[k]:
         cell = f"**{cell}**"
       cells.append(cell)
-    if r["method"] in (SINGLE, EW):
-      cells.append("(reference)" if r["method"] == EW and r["n_ok"] else "")
+    if r["method"] == EW:
+      cells.append("(reference)" if r["n_ok"] else "")
     elif r["n_pair"]:
-      d = _fmt(r["dEW_mean"], r["dEW_std"], r["n_pair"], sign=True)
-      cells.append(f"{d} ({r['wins']}/{r['n_pair']})")
+      cells.append(paired_cell(r))
     else:
       cells.append("-")
     note = r["note"]
@@ -139,6 +187,15 @@ def table_markdown(rows, task_names) -> str:
       note = f"{r['n_ok']}/{r['n_seeds']} seeds ok; " + note
     lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {note.replace('|', '/')} |")
   return "\n".join(lines) + "\n"
+
+
+def paired_cell(r: dict, digits: int = 4) -> str:
+  """``+0.0005 [+0.0001, +0.0009] (3/3) better``."""
+  lo, hi = r.get("dEW_ci_holm_low", math.nan), r.get("dEW_ci_holm_high", math.nan)
+  ci = f" [{lo:+.{digits}f}, {hi:+.{digits}f}]" if np.isfinite(lo) else ""
+  dec = r.get("dEW_decision", "n/a")
+  dec = f"**{dec}**" if dec in ("better", "worse") else dec
+  return f"{r['dEW_mean']:+.{digits}f}{ci} ({r['wins']}/{r['n_pair']}){NB}{dec}"
 
 
 def diagnostics_markdown(rows) -> str:
@@ -165,6 +222,19 @@ CSV_EXTRA = [
   "dEW_std",
   "wins",
   "n_pair",
+  "dEW_ci95_low",
+  "dEW_ci95_high",
+  "dEW_p",
+  "dEW_p_holm",
+  "dEW_ci_holm_low",
+  "dEW_ci_holm_high",
+  "dEW_decision",
+  "dEW_losses",
+  "dEW_ties",
+  "dEW_m",
+  "trials",
+  "chosen",
+  "margin",
   "conflict_all",
   "conflict_shared",
   "cos5_all",
@@ -186,28 +256,30 @@ def table_csv(rows, task_names, backbone=None) -> str:
     vals = [backbone or "", r["method"], str(r["n_ok"]), str(r["n_seeds"])]
     for k in keys + CSV_EXTRA:
       v = r.get(k, np.nan)
-      vals.append("" if not np.isfinite(v) else f"{v:.6g}")
+      if isinstance(v, str):
+        vals.append('"' + v.replace('"', "'") + '"')
+      else:
+        vals.append("" if not np.isfinite(v) else f"{v:.6g}")
     vals.append('"' + r["note"].replace('"', "'") + '"')
     out.append(",".join(vals))
   return "\n".join(out) + "\n"
 
 
-def grid_markdown(grid_rows, taus, epss, chosen) -> str:
-  """Validation AV-A of each (tau, eps) of the grid (seed 0); bold: chosen."""
+def trials_markdown(records: dict, order: list) -> str:
+  """Every tuning trial's validation score (seed 0); bold: chosen."""
   lines = [
-    "| tau \\ eps | " + " | ".join(f"{e:g}" for e in epss) + " |",
-    "|---|" + "---:|" * len(epss),
+    "| Entry | lr | hyperparameters | validation | status |",
+    "|---|---:|---|---:|---|",
   ]
-  for tau in taus:
-    cells = []
-    for eps in epss:
-      g = next((x for x in grid_rows if x["tau"] == tau and x["eps"] == eps), None)
-      if g is None:
-        cells.append("")
-        continue
-      c = f"{g['val_AV-A']:.5f}" if np.isfinite(g["val_AV-A"]) else g["status"]
-      if chosen and (tau, eps) == (chosen["tau"], chosen["eps"]):
-        c = f"**{c}**"
-      cells.append(c)
-    lines.append(f"| {tau:g} | " + " | ".join(cells) + " |")
+  for name in order:
+    rec = records.get(name)
+    if not rec:
+      continue
+    for t in rec["trials"]:
+      v = t["val_AV-A"]
+      hp = f"task {t['task']}" if "task" in t else tuning.describe(t.get("hparams", {}))
+      cell = f"{v:.5f}" if np.isfinite(v) else "-"
+      if t.get("chosen"):
+        cell = f"**{cell}**"
+      lines.append(f"| {name} | {t['lr']:g} | {hp} | {cell} | {t['status']} |")
   return "\n".join(lines) + "\n"

@@ -3,12 +3,16 @@ loop and the runners (one per kind of table entry).
 
 Training (identical for every entry of a backbone): mini-batches of
 ``batch_size`` rows drawn epoch by epoch in a seeded order shared by all
-methods of a seed, from the same initial parameters per seed; the mean
-validation AUC over the tasks the run optimises is evaluated every
-``eval_every`` steps; training stops after ``patience`` evaluations without
-improvement or at ``max_steps``; the test AUC is measured once, at the best
-validation checkpoint. A run whose training loss or predictions become
-non-finite is reported as diverged.
+methods of a seed, from the same initial parameters per seed, Adam after
+the method at the learning rate of the run (injected:
+``optax.inject_hyperparams``, so one traced update serves every learning
+rate and every injected hyperparameter value); the mean validation AUC over
+the tasks the run optimises is evaluated every ``eval_every`` steps;
+training stops after ``patience`` evaluations without improvement or at
+``max_steps``; the test AUC is measured once, at the best validation
+checkpoint, and only for final runs (tuning trials never read it). A run
+whose training loss or predictions become non-finite is reported as
+diverged.
 
 Conflict diagnostics: at every step the pairwise cosines of the task
 gradients, from the Gram matrix of all parameters and from the Gram matrix
@@ -41,13 +45,15 @@ class Config:
   model: str = "shared_bottom"
   seeds: int = 3
   batch_size: int = 1024
-  lr: float = 3e-3
+  lrs: tuple = (3e-3, 1e-2)  # the learning-rate grid of every entry
+  trials: int = 2  # settings of each method's own hyperparameters (tuning.HPARAMS)
   max_steps: int = 400
   eval_every: int = 50
   patience: int = 3
   max_rows: int | None = None
   lagrange_lr: float = 1.0
   lagrange_clip: float = 10.0
+  alpha: float = 0.05  # family-wise level of Holm's procedure
 
 
 @dataclasses.dataclass
@@ -271,71 +277,53 @@ def evaluate_test_split(ctx: Context, res: RunResult) -> RunResult:
 # --------------------------------------------------------------------------
 
 
-class MethodRunner:
-  """A library method (whole model or shared parameters only) over seeds."""
+def adam(lr: float):
+  """Adam with its learning rate in the state (one trace for every rate)."""
+  return optax.inject_hyperparams(optax.adam)(learning_rate=lr)
 
-  def __init__(self, ctx: Context, name: str, *, shared: bool = False, hparams=None):
+
+class MethodRunner:
+  """A library method (whole model or shared parameters only) over seeds.
+
+  ``tuned``: the hyperparameter names the runs vary (injected, one trace);
+  ``run(seed, params, lr, hparams)`` trains with those values.
+  """
+
+  def __init__(self, ctx: Context, name: str, *, shared: bool = False, tuned=()):
     self.ctx, self.name, self.shared = ctx, name, shared
-    self.hparams = dict(hparams or {})
+    self.tuned = tuple(tuned)
     self.factory = getattr(gradcraft_jax, name)
-    self.uses_seed = "seed" in M.factory_kwargs(self.factory, ctx.T, 0, self.hparams)
-    self._update = None
-    self._update_seed = None
+    self.uses_seed = "seed" in M.factory_kwargs(self.factory, ctx.T, 0)
+    self._updates = {}
     # Build once (raises Skip with the reason when it cannot run).
     params = ctx.init_params(0)
-    self.reads_gram = M.probe(M.make_method(name, ctx.T, 0, self.hparams), params, ctx.T, name=name)
+    self.reads_gram = M.probe(M.make_method(name, ctx.T, 0), params, ctx.T, name=name)
     self.second_batch = name in M.SECOND_BATCH
 
-  def _tx(self, seed):
-    tx = M.make_method(self.name, self.ctx.T, seed, self.hparams)
+  def _tx(self, seed, lr, hparams):
+    tx = M.make_injected(self.name, self.ctx.T, seed, hparams, self.tuned)
     if self.shared:
       tx = M.wrap_shared(tx, self.ctx.shared_mask)
-    return optax.chain(tx, optax.adam(self.ctx.cfg.lr))
+    return optax.chain(tx, adam(lr))
 
-  def run(self, seed, params):
+  def run(self, seed, params, lr, hparams=None, *, evaluate_test=True):
+    hparams = dict(hparams or {})
     trace_seed = 0 if self.name in M.SEED_IN_STATE_ONLY or not self.uses_seed else seed
-    if self._update is None or self._update_seed != trace_seed:
-      self._update, self._update_seed = make_update(self._tx(trace_seed)), trace_seed
-    state = self._tx(seed).init(params)
-    return train_run(
-      self.ctx,
-      self._update,
-      params,
-      state,
-      seed=seed,
-      score=np.mean,
-      second_batch=self.second_batch,
-    )
-
-
-class GradCraftRunner:
-  """GradCraft with injected ``tau``/``eps``: one compile for the grid and seeds."""
-
-  def __init__(self, ctx: Context, *, shared: bool = False):
-    self.ctx, self.shared = ctx, shared
-    self.factory = optax.inject_hyperparams(
-      gradcraft_jax.gradcraft, static_args=("num_tasks", "norm_decay")
-    )
-    self._update = make_update(self._tx(1.0, 0.0))
-
-  def _tx(self, tau, eps):
-    tx = self.factory(tau=tau, eps=eps, num_tasks=self.ctx.T)
-    if self.shared:
-      tx = M.wrap_shared(tx, self.ctx.shared_mask)
-    return optax.chain(tx, optax.adam(self.ctx.cfg.lr))
-
-  def run(self, seed, params, tau, eps, *, evaluate_test=True):
-    state = self._tx(tau, eps).init(params)
+    key = (trace_seed,) if self.tuned else (trace_seed, tuple(sorted(hparams.items())))
+    if key not in self._updates:
+      self._updates[key] = make_update(self._tx(trace_seed, lr, hparams))
+    state = self._tx(seed, lr, hparams).init(params)
     res = train_run(
       self.ctx,
-      self._update,
+      self._updates[key],
       params,
       state,
       seed=seed,
       score=np.mean,
       evaluate_test=evaluate_test,
+      second_batch=self.second_batch,
     )
-    res.extra.update(tau=tau, eps=eps)
+    res.extra.update(lr=lr, hparams=hparams)
     return res
 
 
@@ -344,35 +332,43 @@ class SingleTaskRunner:
 
   def __init__(self, ctx: Context):
     self.ctx = ctx
-    self.opt = optax.adam(ctx.cfg.lr)
-    self._update = ctx.row_update(self.opt)
+    self._update = ctx.row_update(adam(1.0))
 
-  def run(self, seed, params):
-    T = self.ctx.T
-    test, val, runs = np.full(T, np.nan), np.full(T, np.nan), []
-    for t in range(T):
-      res = train_run(
-        self.ctx,
-        self._update,
-        params,
-        self.opt.init(params),
-        seed=seed,
-        score=lambda a, t=t: float(a[t]),
-        extra={"task": jnp.int32(t)},
-        log_cosines=False,
-      )
-      runs.append(res)
+  def run_task(self, seed, params, lr, task, *, evaluate_test=True):
+    opt = adam(lr)
+    res = train_run(
+      self.ctx,
+      self._update,
+      params,
+      opt.init(params),
+      seed=seed,
+      score=lambda a, t=task: float(a[t]),
+      extra={"task": jnp.int32(task)},
+      log_cosines=False,
+      evaluate_test=evaluate_test,
+    )
+    res.extra.update(task=task, lr=lr)
+    return res
+
+  def combine(self, runs: list) -> RunResult:
+    """The per-task runs as one entry: task ``t``'s AUC from its own model."""
+    for t, res in enumerate(runs):
       if res.status != "ok":
         return dataclasses.replace(res, status=f"{res.status} (task {self.ctx.task_names[t]})")
-      test[t], val[t] = res.test_auc[t], res.val_auc[t]
+    T = self.ctx.T
+    test, val = np.full(T, np.nan), np.full(T, np.nan)
+    for t, res in enumerate(runs):
+      val[t] = res.val_auc[t]
+      if res.test_auc is not None:
+        test[t] = res.test_auc[t]
     return RunResult(
       status="ok",
-      test_auc=test,
+      test_auc=test if all(r.test_auc is not None for r in runs) else None,
       val_auc=val,
       best_step=max(r.best_step for r in runs),
       steps=sum(r.steps for r in runs),
       wall_s=sum(r.wall_s for r in runs),
-      extra={"steps_per_task": [r.steps for r in runs]},
+      extra={"steps_per_task": [r.steps for r in runs], "lr": [r.extra["lr"] for r in runs]},
     )
 
 
@@ -389,28 +385,24 @@ class NMTRunner:
 
   def __init__(self, ctx: Context):
     self.ctx = ctx
-    cfg = ctx.cfg
-    self.opt = optax.adam(cfg.lr)
-    self.stage0 = ctx.row_update(self.opt)
-    self.txs, self.updates = {}, {}
-    for k in range(1, ctx.T):
-      # Targets are passed to every update (``targets=`` override): one trace for every seed.
-      tx = optax.chain(
-        gradcraft_jax.nmt([0.0] * k, lagrange_lr=cfg.lagrange_lr, lagrange_clip=cfg.lagrange_clip),
-        self.opt,
-      )
-      self.txs[k] = tx
-      self.updates[k] = make_prefix_update(tx, k + 1)
+    self.stage0 = ctx.row_update(adam(1.0))
+    self.updates = {k: make_prefix_update(self._tx(k, 1.0), k + 1) for k in range(1, ctx.T)}
 
-  def run(self, seed, params):
+  def _tx(self, k, lr):
+    # Targets are passed to every update (``targets=`` override): one trace for every seed.
+    cfg = self.ctx.cfg
+    nmt = gradcraft_jax.nmt([0.0] * k, lagrange_lr=cfg.lagrange_lr, lagrange_clip=cfg.lagrange_clip)
+    return optax.chain(nmt, adam(lr))
+
+  def run(self, seed, params, lr, hparams=None, *, evaluate_test=True):
     ctx, cfg = self.ctx, self.ctx.cfg
     targets, stages = [], []
     for k in range(ctx.T):
       score = lambda a, k=k: float(np.mean(a[: k + 1]))
       if k == 0:
-        update, state, extra = self.stage0, self.opt.init(params), {"task": jnp.int32(0)}
+        update, state, extra = self.stage0, adam(lr).init(params), {"task": jnp.int32(0)}
       else:
-        update, state = self.updates[k], self.txs[k].init(params)
+        update, state = self.updates[k], self._tx(k, lr).init(params)
         extra = {"targets": jnp.asarray(targets, jnp.float32)}
       res = train_run(
         ctx,
@@ -420,7 +412,7 @@ class NMTRunner:
         seed=seed + 100 * k,
         score=score,
         extra=extra,
-        evaluate_test=k == ctx.T - 1,
+        evaluate_test=evaluate_test and k == ctx.T - 1,
       )
       stages.append(res)
       if res.status != "ok":
@@ -446,5 +438,6 @@ class NMTRunner:
       losses=cat("losses"),
       cos_all=cat("cos_all"),
       cos_shared=cat("cos_shared"),
-      extra={"targets": targets, "stage_steps": [s.steps for s in stages]},
+      params=final.params,
+      extra={"targets": targets, "stage_steps": [s.steps for s in stages], "lr": lr},
     )
