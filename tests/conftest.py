@@ -103,3 +103,43 @@ def pytest_runtest_makereport(item, call):
       f"{item.nodeid} needs '{module}', which GRADCRAFT_JAX_REQUIRE_EXTRAS=1 says is "
       "installed: install the optional packages (see .ci/run)."
     )
+
+
+# ------------------------------------------------ compiled-code memory maps
+# Every executable XLA compiles for the CPU holds a few memory mappings of
+# machine code (hundreds for a large model step), and a test process keeps
+# them while its jitted functions are cached. A worker that runs a few
+# thousand tests can reach the kernel's limit on mappings per process
+# (``vm.max_map_count``, 65530 by default), after which the next compilation
+# aborts or segfaults inside XLA. Every few tests the worker counts its
+# mappings and, past a threshold well below the limit, drops JAX's compiled
+# executables (``jax.clear_caches``): cached functions recompile on their
+# next call.
+_MAPS = "/proc/self/maps"
+_MAPS_CHECK_EVERY = 8
+_MAPS_THRESHOLD = 30_000
+_tests_since_check = [0]
+
+
+def _memory_maps():
+  try:
+    with open(_MAPS, "rb") as f:
+      return f.read().count(b"\n")
+  except OSError:  # not Linux
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_compiled_code():
+  yield
+  _tests_since_check[0] += 1
+  if _tests_since_check[0] < _MAPS_CHECK_EVERY:
+    return
+  _tests_since_check[0] = 0
+  if _memory_maps() > _MAPS_THRESHOLD:
+    import gc  # pylint: disable=import-outside-toplevel
+
+    import jax  # pylint: disable=import-outside-toplevel
+
+    jax.clear_caches()
+    gc.collect()

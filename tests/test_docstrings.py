@@ -134,6 +134,7 @@ def test_section_parser():
   assert _section(doc, "Raises:") is None
 
 
+@pytest.mark.extras
 def test_docs_render_examples_and_references():
   """The docs build's docstring conversion (``docs/_ext/griffe_math.py``)
   keeps a doctest inside its ``Examples:`` section and turns the reST links

@@ -139,6 +139,7 @@ def test_shapes_and_parameter_layout(case):
   )
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-stacked{c[1]}-shared{c[2]}")
 def test_pytorch_mirror_gives_the_same_losses(case):
   pytest.importorskip("torch")
