@@ -121,6 +121,8 @@ class Plan:
   nmt: bool = True
   # Reuse the first backbone's single-task models as the RI-A reference.
   single_from_first: bool = False
+  # Library methods (and NMT) this run leaves out on this backbone.
+  not_run: tuple = ()
 
 
 class Log:
@@ -350,6 +352,10 @@ def make_plans(args, cfg) -> list[Plan]:
     # By default the single-task models are trained once, on the first
     # backbone (a plain MLP per task), and reused as the RI-A reference.
     single = not args.no_single and (i == 0 or bool(args.all_methods))
+    # Every method of the library has a row in every table; the ones this
+    # run leaves out on this backbone say so.
+    not_run = tuple(m for m in M.library_method_names() if m not in methods)
+    not_run += (NMT,) * (not nmt and not args.no_nmt)
     plans.append(
       Plan(
         b,
@@ -358,6 +364,7 @@ def make_plans(args, cfg) -> list[Plan]:
         single=single,
         nmt=nmt,
         single_from_first=not args.no_single and not single,
+        not_run=not_run,
       )
     )
   return plans
@@ -513,6 +520,12 @@ def main(argv=None):
       f"### {p.backbone}\n\n"
       + _header(p, out, cfg, plans[0].backbone)
       + report.table_markdown(out["rows"], task_names)
+      + report.not_run_markdown(
+        p.not_run,
+        len(task_names) + 3,
+        "not run on this backbone in this run (`--all-methods` runs every method on "
+        "every backbone)",
+      )
       + f"\nConflict diagnostics ({p.backbone}; all seeds):\n\n"
       + report.diagnostics_markdown(out["rows"])
       + f"\nTuning trials ({p.backbone}; seed 0, validation AV-A, for the single-task "

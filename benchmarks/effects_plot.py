@@ -93,15 +93,32 @@ def plot_effects(
       panels[b] = comp
   if not panels:
     return False
-  n = max(len(c) for c in panels.values())
-  fig, axes = plt.subplots(
-    1,
-    len(panels),
-    figsize=(max(5.6 * len(panels), 7.0), 0.26 * n + 3.0),
-    squeeze=False,
-  )
+  order = list(panels)
+  first, rest = order[0], order[1:]
+  stacked = bool(rest) and sum(len(panels[b]) + 4 for b in rest) <= len(panels[first]) + 4
+  if stacked:
+    # Smaller panels (a backbone run on a few entries) share the second
+    # column, each as tall as its rows, instead of stretching to the first.
+    fig = plt.figure(figsize=(11.2, 0.26 * len(panels[first]) + 3.0))
+    grid = fig.add_gridspec(1, 2)
+    heights = [len(panels[b]) + 4 for b in rest]
+    spare = len(panels[first]) + 4 - sum(heights)  # rows left empty below
+    right = grid[0, 1].subgridspec(
+      len(rest) + (spare > 0), 1, height_ratios=heights + [spare] * (spare > 0)
+    )
+    axes_list = [fig.add_subplot(grid[0, 0])]
+    axes_list += [fig.add_subplot(right[k, 0]) for k in range(len(rest))]
+  else:
+    n = max(len(c) for c in panels.values())
+    fig, axes = plt.subplots(
+      1,
+      len(panels),
+      figsize=(max(5.6 * len(panels), 7.0), 0.26 * n + 3.0),
+      squeeze=False,
+    )
+    axes_list = list(axes[0])
   d = digits
-  for ax, (b, comp) in zip(axes[0], panels.items()):
+  for ax, (b, comp) in zip(axes_list, panels.items()):
     names = [r["method"] for r in comp]
     mean = np.array([r[p + "mean"] for r in comp])
     lo95 = np.array([r[p + "ci95_low"] for r in comp], float)
@@ -157,14 +174,13 @@ def plot_effects(
     ax.grid(axis="x", alpha=0.3)
     ax.tick_params(axis="x", labelsize=8)
     direction = "lower is better" if lower_is_better else "higher is better"
-    ax.set_title(f"{b}", fontsize=10)
+    ax.set_title(f"{b} ({comp[0].get(p + 'm', len(comp))} comparisons)", fontsize=10)
     ax.set_xlabel(f"{label}: difference to equal weighting ({direction})", fontsize=8.5)
-  m = next(iter(panels.values()))[0].get(p + "m", "")
   width, height = fig.get_size_inches()
   chars = int(width * 17)  # characters per line at the caption's font size
   head = [
     f"{title}: paired difference to equal weighting over seeds, {label}",
-    f"thin with caps: interval at Holm's level ({m} comparisons per panel; it decides); "
+    "thin with caps: interval at Holm's level over the comparisons of its panel (it decides); "
     "thick: 95% per comparison",
     "green better, red worse, grey tie; sorted by effect; "
     "GradCraft (purple) and the best entries (bold) with their values",

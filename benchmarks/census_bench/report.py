@@ -189,6 +189,11 @@ def table_markdown(rows, task_names) -> str:
   return "\n".join(lines) + "\n"
 
 
+def not_run_markdown(names, num_values: int, reason: str) -> str:
+  """Rows of the main table for the entries a run left out, with the reason."""
+  return "".join(f"| {n} | " + " | ".join(["-"] * num_values) + f" | {reason} |\n" for n in names)
+
+
 def paired_cell(r: dict, digits: int = 4) -> str:
   """``+0.0005 [+0.0001, +0.0009] (3/3) better``."""
   lo, hi = r.get("dEW_ci_holm_low", math.nan), r.get("dEW_ci_holm_high", math.nan)
