@@ -27,7 +27,7 @@ RUNS = [
     id="bench_train_step.py--no-torch",
   ),
   pytest.param(
-    "bench_recsys_step.py", ["--methods", "gradcraft", "upgrad"], id="bench_recsys_step.py"
+    "bench_recsys_step.py", ["--methods", "gradcraft"], id="bench_recsys_step.py"
   ),
   pytest.param("dense_gram_accuracy.py", [], id="dense_gram_accuracy.py"),
 ]

@@ -15,55 +15,9 @@ from corpus import check, models
 
 import gradcraft_jax as gj
 
-# The known wrong results and crashes, by cause.
-_INT_CAST = (
-  "a weight cast to an integer or bool dtype before its product is taken for a dense use "
-  "(the cast treated as a view): non-zero Gram block for a zero gradient"
-)
-_INT_CAST_COVERAGE = "gram_coverage reports a weight cast to an integer or bool dtype as 'dense'"
-_INT_DOT = "integer dot_general fed by an integer-cast weight: AssertionError [('float0', 'V')]"
-_INT_DOT_EAGER = (
-  "the lean step without jit on an integer dot_general: ValueError: setting an array element "
-  "with a sequence"
-)
-_COMPLEX_ACT = (
-  "a real weight applied to a complex activation: the dense identity casts activations and "
-  "cotangents to real, dropping their imaginary parts"
-)
-_COMPLEX_PARAMS = "complex parameters: the Gram matrix is not Re(G^H G) (no conjugate)"
-_COMPLEX_PARAMS_METHOD = (
-  "complex parameters: the complex Gram matrix reaches IMTL-G, which crashes (ValueError: Clip "
-  "received a complex value)"
-)
-_CANCELLATION = (
-  "cancellation in <(a a^T) d_s, d_t>: inputs with a large common offset and output cotangents "
-  "summing to nearly zero over the batch (batch normalisation)"
-)
-_NONLINEAR_VJP = (
-  "a custom_vjp rule not linear in the cotangent (clip_gradient) is applied once to the "
-  "weighted cotangent instead of per task: wrong combined update"
-)
-_CUSTOM_VJP_CHUNK = (
-  "chunk_size forms the Gram matrix with forward mode, which cannot differentiate a "
-  "custom_vjp: TypeError"
-)
-_CONCRETE_COVERAGE = (
-  "gram_coverage traces the batch abstractly: ConcretizationTypeError on a loss that reads a "
-  "concrete batch value (the step falls back silently)"
-)
-_CONCRETE_CHUNK = (
-  "chunk_size runs its chunks in lax.map, which stages the loss' read of a concrete batch "
-  "value: ConcretizationTypeError"
-)
-_PY_FLOAT_EAGER = (
-  "a Python float leaf in the parameters, lean step without jit: AttributeError: 'float' "
-  "object has no attribute 'dtype'"
-)
-
-# (model, route) -> what is known to be wrong. Each pair runs as
-# xfail(strict=False): it reports XPASS once fixed, and the pair is then
-# removed from here. A pair may fail in one dtype only (the cancellation at
-# offset 1e3 shows in float32).
+# (model, route) -> the reason a pair is known to be wrong (empty: every
+# route of every model passes). A pair listed here runs as
+# xfail(strict=True): it must fail, so an entry cannot outlive its fix.
 KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
@@ -71,7 +25,7 @@ def _params():
   for model in models.FAMILIES:
     for route in check.routes_of(model):
       reason = KNOWN_FAILURES.get((model, route))
-      marks = [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
+      marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
       if not check.ROUTES[route].jit:  # op-by-op dispatch: seconds per model
         marks.append(pytest.mark.slow)
       yield pytest.param(model, route, marks=marks, id=f"{model}-{route}")

@@ -1,0 +1,45 @@
+"""Every figure the README quotes from a benchmark is in that benchmark's
+committed result file (the table the script wrote, with its command, date
+and commit): a re-run that changes a result makes this fail until the prose
+is rewritten from the new file."""
+
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "benchmarks"
+
+# (README paragraph that starts with this text, result file).
+SECTIONS = [
+  ("**Census-Income comparison**", "census_table.md"),
+  ("**Controlled-conflict study** (`python", "conflict_table.md"),
+  ("**Whole training step**", "train_step.md"),
+  ("**Representation-level gradients**", "representation.md"),
+]
+# Figures of a paragraph that are not results: sizes, dates, settings.
+NOT_RESULTS = re.compile(
+  r"\d{4}-\d\d-\d\d|\beps = \S+|\btau = [\d.]+|\bT = \d+|\d+ x \d+|0\.6-1\.1|[\d.]+M\b"
+)
+NUMBER = re.compile(r"(?<![\w.])[+-]?\d+\.\d+")
+
+
+def _paragraph(text, start):
+  i = text.index(start)
+  rest = text[i:]
+  # up to the next bold paragraph head or section
+  m = re.search(r"\n\n(\*\*|## )", rest[len(start) :])
+  return rest[: len(start) + m.start()] if m else rest
+
+
+@pytest.mark.parametrize("start,result", SECTIONS, ids=[s[1] for s in SECTIONS])
+def test_readme_figures_are_in_their_result_file(start, result):
+  readme = (ROOT / "README.md").read_text()
+  table = (RESULTS / result).read_text()
+  assert "Command:" in table or "command" in table.lower(), f"{result} records no command"
+  para = NOT_RESULTS.sub(" ", _paragraph(readme, start))
+  numbers = NUMBER.findall(para)
+  assert numbers, f"no figures found after {start!r}"
+  missing = [n for n in numbers if n.lstrip("+") not in table]
+  assert not missing, f"README figures not in docs/benchmarks/{result}: {missing}"
