@@ -28,7 +28,9 @@ def _commit():
     sha = subprocess.run(
       ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    )
     return sha + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
