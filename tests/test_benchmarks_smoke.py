@@ -26,9 +26,7 @@ RUNS = [
     [*TRAIN_STEP_METHODS, "--no-torch"],
     id="bench_train_step.py--no-torch",
   ),
-  pytest.param(
-    "bench_recsys_step.py", ["--methods", "gradcraft"], id="bench_recsys_step.py"
-  ),
+  pytest.param("bench_recsys_step.py", ["--methods", "gradcraft"], id="bench_recsys_step.py"),
   pytest.param("dense_gram_accuracy.py", [], id="dense_gram_accuracy.py"),
 ]
 
