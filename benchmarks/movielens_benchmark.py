@@ -234,6 +234,18 @@ def entries_of(args) -> list[str]:
   return order
 
 
+# Config fields that are also integer command-line options (--batch-size, ...).
+INT_OPTIONS = (
+  "batch_size",
+  "neg_ratio",
+  "patience",
+  "evals_per_epoch",
+  "max_users",
+  "holdout",
+  "eval_negatives",
+)
+
+
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="out/movielens", help="output directory")
@@ -264,15 +276,7 @@ def parse_args(argv=None):
   ap.add_argument(
     "--trials", type=int, default=None, help="settings of each method's hyperparameters (2)"
   )
-  for f in (
-    "batch_size",
-    "neg_ratio",
-    "patience",
-    "evals_per_epoch",
-    "max_users",
-    "holdout",
-    "eval_negatives",
-  ):
+  for f in INT_OPTIONS:
     ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
   ap.add_argument("--max-epochs", type=float, default=None)
   ap.add_argument("--alpha", type=float, default=0.05, help="family-wise level of Holm's procedure")
@@ -298,16 +302,7 @@ def parse_args(argv=None):
   if args.quick:
     for k, v in QUICK.items():
       setattr(cfg, k, v)
-  for k in (
-    "batch_size",
-    "neg_ratio",
-    "patience",
-    "evals_per_epoch",
-    "max_users",
-    "holdout",
-    "eval_negatives",
-    "max_epochs",
-  ):
+  for k in (*INT_OPTIONS, "max_epochs"):
     v = getattr(args, k)
     if v is not None:
       setattr(cfg, k, v)
