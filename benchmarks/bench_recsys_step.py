@@ -76,6 +76,7 @@ import gradcraft_jax as gj
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import recsys_models as rm  # noqa: E402
+import run_meta  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -472,24 +473,6 @@ def machine(torch):
   return text
 
 
-def commit():
-  here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    sha = subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-      ["git", "status", "--porcelain", "--untracked-files=no"],
-      cwd=here,
-      capture_output=True,
-      text=True,
-      check=True,
-    ).stdout.strip()
-    return sha + (" (with uncommitted changes)" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def describe(cfg_args):
   sizes = ", ".join(
     f"`{m}` {', '.join(f'{k}={v}' for k, v in FULL[m].items())}" for m in cfg_args.models
@@ -558,7 +541,7 @@ def main(argv=None):
       "",
       f"Command: `{cmd}`  ",
       f"Date: {datetime.date.today().isoformat()}  ",
-      f"Commit: {commit()}  ",
+      f"Commit: {run_meta.commit()}  ",
       f"Machine: {machine(not args.no_torch)}  ",
       f"Run time: {minutes:.1f} min",
       "",

@@ -47,6 +47,9 @@ import optax
 
 import gradcraft_jax as gj
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run_meta  # noqa: E402
+
 warnings.filterwarnings("ignore")
 
 METHODS = ("mean", "gradcraft", "upgrad", "mgda", "nmt")
@@ -514,6 +517,7 @@ def main(argv=None):
       "",
       f"Command: `{cmd}`  ",
       f"Date: {datetime.date.today().isoformat()}  ",
+      f"Commit: {run_meta.commit()}  ",
       f"Machine: {machine(not args.no_torch)}",
       "",
       "One jitted float32 training step (gradients, method, Adam, apply) per "

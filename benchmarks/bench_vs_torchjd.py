@@ -31,6 +31,9 @@ import numpy as np
 
 import gradcraft_jax.methods as gm
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run_meta  # noqa: E402
+
 warnings.filterwarnings("ignore")
 
 
@@ -204,6 +207,7 @@ def main(argv=None):
     "",
     f"Command: `{cmd}`  ",
     f"Date: {datetime.date.today().isoformat()}  ",
+    f"Commit: {run_meta.commit()}  ",
     f"Machine: {machine()}",
     "",
     f"One update of a `(T, {args.dim})` float32 gradient matrix: the "

@@ -328,6 +328,15 @@ def plan_runs(name: str, cfg: Config) -> int:
 
 def make_plans(args, cfg) -> list[Plan]:
   names = M.library_method_names()
+  if args.ablation:
+    # GradCraft's parts against the whole method and equal weighting, whole
+    # model and shared-only, on every backbone.
+    parts = ("gradcraft", *M.ABLATION)
+    left = tuple(m for m in names if m not in ("mean", "gradcraft")) + (NMT,)
+    return [
+      Plan(b, ("mean", *parts), parts, single=False, nmt=False, not_run=left)
+      for b in args.backbones
+    ]
   if args.methods:
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in wanted if m not in names]
@@ -404,6 +413,12 @@ def parse_args(argv=None):
     "--shared-crafting",
     action="store_true",
     help="every crafting method also shared-only on the first backbone (default: GradCraft)",
+  )
+  ap.add_argument(
+    "--ablation",
+    action="store_true",
+    help="GradCraft's ablation instead: magnitude alignment only, direction deconfliction "
+    "only and both, whole model and shared-only, next to equal weighting, on every backbone",
   )
   ap.add_argument("--no-single", action="store_true", help="skip the single-task models (no RI-A)")
   ap.add_argument("--no-nmt", action="store_true", help="skip NMT")
@@ -523,7 +538,10 @@ def main(argv=None):
       + report.not_run_markdown(
         p.not_run,
         len(task_names) + 3,
-        "not run on this backbone in this run (`--all-methods` runs every method on "
+        "not in GradCraft's ablation (`--ablation`); the comparison of every method is "
+        "the default run's"
+        if args.ablation
+        else "not run on this backbone in this run (`--all-methods` runs every method on "
         "every backbone)",
       )
       + f"\nConflict diagnostics ({p.backbone}; all seeds):\n\n"

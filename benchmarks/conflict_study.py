@@ -45,7 +45,10 @@ mean and standard deviation over seeds of its logarithm, reported as ratios
 
 Outputs in ``--out``: ``conflict_table.csv`` (every setting and method),
 ``conflict_table.md``, ``conflict_vs_cosine.png``,
-``conflict_vs_imbalance.png``.
+``conflict_vs_imbalance.png``; and the measured cosines between the task
+gradients of the shared bottom at every step of the equal-weighting runs
+(the generator's knob is a weight-vector cosine, not a gradient cosine):
+``conflict_cosines.csv``, ``conflict_cosines.md``, ``conflict_cosines.png``.
 
 Run from the repository root::
 
@@ -174,7 +177,15 @@ def shared_mask(p):
   return {"bottom": jax.tree.map(lambda _: True, p["bottom"]), "towers": [(False, False)] * 2}
 
 
-def make_train(tx_fn, T, cfg: Cfg, *, single=False, second_batch=False):
+def shared_cosines(grads):
+  """``(T, T)`` cosines between the task gradients of the shared bottom."""
+  g = jnp.concatenate([a.reshape(a.shape[0], -1) for a in jax.tree.leaves(grads["bottom"])], 1)
+  k = g @ g.T
+  n = jnp.sqrt(jnp.clip(jnp.diagonal(k), 1e-30))
+  return k / (n[:, None] * n[None, :])
+
+
+def make_train(tx_fn, T, cfg: Cfg, *, single=False, second_batch=False, cosines=False):
   """``train(key, data, scales, extra) -> (best_params, best_val (T,))``, jitted, vmapped.
 
   ``tx_fn(extra)`` builds the transform (``extra`` holds per-run arrays such
@@ -182,6 +193,8 @@ def make_train(tx_fn, T, cfg: Cfg, *, single=False, second_batch=False):
   training on row ``extra["task"]`` of the stacked gradients.
   ``second_batch``: also pass the stacked gradients of a second, independent
   mini-batch as ``stacked_2`` (MoDo, SDMGrad).
+  ``cosines``: also return the ``(steps, T, T)`` cosines between the task
+  gradients of the shared bottom at every training step.
   """
   grad_fn = gradcraft_jax.per_task_value_and_grad(lambda p, b: task_mse(p, *b))
 
@@ -206,23 +219,25 @@ def make_train(tx_fn, T, cfg: Cfg, *, single=False, second_batch=False):
         upd, state = tx.update(grads, state, params)
       else:
         upd, state = tx.update(grads, state, params, task_losses=losses, **kw)
-      return (optax.apply_updates(params, upd), state), None
+      return (optax.apply_updates(params, upd), state), shared_cosines(grads) if cosines else None
 
     def period(carry, ks):
       params, state, best_p, best_v, best_tv = carry
-      (params, state), _ = jax.lax.scan(step, (params, state), ks)
+      (params, state), cos = jax.lax.scan(step, (params, state), ks)
       val = task_mse(params, xva, yva)
       score = val[extra["task"]] if single else jnp.mean(val / scales)
       better = (score < best_v) & jnp.isfinite(score)
       best_p = jax.tree.map(lambda a, b: jnp.where(better, a, b), params, best_p)
       best_tv = jnp.where(better, val, best_tv)
       best_v = jnp.where(better, score, best_v)
-      return (params, state, best_p, best_v, best_tv), None
+      return (params, state, best_p, best_v, best_tv), cos
 
     n_eval = cfg.steps // cfg.eval_every
     keys = jax.random.split(kb, n_eval * cfg.eval_every).reshape(n_eval, cfg.eval_every)
     init = (params, state, params, jnp.inf, jnp.full((T,), jnp.inf))
-    (_, _, best_p, _, best_tv), _ = jax.lax.scan(period, init, keys)
+    (_, _, best_p, _, best_tv), cos = jax.lax.scan(period, init, keys)
+    if cosines:
+      return best_p, best_tv, cos.reshape((-1, T, T))
     return best_p, best_tv
 
   return jax.jit(jax.vmap(run))
@@ -266,6 +281,7 @@ def run_T(T, cfg: Cfg, methods, log):
     [jax.random.fold_in(jax.random.key(1000 + s), T) for _ in range(S) for s in range(K)]
   )
   out, val_out, notes = {}, {}, {}
+  cosines = None  # (S, seeds, steps, T, T), from the equal-weighting runs
 
   def finish(name, best_p, best_val):
     test_mse = np.asarray(_eval(best_p, *test))  # the one look at the test split
@@ -327,6 +343,11 @@ def run_T(T, cfg: Cfg, methods, log):
         fn = make_train(tx_fn, T, cfg)
         bp, bv = fn(keys, data, scales, {"kw": {"targets": targets}})
         finish(name, bp, bv)
+      elif name == EW:  # the reference; its run also records the gradient cosines
+        make = lambda e: optax.chain(gradcraft_jax.mean(), optax.adam(cfg.lr))
+        bp, bv, cos = make_train(make, T, cfg, cosines=True)(keys, data, scales, {})
+        finish(name, bp, bv)
+        cosines = np.asarray(cos).reshape((S, K) + cos.shape[1:])
       else:
         make = lambda e, name=name: optax.chain(M.make_method(name, T, 0), optax.adam(cfg.lr))
         fn = make_train(make, T, cfg, second_batch=name in M.SECOND_BATCH)
@@ -341,7 +362,7 @@ def run_T(T, cfg: Cfg, methods, log):
       else:
         notes[name] = f"error: {type(e).__name__}: {msg}"
     log(f"T={T}: {name:<24} {time.perf_counter() - t0:.1f} s {notes.get(name, '')}")
-  return settings, out, val_out, notes
+  return settings, out, val_out, notes, cosines
 
 
 def relative(a, b):
@@ -353,7 +374,7 @@ def relative(a, b):
 
 def summarise(all_T):
   rows = []
-  for T, (settings, out, _, notes) in all_T.items():
+  for T, (settings, out, _, notes, _) in all_T.items():
     for name in [SINGLE] + [m for m in out if m != SINGLE] + [m for m in notes if m not in out]:
       if name not in out:
         for axis, rho, q in settings:
@@ -379,6 +400,116 @@ def summarise(all_T):
           )
         )
   return rows
+
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def cosine_rows(all_T):
+  """Per ``T`` and setting: the distribution of the pairwise cosines between
+  the task gradients of the shared bottom over the equal-weighting runs
+  (every training step, seed and task pair; for ``T > 2`` also the pairs
+  within a group and across the two groups apart)."""
+  rows = []
+  for T, (settings, _, _, _, cos) in all_T.items():
+    if cos is None:
+      continue
+    i, j = np.triu_indices(T, 1)
+    group = np.arange(T) >= T // 2
+    kinds = {"all": np.ones(len(i), bool)}
+    if T > 2:
+      kinds["within groups"] = group[i] == group[j]
+      kinds["across groups"] = group[i] != group[j]
+    for n, (axis, rho, q) in enumerate(settings):
+      pairs = cos[n][..., i, j]  # (seeds, steps, pairs)
+      for kind, sel in kinds.items():
+        v = pairs[..., sel].ravel()
+        row = dict(T=T, axis=axis, rho=rho, ratio=q, pairs=kind, n=int(v.size))
+        row.update(
+          {f"q{int(100 * p):02d}": float(x) for p, x in zip(QUANTILES, np.quantile(v, QUANTILES))}
+        )
+        row.update(mean=float(v.mean()), negative=float(np.mean(v < 0)))
+        rows.append(row)
+  return rows
+
+
+COS_KEYS = ["axis", "T", "rho", "ratio", "pairs", "n", "q05", "q25", "q50", "q75", "q95"]
+COS_KEYS += ["mean", "negative"]
+
+
+def write_cosines(rows, out):
+  """``conflict_cosines.csv`` and a Markdown table of the medians and 5-95% ranges."""
+  with open(os.path.join(out, "conflict_cosines.csv"), "w") as f:
+    f.write(",".join(COS_KEYS) + "\n")
+    for r in rows:
+      f.write(",".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in COS_KEYS))
+      f.write("\n")
+  lines = [
+    "Cosines between the task gradients of the shared bottom, measured at every training "
+    "step of the equal-weighting runs (all seeds and task pairs): median [5%, 95%] and the "
+    "share of negative cosines. The generator's knob is the cosine between the tasks' "
+    "weight vectors; this is what the methods see.\n",
+    "| T | setting | pairs | median [5%, 95%] | negative |",
+    "|---:|---|---|---|---:|",
+  ]
+  for r in rows:
+    setting = (
+      f"cos {r['rho']:g}" if r["axis"] == "conflict" else f"{r['ratio']:g}x, cos {r['rho']:g}"
+    )
+    lines.append(
+      f"| {r['T']} | {setting} | {r['pairs']} | {r['q50']:.2f} [{r['q05']:.2f}, {r['q95']:.2f}] "
+      f"| {100 * r['negative']:.0f}% |"
+    )
+  with open(os.path.join(out, "conflict_cosines.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def plot_cosines(rows, path):
+  """One panel per ``T``: the cosine distribution of each setting (boxes: 25-75%,
+  whiskers 5-95%), against the generator's weight-vector cosine."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  Ts = sorted({r["T"] for r in rows})
+  fig, axes = plt.subplots(
+    1,
+    len(Ts),
+    figsize=(max(4.4 * len(Ts), 6.5), 3.8),
+    squeeze=False,
+    sharey=True,
+    layout="constrained",
+  )
+  for ax, T in zip(axes[0], Ts):
+    sub = [r for r in rows if r["T"] == T and r["pairs"] == ("across groups" if T > 2 else "all")]
+    stats, labels = [], []
+    for r in sub:
+      stats.append(dict(med=r["q50"], q1=r["q25"], q3=r["q75"], whislo=r["q05"], whishi=r["q95"]))
+      labels.append(f"{r['rho']:g}" if r["axis"] == "conflict" else f"{r['ratio']:g}x")
+    ax.bxp(
+      stats,
+      showfliers=False,
+      patch_artist=True,
+      boxprops=dict(facecolor="#cfe0f3"),
+      medianprops=dict(color="k"),
+    )
+    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
+    n_conf = sum(r["axis"] == "conflict" for r in sub)
+    ax.axvline(n_conf + 0.5, color="0.6", lw=0.8)
+    ax.axhline(0.0, color="k", lw=0.8, ls="--")
+    pairs = "pairs across the two groups" if T > 2 else "the two tasks"
+    ax.set_title(f"T = {T} ({pairs})", fontsize=9)
+    ax.set_xlabel("weight-vector cosine | loss-scale ratio (cos 0.5)", fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+  axes[0][0].set_ylabel("gradient cosine, shared bottom")
+  fig.suptitle(
+    "Measured task-gradient cosines during equal-weighting training "
+    "(box 25-75%, whiskers 5-95%, every step and seed)",
+    fontsize=9,
+  )
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def write_csv(rows, path):
@@ -575,6 +706,11 @@ def main(argv=None):
   wall = time.perf_counter() - t_start
   rows = summarise(all_T)
   write_outputs(rows, args.out, cfg, wall)
+  cos_rows = cosine_rows(all_T)
+  if cos_rows:
+    write_cosines(cos_rows, args.out)
+    plot_cosines(cos_rows, os.path.join(args.out, "conflict_cosines.png"))
+    print(open(os.path.join(args.out, "conflict_cosines.md")).read())
   print(open(os.path.join(args.out, "conflict_table.md")).read())
   print(f"wall time {wall:.1f} s", flush=True)
   return rows

@@ -108,6 +108,10 @@ HPARAMS: dict[str, tuple[list[dict], str]] = {
     [{"tau": 0.5, "eps": 0.0}, {"tau": 0.1, "eps": 0.0}, {"tau": 0.6, "eps": 0.1}],
     "tau and eps (library default first; tau = 0.1 with eps ~ 0 as in the official code)",
   ),
+  # GradCraft's parts (census_benchmark.py --ablation): the same values as
+  # GradCraft's own first settings.
+  "gradcraft_magnitude": ([{"tau": 0.5}, {"tau": 0.1}, {"tau": 0.6}], "GradCraft's tau"),
+  "gradcraft_direction": ([{"eps": 0.0}, {"eps": 0.1}, {"eps": 0.01}], "GradCraft's eps"),
   "single_task": ([], "none"),
   "nmt": ([], "none (targets from the priority stages)"),
 }

@@ -173,3 +173,53 @@ def test_quick_run_writes_every_output(tmp_path):
     if r["method"] not in ("mean",) and int(r["n_ok"]) > 0:
       assert r["dEW_decision"] in ("better", "worse", "tie", "n/a"), r
   assert "wall time" in proc.stdout
+
+
+def _magnitude_factors(gram, tau):
+  """GradCraft's step 1 written from the paper: s_i = tau max_j |g_j| / |g_i| + 1 - tau."""
+  n = np.sqrt(np.diag(gram))
+  return tau * n.max() / n + 1.0 - tau
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.1, 1.0])
+def test_ablation_variants_are_gradcraft_parts(tau):
+  """Magnitude only: the aligned gradients summed, no projection (weights
+  s_i / T from a NumPy loop); direction only: GradCraft with tau = 0; with
+  conflicting gradients both differ from the whole method."""
+  import jax.numpy as jnp
+
+  import gradcraft_jax
+
+  g = np.array([[3.0, 0.5, -0.2], [-0.3, 1.0, 0.4], [0.2, -2.0, 0.1]], np.float32)
+  stacked = {"w": jnp.asarray(g)}
+  params = {"w": jnp.zeros(3)}
+  gram = g.astype(np.float64) @ g.T.astype(np.float64)
+
+  def update(tx):
+    return np.asarray(tx.update(stacked, tx.init(params), params)[0]["w"])
+
+  want = (_magnitude_factors(gram, tau)[:, None] * g).sum(0) / 3
+  np.testing.assert_allclose(update(M.gradcraft_magnitude(tau=tau)), want, rtol=1e-5)
+  direction = update(M.gradcraft_direction(eps=0.1))
+  np.testing.assert_allclose(direction, update(gradcraft_jax.gradcraft(tau=0.0, eps=0.1)))
+  whole = update(gradcraft_jax.gradcraft(tau=tau, eps=0.1))
+  assert np.abs(whole - want).max() > 1e-3 and np.abs(whole - direction).max() > 1e-3
+
+
+def test_ablation_plan():
+  """--ablation: equal weighting, GradCraft and its two parts, whole model and
+  shared-only, on every backbone; every other library method and NMT are
+  listed as not run."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import census_benchmark as cb
+
+  args, cfg = cb.parse_args(["--ablation"])
+  plans = cb.make_plans(args, cfg)
+  assert [p.backbone for p in plans] == list(cb.BACKBONES)
+  parts = ("gradcraft", "gradcraft_magnitude", "gradcraft_direction")
+  for p in plans:
+    assert p.methods == ("mean", *parts) and p.shared == parts
+    assert not p.single and not p.nmt
+    assert set(p.not_run) | {"mean", "gradcraft"} == set(M.library_method_names()) | {"nmt"}
+  for name in parts:
+    assert len(cb.tuning.grid(name, cfg.lrs, cfg.trials)) == 2 * cfg.trials

@@ -1,8 +1,9 @@
 """Sharded updates and training steps on 8 simulated CPU devices.
 
-The checks live in ``tests/_sharded_check.py`` and run in a subprocess per
-case: ``--xla_force_host_platform_device_count=8`` must be set before JAX
-starts, while the rest of the suite runs with one device in this process.
+The checks live in ``tests/_sharded_check.py`` and run in one subprocess
+(the cases share its compiled functions):
+``--xla_force_host_platform_device_count=8`` must be set before JAX starts,
+while the rest of the suite runs with one device in this process.
 
 * ``fsdp``: FSDP-sharded stacked gradients on an Auto-axes mesh (every
   transform: equals single device, keeps sharding, only ``T x T`` crosses
@@ -22,19 +23,22 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+CASES = ("fsdp", "explicit", "data", "2d")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["fsdp", "explicit", "data", "2d"])
-def test_sharded(case):
+def test_sharded():
   env = dict(os.environ)
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run(
-    [sys.executable, os.path.join(HERE, "_sharded_check.py"), case],
+    [sys.executable, os.path.join(HERE, "_sharded_check.py"), *CASES],
     env=env,
     capture_output=True,
     text=True,
     timeout=900,
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  for name in ("gradcraft", "mean", "nmt"):
-    assert f"OK {case} {name}" in proc.stdout, proc.stdout
+  for case in CASES:
+    for name in ("gradcraft", "mean", "nmt"):
+      assert f"OK {case} {name}" in proc.stdout, proc.stdout

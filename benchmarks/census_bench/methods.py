@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 
+import jax.numpy as jnp
 import optax
 
 import gradcraft_jax
@@ -67,6 +68,35 @@ SECOND_BATCH = ("modo", "sdmgrad")
 # Required factory arguments the benchmarks supply: CR-MOGM smooths the
 # weights of another method, MGDA's (the combination of its paper).
 REQUIRED_ARGS = {"cr_mogm": lambda: {"method": gradcraft_jax.mgda()}}
+
+
+def gradcraft_magnitude(tau: float = 0.5) -> gradcraft_jax.Method:
+  r"""GradCraft's magnitude alignment alone (its ablation): the update
+  :math:`\frac1T \sum_i s_i g_i` with GradCraft's factors
+  :math:`s_i = \tau \max_j \|g_j\| / \|g_i\| + 1 - \tau`, no projection."""
+
+  def weights(gram, state, losses, *, num_tasks, **extra_args):
+    s, _ = library_methods.gradcraft_coefficients(gram, tau=jnp.asarray(tau, gram.dtype), eps=0.0)
+    return s / num_tasks, state
+
+  return gradcraft_jax.from_weighting(
+    gradcraft_jax.Weighting(lambda params: optax.EmptyState(), weights, name="gradcraft_magnitude")
+  )
+
+
+def gradcraft_direction(eps: float = 0.0) -> gradcraft_jax.Method:
+  """GradCraft's direction deconfliction alone (its ablation): GradCraft
+  with ``tau = 0`` (every magnitude factor 1)."""
+  return gradcraft_jax.gradcraft(tau=0.0, eps=eps)
+
+
+# GradCraft's parts, run by ``--ablation`` (not methods of the library).
+ABLATION = {"gradcraft_magnitude": gradcraft_magnitude, "gradcraft_direction": gradcraft_direction}
+
+
+def factory_of(name: str):
+  """The factory of a library method or of an ablation variant."""
+  return ABLATION.get(name) or getattr(gradcraft_jax, name)
 
 
 class Skip(Exception):
@@ -116,7 +146,7 @@ def factory_kwargs(factory, num_tasks: int, seed: int, hparams: dict | None = No
 
 def make_method(name: str, num_tasks: int, seed: int = 0, hparams: dict | None = None):
   """``gradcraft_jax.<name>(...)`` with the benchmark's arguments."""
-  factory = getattr(gradcraft_jax, name)
+  factory = factory_of(name)
   return factory(**factory_kwargs(factory, num_tasks, seed, hparams))
 
 
@@ -129,7 +159,7 @@ def make_injected(
   static. Without ``tuned``, :func:`make_method`."""
   if not tuned:
     return make_method(name, num_tasks, seed, hparams)
-  factory = getattr(gradcraft_jax, name)
+  factory = factory_of(name)
   static = tuple(p for p in inspect.signature(factory).parameters if p not in tuned)
   injected = optax.inject_hyperparams(factory, static_args=static)
   return injected(**factory_kwargs(factory, num_tasks, seed, hparams))

@@ -14,26 +14,17 @@ Markdown with the command, date, commit and versions
 
 import argparse
 import datetime
+import os
 import platform
-import subprocess
 import sys
 
 import jax
 
 from corpus import check, models
 
-
-def _commit():
-  try:
-    sha = subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-      ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-    )
-    return sha + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import run_meta  # noqa: E402
 
 
 def measure(names):
@@ -69,7 +60,7 @@ def markdown(rows, names, argv):
     "",
     f"Command: `cd tests && python -m corpus.measure {' '.join(argv)}`  ",
     f"Date: {datetime.date.today().isoformat()}  ",
-    f"Commit: {_commit()}  ",
+    f"Commit: {run_meta.commit()}  ",
     f"Machine: {platform.machine()}, jax {jax.__version__} ({jax.default_backend()})",
     "",
     f"Largest error over the {len(names)} model families of `tests/corpus/models.py` of "
