@@ -71,6 +71,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run_meta  # noqa: E402
 from census_bench import methods as M  # noqa: E402
 
 import gradcraft_jax  # noqa: E402
@@ -437,14 +438,17 @@ COS_KEYS = ["axis", "T", "rho", "ratio", "pairs", "n", "q05", "q25", "q50", "q75
 COS_KEYS += ["mean", "negative"]
 
 
-def write_cosines(rows, out):
-  """``conflict_cosines.csv`` and a Markdown table of the medians and 5-95% ranges."""
+def write_cosines(rows, out, meta):
+  """``conflict_cosines.csv`` and a Markdown table of the medians and 5-95% ranges
+  (both headed by ``meta``: command, date, commit, machine)."""
   with open(os.path.join(out, "conflict_cosines.csv"), "w") as f:
+    f.write("".join(f"# {k}: {v}\n" for k, v in meta.items()))
     f.write(",".join(COS_KEYS) + "\n")
     for r in rows:
       f.write(",".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in COS_KEYS))
       f.write("\n")
   lines = [
+    "".join(f"- {k}: {v}\n" for k, v in meta.items()),
     "Cosines between the task gradients of the shared bottom, measured at every training "
     "step of the equal-weighting runs (all seeds and task pairs): median [5%, 95%] and the "
     "share of negative cosines. The generator's knob is the cosine between the tasks' "
@@ -698,6 +702,7 @@ def main(argv=None):
     names.insert(0, EW)
   names.append(NMT)
   os.makedirs(args.out, exist_ok=True)
+  meta = run_meta.metadata("benchmarks/conflict_study.py", sys.argv[1:] if argv is None else argv)
   t_start = time.perf_counter()
   print(f"conflict study: {dataclasses.asdict(cfg)}; methods {names}", flush=True)
   all_T = {}
@@ -708,7 +713,7 @@ def main(argv=None):
   write_outputs(rows, args.out, cfg, wall)
   cos_rows = cosine_rows(all_T)
   if cos_rows:
-    write_cosines(cos_rows, args.out)
+    write_cosines(cos_rows, args.out, meta)
     plot_cosines(cos_rows, os.path.join(args.out, "conflict_cosines.png"))
     print(open(os.path.join(args.out, "conflict_cosines.md")).read())
   print(open(os.path.join(args.out, "conflict_table.md")).read())

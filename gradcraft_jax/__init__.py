@@ -101,7 +101,7 @@ from gradcraft_jax.wrappers import (
   task_sum,
 )
 
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 
 __all__ = [
   # the core: Gram matrix -> weighting -> weighted sum

@@ -72,7 +72,8 @@ def test_quick_run_writes_table_and_figures(tmp_path):
       assert np.isfinite(float(r["rel_ew"])) and float(r["rel_ew"]) > 0
   assert {r["axis"] for r in rows} == {"conflict", "imbalance"}
   with open(out / "conflict_cosines.csv") as f:
-    cos = {(r["axis"], float(r["rho"]), float(r["ratio"])): r for r in csv.DictReader(f)}
+    lines = [ln for ln in f if not ln.startswith("#")]
+    cos = {(r["axis"], float(r["rho"]), float(r["ratio"])): r for r in csv.DictReader(lines)}
   assert (out / "conflict_cosines.png").stat().st_size > 0
   aligned, opposed = cos[("conflict", 1.0, 1.0)], cos[("conflict", -0.9, 1.0)]
   for r in cos.values():

@@ -46,6 +46,18 @@ def test_install_commands_use_the_repository_url():
   assert readme.index("git+" + url) < readme.index("```python")
 
 
+def test_one_version_everywhere():
+  """``pyproject.toml``, ``gradcraft_jax.__version__`` and the newest
+  CHANGELOG entry name the same version."""
+  import gradcraft_jax
+
+  text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+  version = re.search(r'^version = "([^"]+)"$', text, re.MULTILINE).group(1)
+  assert gradcraft_jax.__version__ == version
+  changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+  assert re.search(r"^## \[([^\]]+)\]", changelog, re.MULTILINE).group(1) == version
+
+
 # ------------------------------------------------------------ sdist and wheel
 _SOURCES = (
   "pyproject.toml",
