@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -350,30 +348,6 @@ def interleaved(calls, rounds):
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-def machine(with_torch=True):
-  cpu = platform.processor() or platform.machine()
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name"):
-        cpu = line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  import importlib.metadata  # pylint: disable=import-outside-toplevel
-
-  line = (
-    f"{cpu}, {os.cpu_count()} CPU cores visible; jax {jax.__version__} ({jax.default_backend()})"
-  )
-  if not with_torch:
-    return line + "; PyTorch not run (--no-torch)"
-  import torch  # pylint: disable=import-outside-toplevel
-
-  return (
-    f"{line}, torch {torch.__version__} "
-    f"({torch.get_num_threads()} threads), torchjd {importlib.metadata.version('torchjd')}"
-  )
-
-
 def run_cell(model, t, args):
   cfg = model_config(model, t, args.quick)
   rng = np.random.default_rng(t)
@@ -518,7 +492,7 @@ def main(argv=None):
       f"Command: `{cmd}`  ",
       f"Date: {datetime.date.today().isoformat()}  ",
       f"Commit: {run_meta.commit()}  ",
-      f"Machine: {machine(not args.no_torch)}",
+      f"Machine: {run_meta.bench_machine(not args.no_torch)}",
       "",
       "One jitted float32 training step (gradients, method, Adam, apply) per "
       "path; `stacked` and `lean` are ratios of the median step time to the "

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -109,28 +107,6 @@ def median_time(fn, repeats, budget_s):
   return statistics.median(times), len(times)
 
 
-def machine():
-  cpu = platform.processor() or platform.machine()
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name"):
-        cpu = line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  import importlib.metadata  # pylint: disable=import-outside-toplevel
-
-  import torch  # pylint: disable=import-outside-toplevel
-
-  return (
-    f"{cpu}, {os.cpu_count()} CPU cores visible, "
-    f"{platform.system()} {platform.release()}; jax {jax.__version__} "
-    f"({jax.default_backend()}), torch {torch.__version__} "
-    f"({torch.get_num_threads()} threads), torchjd "
-    f"{importlib.metadata.version('torchjd')}, Python {platform.python_version()}"
-  )
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dim", type=int, default=1_000_000)
@@ -208,7 +184,7 @@ def main(argv=None):
     f"Command: `{cmd}`  ",
     f"Date: {datetime.date.today().isoformat()}  ",
     f"Commit: {run_meta.commit()}  ",
-    f"Machine: {machine()}",
+    f"Machine: {run_meta.bench_machine()}",
     "",
     f"One update of a `(T, {args.dim})` float32 gradient matrix: the "
     "jitted JAX transform (median of runs, `block_until_ready`, "

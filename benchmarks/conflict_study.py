@@ -468,23 +468,22 @@ def write_cosines(rows, out, meta):
     f.write("\n".join(lines) + "\n")
 
 
-def plot_cosines(rows, path):
-  """One panel per ``T``: the cosine distribution of each setting (boxes: 25-75%,
-  whiskers 5-95%), against the generator's weight-vector cosine."""
+def _panels(n, figsize):
+  """``(pyplot, figure, axes)``: one row of ``n`` panels sharing the y axis."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  fig, axes = plt.subplots(1, n, figsize=figsize, squeeze=False, sharey=True, layout="constrained")
+  return plt, fig, axes
+
+
+def plot_cosines(rows, path):
+  """One panel per ``T``: the cosine distribution of each setting (boxes: 25-75%,
+  whiskers 5-95%), against the generator's weight-vector cosine."""
   Ts = sorted({r["T"] for r in rows})
-  fig, axes = plt.subplots(
-    1,
-    len(Ts),
-    figsize=(max(4.4 * len(Ts), 6.5), 3.8),
-    squeeze=False,
-    sharey=True,
-    layout="constrained",
-  )
+  plt, fig, axes = _panels(len(Ts), (max(4.4 * len(Ts), 6.5), 3.8))
   for ax, T in zip(axes[0], Ts):
     sub = [r for r in rows if r["T"] == T and r["pairs"] == ("across groups" if T > 2 else "all")]
     stats, labels = [], []
@@ -568,21 +567,9 @@ def write_md(rows, path, cfg, wall):
 
 
 def plot_axis(rows, axis, path):
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   col = "rho" if axis == "conflict" else "ratio"
   Ts = sorted({r["T"] for r in rows})
-  fig, axes = plt.subplots(
-    1,
-    len(Ts),
-    figsize=(max(4.6 * len(Ts), 9.5), 4.4),
-    squeeze=False,
-    sharey=True,
-    layout="constrained",
-  )
+  plt, fig, axes = _panels(len(Ts), (max(4.6 * len(Ts), 9.5), 4.4))
   palette = plt.cm.tab10(np.linspace(0, 1, 10))
   styles = {m: palette[i] for i, m in enumerate((SINGLE,) + HIGHLIGHT)}
   for ax, T in zip(axes[0], Ts):

@@ -34,18 +34,45 @@ def commit() -> str:
   return c
 
 
-def machine() -> str:
-  import jax
-
+def cpu_name() -> str:
+  """The CPU model (``/proc/cpuinfo``), or what ``platform`` knows."""
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
         if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
+          return line.split(":", 1)[1].strip()
   except OSError:
     pass
+  return cpu
+
+
+def bench_machine(torch: bool = True) -> str:
+  """The machine line of the timing benchmarks: CPU, cores, OS, Python, JAX
+  and, with ``torch``, the PyTorch and torchjd versions and PyTorch's threads."""
+  import jax
+
+  line = (
+    f"{cpu_name()}, {os.cpu_count()} CPU cores visible, {platform.system()} "
+    f"{platform.release()}, Python {platform.python_version()}; jax {jax.__version__} "
+    f"({jax.default_backend()})"
+  )
+  if not torch:
+    return line + "; PyTorch not run (--no-torch)"
+  import importlib.metadata
+
+  import torch as th
+
+  return (
+    f"{line}, torch {th.__version__} ({th.get_num_threads()} threads), "
+    f"torchjd {importlib.metadata.version('torchjd')}"
+  )
+
+
+def machine() -> str:
+  import jax
+
+  cpu = cpu_name()
   dev = jax.devices()[0]
   return (
     f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "

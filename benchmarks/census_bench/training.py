@@ -26,6 +26,7 @@ import dataclasses
 import time
 from typing import Any, Callable
 
+import early_stopping
 import jax
 import jax.numpy as jnp
 import mtl_models
@@ -209,55 +210,36 @@ def train_run(
   cfg = ctx.cfg
   extra = {} if extra is None else extra
   t0 = time.perf_counter()
-  bs, n = cfg.batch_size, ctx.n_train
-  per_epoch = n // bs
-  rng = np.random.default_rng((seed, 12345))
-  rng2 = np.random.default_rng((seed, 54321))
-  order = None
-  best, best_params, best_step, best_val, bad = -np.inf, params, 0, None, 0
-  losses, c_all, c_sh = [], [], []
-  status = "ok"
-  step = 0
-  for step in range(1, cfg.max_steps + 1):
-    i = (step - 1) % per_epoch
-    if i == 0:
-      order = rng.permutation(n).astype(np.int32)
-    idx = order[i * bs : (i + 1) * bs]
+
+  def step(params, state, idx, idx2):
     loss, grads, ca, cs = ctx.grad_fn(params, ctx.train, idx)
     step_extra = extra
     if second_batch:
-      idx2 = rng2.integers(0, n, bs).astype(np.int32)
       step_extra = {**extra, "stacked_2": ctx.grad_fn(params, ctx.train, idx2)[1]}
     params, state = update(params, state, grads, loss, step_extra)
-    losses.append(loss)
-    if log_cosines:
-      c_all.append(ca)
-      c_sh.append(cs)
-    if step % cfg.eval_every == 0 or step == cfg.max_steps:
-      recent = np.asarray(jnp.stack(losses[-cfg.eval_every :]))
-      if not np.all(np.isfinite(recent)):
-        bad_step = step - len(recent) + int(np.argmax(~np.all(np.isfinite(recent), axis=1)))
-        status = f"diverged: non-finite training loss at step {bad_step + 1}"
-        break
-      val = ctx.auc(params, "val")
-      if val is None:
-        status = f"diverged: non-finite predictions at step {step}"
-        break
-      s = score(val)
-      if s > best:
-        best, best_params, best_step, best_val, bad = s, params, step, val, 0
-      else:
-        bad += 1
-        if bad >= cfg.patience:
-          break
-  res = RunResult(status=status, steps=step, best_step=best_step)
-  res.losses = np.asarray(jnp.stack(losses)) if losses else None
-  if c_all:
-    res.cos_all = np.asarray(jnp.stack(c_all))
-    res.cos_shared = np.asarray(jnp.stack(c_sh))
-  if status == "ok":
-    res.val_auc = best_val
-    res.params = best_params
+    return params, state, loss, (ca, cs) if log_cosines else None
+
+  loop = early_stopping.train(
+    params,
+    state,
+    step,
+    lambda p: ctx.auc(p, "val"),
+    score,
+    n=ctx.n_train,
+    batch_size=cfg.batch_size,
+    max_steps=cfg.max_steps,
+    eval_every=cfg.eval_every,
+    patience=cfg.patience,
+    seed=seed,
+  )
+  res = RunResult(status=loop.status, steps=loop.steps, best_step=loop.best_step)
+  res.losses = np.asarray(jnp.stack(loop.losses)) if loop.losses else None
+  if log_cosines and loop.diagnostics:
+    res.cos_all = np.asarray(jnp.stack([d[0] for d in loop.diagnostics]))
+    res.cos_shared = np.asarray(jnp.stack([d[1] for d in loop.diagnostics]))
+  if loop.status == "ok":
+    res.val_auc = loop.best_val
+    res.params = loop.best_params
     if evaluate_test:
       evaluate_test_split(ctx, res)
   res.wall_s = time.perf_counter() - t0

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import early_stopping
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,52 +246,36 @@ def train_run(
   cfg = ctx.cfg
   extra = {} if extra is None else extra
   t0 = time.perf_counter()
-  bs, n = cfg.batch_size, ctx.n_train
-  per_epoch = n // bs
-  eval_every = max(1, per_epoch // cfg.evals_per_epoch)
-  max_steps = max(1, int(round(cfg.max_epochs * per_epoch)))
-  rng = np.random.default_rng((seed, 12345))
-  rng2 = np.random.default_rng((seed, 54321))
+  per_epoch = ctx.n_train // cfg.batch_size
   lr = jnp.float32(lr)
-  order = None
-  best, best_params, best_step, best_val, bad = -np.inf, params, 0, None, 0
-  losses, cos = [], []
-  status, step = "ok", 0
-  for step in range(1, max_steps + 1):
-    i = (step - 1) % per_epoch
-    if i == 0:
-      order = rng.permutation(n).astype(np.int32)
-    idx = order[i * bs : (i + 1) * bs]
+
+  def step(params, state, idx, idx2):
     loss, grads, c = ctx.grad(params, idx)
     step_extra = extra
     if second_batch:
-      idx2 = rng2.integers(0, n, bs).astype(np.int32)
       step_extra = {**extra, "stacked_2": ctx.grad(params, idx2)[1]}
     params, state = update(params, state, grads, loss, lr, step_extra)
-    losses.append(loss)
-    cos.append(c)
-    if step % eval_every == 0 or step == max_steps:
-      recent = np.asarray(jnp.stack(losses[-eval_every:]))
-      if not np.all(np.isfinite(recent)):
-        status = "diverged: non-finite training loss"
-        break
-      val = ctx.evaluate(params, "val")
-      if val is None:
-        status = f"diverged: non-finite predictions at step {step}"
-        break
-      s = score(val)
-      if s > best:
-        best, best_params, best_step, best_val, bad = s, params, step, val, 0
-      else:
-        bad += 1
-        if bad >= cfg.patience:
-          break
-  res = RunResult(status=status, steps=step, best_step=best_step)
-  if cos:
-    res.losses = np.asarray(jnp.stack(losses))
-    res.cos = np.asarray(jnp.stack(cos))
-  if status == "ok":
-    res.val, res.score, res.params = best_val, float(best), best_params
+    return params, state, loss, c
+
+  loop = early_stopping.train(
+    params,
+    state,
+    step,
+    lambda p: ctx.evaluate(p, "val"),
+    score,
+    n=ctx.n_train,
+    batch_size=cfg.batch_size,
+    max_steps=max(1, int(round(cfg.max_epochs * per_epoch))),
+    eval_every=max(1, per_epoch // cfg.evals_per_epoch),
+    patience=cfg.patience,
+    seed=seed,
+  )
+  res = RunResult(status=loop.status, steps=loop.steps, best_step=loop.best_step)
+  if loop.diagnostics:
+    res.losses = np.asarray(jnp.stack(loop.losses))
+    res.cos = np.asarray(jnp.stack(loop.diagnostics))
+  if loop.status == "ok":
+    res.val, res.score, res.params = loop.best_val, loop.best_score, loop.best_params
     if evaluate_test:
       evaluate_test_split(ctx, res)
   res.wall_s = time.perf_counter() - t0
