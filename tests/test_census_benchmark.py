@@ -223,3 +223,17 @@ def test_ablation_plan():
     assert set(p.not_run) | {"mean", "gradcraft"} == set(M.library_method_names()) | {"nmt"}
   for name in parts:
     assert len(cb.tuning.grid(name, cfg.lrs, cfg.trials)) == 2 * cfg.trials
+
+
+@pytest.mark.slow
+def test_quick_ablation_run(tmp_path):
+  """--ablation --quick trains GradCraft's parts, whole model and shared-only."""
+  out = tmp_path / "ablation"
+  run_quick(SCRIPT, out, "--ablation")
+  with open(out / "table.csv") as f:
+    rows = list(csv.DictReader(ln for ln in f if not ln.startswith("#")))
+  ok = {r["method"] for r in rows if int(r["n_ok"]) > 0}
+  for name in ("gradcraft", "gradcraft_magnitude", "gradcraft_direction"):
+    assert name in ok and f"{name} (shared)" in ok, (name, ok)
+  md = (out / "table.md").read_text()
+  assert "| mgda |" in md and "not in GradCraft's ablation" in md  # listed, not run

@@ -274,7 +274,7 @@ class MethodRunner:
   def __init__(self, ctx: Context, name: str, *, shared: bool = False, tuned=()):
     self.ctx, self.name, self.shared = ctx, name, shared
     self.tuned = tuple(tuned)
-    self.factory = getattr(gradcraft_jax, name)
+    self.factory = M.factory_of(name)
     self.uses_seed = "seed" in M.factory_kwargs(self.factory, ctx.T, 0)
     self._updates = {}
     # Build once (raises Skip with the reason when it cannot run).

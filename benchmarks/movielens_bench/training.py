@@ -302,7 +302,7 @@ class MethodRunner:
 
   def __init__(self, ctx: Context, name: str, tuned=()):
     self.ctx, self.name, self.tuned = ctx, name, tuple(tuned)
-    self.factory = getattr(gradcraft_jax, name)
+    self.factory = M.factory_of(name)
     M.factory_kwargs(self.factory, ctx.T, 0)  # raises Skip with the reason
     self.uses_seed = "seed" in M.factory_kwargs(self.factory, ctx.T, 0)
     self.second_batch = name in M.SECOND_BATCH
