@@ -14,7 +14,10 @@ RESULTS = ROOT / "docs" / "benchmarks"
 # (page, the paragraph that starts with this text, result file).
 SECTIONS = [
   ("README.md", "**Census-Income comparison**", "census_table.md"),
+  ("README.md", "**GradCraft's parts**", "census_ablation_table.md"),
+  ("docs/benchmarks.md", "**What the data show.** Every part ties", "census_ablation_table.md"),
   ("README.md", "**Controlled-conflict study** (`python", "conflict_table.md"),
+  ("docs/benchmarks.md", "**What they show.** The knob", "conflict_cosines.md"),
   ("README.md", "**Whole training step**", "train_step.md"),
   ("README.md", "**Representation-level gradients**", "representation.md"),
   ("docs/movielens.md", "**What it shows.**", "movielens_table.md"),
