@@ -41,7 +41,7 @@ of ``--rounds`` (3) interleaved rounds after it. The plain steps, the
 references of the ratios, always take the rounds.
 
 The full default grid (3 models x V in {50k, 500k, 2M} x T in {2, 8, 16} x 4
-methods, 27 cells) is sized for about 20-25 minutes on a quiet 2-core CPU: per
+methods, 27 cells) took 27 minutes on a quiet 2-core CPU: per
 cell, 9 JAX steps to compile (two at a time) and a few calls of each variant,
 one call only for the multi-second steps that form ``T`` dense copies of the
 tables; the run prints its total time (and writes it with ``--out``).

@@ -21,6 +21,7 @@ SECTIONS = [
   ("README.md", "**Whole training step**", "train_step.md"),
   ("README.md", "**Representation-level gradients**", "representation.md"),
   ("docs/movielens.md", "**What it shows.**", "movielens_table.md"),
+  ("docs/recsys.md", "**What the measurements show.**", "recsys_step.md"),
 ]
 # Figures of a paragraph that are not results: sizes, dates, settings.
 NOT_RESULTS = re.compile(
