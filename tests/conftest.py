@@ -27,7 +27,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 #   grouped per method, so one worker compiles each method's steps once.
 _RUN_FIRST = (
   "test_sharding.py",
-  "test_census_benchmark.py::test_quick_run",
+  "test_census_benchmark.py::test_quick_",
+  "test_movielens_benchmark.py::test_quick_run",
   "test_conflict_study.py::test_quick_run",
   "test_benchmarks_smoke.py",
   "test_notebook.py",

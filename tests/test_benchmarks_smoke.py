@@ -8,10 +8,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Smoke runs of a subset where a script loops over methods (each compiles its
-# own steps): one method of each path kind (GradCraft's extra columns, a Gram
-# method torchjd also has, a loss-only method).
-TRAIN_STEP_METHODS = ["--methods", "gradcraft", "upgrad", "nmt"]
+# Smoke runs of a subset where a script loops over methods and models (each
+# compiles its own steps): one method of each path kind (GradCraft's extra
+# columns, a Gram method torchjd also has, a loss-only method), one model.
+TRAIN_STEP_METHODS = ["--models", "mlp", "--methods", "gradcraft", "upgrad", "nmt"]
 RUNS = [
   pytest.param("bench_gradcraft.py", [], id="bench_gradcraft.py"),
   pytest.param("bench_scaling.py", [], id="bench_scaling.py"),
@@ -26,7 +26,13 @@ RUNS = [
     [*TRAIN_STEP_METHODS, "--no-torch"],
     id="bench_train_step.py--no-torch",
   ),
-  pytest.param("bench_recsys_step.py", ["--methods", "gradcraft"], id="bench_recsys_step.py"),
+  # One model: the three share the benchmark's code, and tests/test_recsys_models.py
+  # checks each model's lean step against jax.jacrev.
+  pytest.param(
+    "bench_recsys_step.py",
+    ["--models", "mmoe", "--methods", "gradcraft"],
+    id="bench_recsys_step.py",
+  ),
   pytest.param("dense_gram_accuracy.py", [], id="dense_gram_accuracy.py"),
 ]
 
