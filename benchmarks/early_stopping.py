@@ -75,7 +75,8 @@ def train(
       recent = np.asarray(jnp.stack(losses[-eval_every:]))
       finite = np.all(np.isfinite(recent.reshape(len(recent), -1)), axis=1)
       if not np.all(finite):
-        status = f"diverged: non-finite training loss at step {k - len(recent) + int(np.argmax(~finite)) + 1}"
+        first_bad = k - len(recent) + int(np.argmax(~finite)) + 1
+        status = f"diverged: non-finite training loss at step {first_bad}"
         break
       val = evaluate(params)
       if val is None:

@@ -271,7 +271,7 @@ def train_run(
     seed=seed,
   )
   res = RunResult(status=loop.status, steps=loop.steps, best_step=loop.best_step)
-  if loop.diagnostics:
+  if loop.losses:
     res.losses = np.asarray(jnp.stack(loop.losses))
     res.cos = np.asarray(jnp.stack(loop.diagnostics))
   if loop.status == "ok":
