@@ -22,26 +22,33 @@ the tasks, noise ``N(0, 0.01)``; 1024 training, 1024 validation and 4096 test
 rows per problem and seed.
 
 Model and training: a shared-bottom MLP (16 -> 64 -> 32, ReLU; one 32 -> 16 -> 1
-tower per task), MSE per task, ``optax.chain(method, optax.adam(3e-3))``,
+tower per task), MSE per task, ``optax.chain(method, optax.adam(lr))``,
 mini-batches of 128, 400 steps, validation every 25 steps; the checkpoint with
-the lowest mean *scale-normalised* validation loss is kept, and the test split
-is read once per run, at that checkpoint. Every seed draws its own problem
-(weight vectors, nonlinearity, data) and initialisation; the seeds, the
-problems and the settings of one ``T`` are trained together by one ``jit`` of
-a ``vmap`` (``lax.scan`` over the steps).
+the lowest mean *scale-normalised* validation loss is kept. Every seed draws
+its own problem (weight vectors, nonlinearity, data) and initialisation; the
+seeds, the problems, the settings and the learning rates of one ``T`` are
+trained together by one ``jit`` of a ``vmap`` (``lax.scan`` over the steps).
+
+Equal tuning budget: every entry is trained at every learning rate of
+``lrs`` (default 1e-3, 3e-3, 1e-2) and at up to ``trials`` (default 2)
+settings of its own hyperparameters (``tuning.HPARAMS``: the paper's or the
+library's default first); per setting of the study, the combination with the
+lowest validation loss over the seeds is kept, and the test split is read
+once, at the kept checkpoints.
 
 Entries: single-task models (one per task, same model, the task's loss
-alone); every method of the library (``gradcraft_jax.methods.__all__``, with
-their defaults; GradCraft's ``tau, eps`` chosen on validation per setting
-from ``{0.1, 0.5, 1} x {1e-8, 0.1}``); NMT with priority task 1 > ... > task
+alone, learning rate chosen per task); every method of the library
+(``gradcraft_jax.methods.__all__``); NMT with priority task 1 > ... > task
 T-1 > task T: the first ``T-1`` tasks are held at 1.1x the training loss of
 their single-task model (at its selected checkpoint), the last is optimised.
 
 Metrics, per setting and seed: test loss relative to equal weighting (and to
 the single-task models) = geometric mean over tasks of ``mse_t(method) /
-mse_t(reference)`` (scale-free, so imbalance does not let one task dominate);
-mean and standard deviation over seeds of its logarithm, reported as ratios
-(< 1: better than the reference).
+mse_t(reference)`` (scale-free, so imbalance does not let one task dominate).
+Against equal weighting, the paired comparison over seeds of its logarithm
+(``stats.compare_to_reference``): mean, 95% interval, seeds won, and Holm's
+decision over the entries of the setting; reported as ratios (< 1: better
+than the reference).
 
 Outputs in ``--out``: ``conflict_table.csv`` (every setting and method),
 ``conflict_table.md``, ``conflict_vs_cosine.png``,
@@ -63,6 +70,7 @@ import dataclasses
 import math
 import os
 import sys
+import textwrap
 import time
 
 import jax
@@ -72,6 +80,8 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_meta  # noqa: E402
+import stats  # noqa: E402
+import tuning  # noqa: E402
 from census_bench import methods as M  # noqa: E402
 
 import gradcraft_jax  # noqa: E402
@@ -80,7 +90,6 @@ RHOS = (1.0, 0.5, 0.0, -0.5, -0.9)
 RATIOS = (1.0, 10.0, 100.0, 1000.0)
 IMBALANCE_RHO = 0.5
 TASKS = (2, 4, 8)
-GC_GRID = [(tau, eps) for tau in (0.1, 0.5, 1.0) for eps in (1e-8, 0.1)]
 HIGHLIGHT = ("gradcraft", "mgda", "pcgrad", "cagrad", "nash_mtl", "uncertainty_weighting", "nmt")
 SINGLE, EW, NMT = "single_task", "mean", "nmt"
 
@@ -98,14 +107,22 @@ class Cfg:
   batch: int = 128
   steps: int = 400
   eval_every: int = 25
-  lr: float = 3e-3
+  lrs: tuple = (1e-3, 3e-3, 1e-2)
+  trials: int = 2
   hidden: tuple = (64, 32)
   tower: int = 16
-  grid: tuple = tuple(GC_GRID)
   methods: tuple | None = None  # None: every library method
 
 
-QUICK = dict(tasks=(2,), rhos=(1.0, -0.9), ratios=(1.0, 100.0), seeds=2, steps=60, eval_every=20)
+QUICK = dict(
+  tasks=(2,),
+  rhos=(1.0, -0.9),
+  ratios=(1.0, 100.0),
+  seeds=2,
+  steps=60,
+  eval_every=20,
+  lrs=(3e-3, 1e-2),
+)
 QUICK_METHODS = ("mean", "mgda", "gradcraft")
 
 
@@ -186,12 +203,13 @@ def shared_cosines(grads):
   return k / (n[:, None] * n[None, :])
 
 
-def make_train(tx_fn, T, cfg: Cfg, *, single=False, second_batch=False, cosines=False):
+def make_train(method_fn, T, cfg: Cfg, *, single=False, second_batch=False, cosines=False):
   """``train(key, data, scales, extra) -> (best_params, best_val (T,))``, jitted, vmapped.
 
-  ``tx_fn(extra)`` builds the transform (``extra`` holds per-run arrays such
-  as NMT targets or GradCraft's ``tau``/``eps``). ``single``: single-task
-  training on row ``extra["task"]`` of the stacked gradients.
+  ``method_fn(extra)`` builds the method's transform (``extra`` holds per-run
+  arrays such as NMT targets); it is chained with Adam at the run's learning
+  rate ``extra["lr"]``. ``single``: single-task training on row
+  ``extra["task"]`` of the stacked gradients (``method_fn`` is ignored).
   ``second_batch``: also pass the stacked gradients of a second, independent
   mini-batch as ``stacked_2`` (MoDo, SDMGrad).
   ``cosines``: also return the ``(steps, T, T)`` cosines between the task
@@ -203,7 +221,8 @@ def make_train(tx_fn, T, cfg: Cfg, *, single=False, second_batch=False, cosines=
     (xtr, ytr), (xva, yva) = data
     kp, kb = jax.random.split(key)
     params = init_params(kp, T, cfg)
-    tx = tx_fn(extra)
+    adam = optax.adam(extra["lr"])
+    tx = adam if single else optax.chain(method_fn(extra), adam)
     state = tx.init(params)
     n = xtr.shape[0]
 
@@ -263,97 +282,116 @@ def settings_for(cfg: Cfg):
 
 
 def run_T(T, cfg: Cfg, methods, log):
-  """Every entry for one task count; returns ``{name: (test (S, seeds, T))}``."""
-  settings = settings_for(cfg)
-  S, K = len(settings), cfg.seeds
-  probs = [[make_problem(T, rho, q, s, cfg) for s in range(K)] for (_, rho, q) in settings]
+  """Every entry for one task count, each tuned on validation under the same budget.
 
-  def stack(f):
+  Every entry (the single-task models, equal weighting and NMT included) is
+  trained at every learning rate of ``cfg.lrs`` and, for a method with
+  hyperparameters of its own, at each of its first ``cfg.trials`` settings
+  (:mod:`tuning`); per setting of the study the combination with the best
+  validation score over the seeds is kept, and only its checkpoints are
+  evaluated on the test split. Returns ``(settings, test, val, notes,
+  cosines)`` with ``test[name]`` of shape ``(settings, seeds, T)``.
+  """
+  settings = settings_for(cfg)
+  # The imbalance axis at ratio 1 is the conflict axis at IMBALANCE_RHO: one problem.
+  uniq = list(dict.fromkeys((rho, q) for _, rho, q in settings))
+  back = np.array([uniq.index((rho, q)) for _, rho, q in settings])
+  S, K, L = len(uniq), cfg.seeds, len(cfg.lrs)
+  probs = [[make_problem(T, rho, q, s, cfg) for s in range(K)] for (rho, q) in uniq]
+
+  def stack(f, reps=1):
+    runs = [f(probs[i][s]) for i in range(S) for s in range(K)] * reps
+    return jax.tree.map(lambda *a: np.stack(a), *runs)
+
+  # Runs are ordered (learning rate, setting, seed); seed s has the same
+  # initial parameters and batches for every method, setting and learning rate.
+  data, scales = stack(lambda p: (p[0], p[1]), L), stack(lambda p: p[3], L)
+  train_xy, test = stack(lambda p: p[0]), stack(lambda p: p[2])
+  seed_keys = [jax.random.fold_in(jax.random.key(1000 + s), T) for s in range(K)]
+  keys = jnp.stack(seed_keys * (S * L))
+  lrs = jnp.repeat(jnp.asarray(cfg.lrs, jnp.float32), S * K)
+  sc = np.asarray(scales[: S * K]).reshape(S, K, T)
+  out, val_out, notes = {}, {}, {}
+  cosines = None  # (settings, seeds, steps, T, T), from the selected equal-weighting runs
+
+  def per_lr(tree, li):
+    return jax.tree.map(lambda a: a[li * S * K : (li + 1) * S * K], tree)
+
+  def keep(best, cand, upd):
+    """``cand`` where ``upd`` (per setting), else ``best``; leaves ``(S * K, ...)``."""
+    m = np.repeat(upd, K)
     return jax.tree.map(
-      lambda *a: np.stack(a), *[f(probs[i][s]) for i in range(S) for s in range(K)]
+      lambda a, b: jnp.where(m.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), cand, best
     )
 
-  data = stack(lambda p: (p[0], p[1]))
-  train_xy = stack(lambda p: p[0])
-  test = stack(lambda p: p[2])
-  scales = stack(lambda p: p[3])
-  # Seed s has the same initial parameters and batches for every method and setting.
-  keys = jnp.stack(
-    [jax.random.fold_in(jax.random.key(1000 + s), T) for _ in range(S) for s in range(K)]
-  )
-  out, val_out, notes = {}, {}, {}
-  cosines = None  # (S, seeds, steps, T, T), from the equal-weighting runs
+  def tune(name, make, extra=None, **kw):
+    """Train every (hyperparameters, learning rate) of ``name``; keep the best per setting."""
+    best = None
+    for h in tuning.settings(name, cfg.trials):
+      fn = make_train(lambda e, h=h: make(e, h), T, cfg, **kw)
+      res = fn(keys, data, scales, {"lr": lrs, **(extra or {})})
+      for li, lr in enumerate(cfg.lrs):
+        cand = per_lr(res, li)  # (best_params, best_val[, cosines])
+        v = np.asarray(cand[1]).reshape(S, K, T) / sc
+        score = np.log(np.maximum(v, 1e-30)).mean(axis=(1, 2))
+        score = np.where(np.isfinite(score), score, np.inf)  # a diverged run is never chosen
+        label = f"lr {lr:g}" + (f"; {tuning.describe(h)}" if h else "")
+        if best is None:
+          best = [score, cand, np.array([label] * S, object)]
+          continue
+        upd = score < best[0]
+        best[0] = np.where(upd, score, best[0])
+        best[1] = keep(best[1], cand, upd)
+        best[2] = np.where(upd, label, best[2])
+    bp, bv = best[1][:2]
+    out[name] = np.asarray(_eval(bp, *test)).reshape(S, K, T)  # the one look at the test split
+    val_out[name] = np.asarray(bv).reshape(S, K, T)
+    notes[name] = list(best[2])
+    return best[1]
 
-  def finish(name, best_p, best_val):
-    test_mse = np.asarray(_eval(best_p, *test))  # the one look at the test split
-    out[name] = test_mse.reshape(S, K, T)
-    val_out[name] = np.asarray(best_val).reshape(S, K, T)
-
-  # Single-task models: every task of every run in one vmapped call (run-major, task-minor).
+  # Single-task models: every task of every run in one vmapped call (run-major,
+  # task-minor); the learning rate is chosen per task and setting.
   t0 = time.perf_counter()
-  adam = optax.adam(cfg.lr)
   rep = lambda tree: jax.tree.map(lambda a: np.repeat(np.asarray(a), T, axis=0), tree)
-  tasks = np.tile(np.arange(T), S * K)
-  fn = make_train(lambda e: adam, T, cfg, single=True)
-  bp, bv = fn(jnp.repeat(keys, T, axis=0), rep(data), rep(scales), {"task": jnp.asarray(tasks)})
-  pick = lambda a: np.asarray(a).reshape(S * K, T, T)[:, np.arange(T), np.arange(T)]
-  out[SINGLE] = pick(_eval(bp, *rep(test))).reshape(S, K, T)
-  val_out[SINGLE] = pick(bv).reshape(S, K, T)
-  train_single = pick(_eval(bp, *rep(train_xy)))  # (S*K, T)
+  tasks = jnp.asarray(np.tile(np.arange(T), S * K * L))
+  fn = make_train(None, T, cfg, single=True)
+  bp, bv = fn(
+    jnp.repeat(keys, T, axis=0), rep(data), rep(scales), {"lr": jnp.repeat(lrs, T), "task": tasks}
+  )
+  diag = lambda a: np.asarray(a).reshape(L, S, K, T, T)[..., np.arange(T), np.arange(T)]
+  v = diag(bv) / sc  # (L, S, K, T)
+  score = np.log(np.maximum(v, 1e-30)).mean(axis=2)
+  choice = np.argmin(np.where(np.isfinite(score), score, np.inf), axis=0)  # (S, T)
+  # Row (l, s, k, t) of the runs holds task t's model of setting s, seed k at rate l.
+  rows = (
+    choice[:, None, :] * (S * K * T)
+    + np.arange(S)[:, None, None] * (K * T)
+    + np.arange(K)[None, :, None] * T
+    + np.arange(T)[None, None, :]
+  ).ravel()
+  sel = jax.tree.map(lambda a: a[rows], bp)
+  rep1 = lambda tree: jax.tree.map(lambda a: np.repeat(np.asarray(a), T, axis=0), tree)
+  pick = lambda a: np.asarray(a).reshape(S, K, T, T)[..., np.arange(T), np.arange(T)]
+  out[SINGLE] = pick(_eval(sel, *rep1(test)))
+  val_out[SINGLE] = pick(np.asarray(bv)[rows])
+  train_single = pick(_eval(sel, *rep1(train_xy))).reshape(S * K, T)
+  notes[SINGLE] = ["lr " + "/".join(f"{cfg.lrs[c]:g}" for c in choice[i]) for i in range(S)]
   log(f"T={T}: single-task models {time.perf_counter() - t0:.1f} s")
 
   for name in methods:
     t0 = time.perf_counter()
     try:
-      if name == "gradcraft":
-        inj = optax.inject_hyperparams(gradcraft_jax.gradcraft, static_args=("num_tasks",))
-
-        def tx_fn(e):
-          return optax.chain(inj(tau=e["tau"], eps=e["eps"], num_tasks=T), optax.adam(cfg.lr))
-
-        fn = make_train(tx_fn, T, cfg)
-        best = None
-        for tau, eps in cfg.grid:
-          e = {"tau": jnp.full((S * K,), tau), "eps": jnp.full((S * K,), eps)}
-          bp, bv = fn(keys, data, scales, e)
-          v = np.asarray(bv).reshape(S, K, T) / scales.reshape(S, K, T)
-          score = np.log(v).mean(axis=(1, 2))  # per setting, over seeds and tasks
-          if best is None:
-            best = [score, bp, bv, np.full(S, tau), np.full(S, eps)]
-          else:
-            upd = score < best[0]
-            best[0] = np.where(upd, score, best[0])
-            m = np.repeat(upd, K)
-            best[1] = jax.tree.map(
-              lambda a, b: jnp.where(m.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), bp, best[1]
-            )
-            best[2] = jnp.where(m[:, None], bv, best[2])
-            best[3] = np.where(upd, tau, best[3])
-            best[4] = np.where(upd, eps, best[4])
-        finish(name, best[1], best[2])
-        notes[name] = [f"tau={a:g}, eps={b:g}" for a, b in zip(best[3], best[4])]
-      elif name == NMT:
-        targets = jnp.asarray(1.1 * train_single[:, : T - 1])
-
-        def tx_fn(e):
-          return optax.chain(
-            gradcraft_jax.nmt([0.0] * (T - 1), lagrange_lr=1.0, lagrange_clip=10.0),
-            optax.adam(cfg.lr),
-          )
-
-        fn = make_train(tx_fn, T, cfg)
-        bp, bv = fn(keys, data, scales, {"kw": {"targets": targets}})
-        finish(name, bp, bv)
-      elif name == EW:  # the reference; its run also records the gradient cosines
-        make = lambda e: optax.chain(gradcraft_jax.mean(), optax.adam(cfg.lr))
-        bp, bv, cos = make_train(make, T, cfg, cosines=True)(keys, data, scales, {})
-        finish(name, bp, bv)
-        cosines = np.asarray(cos).reshape((S, K) + cos.shape[1:])
+      if name == NMT:
+        targets = jnp.asarray(np.tile(1.1 * train_single[:, : T - 1], (L, 1)))
+        make = lambda e, h: gradcraft_jax.nmt([0.0] * (T - 1), lagrange_lr=1.0, lagrange_clip=10.0)
+        tune(name, make, {"kw": {"targets": targets}})
+      elif name == EW:  # the reference; its runs also record the gradient cosines
+        res = tune(name, lambda e, h: gradcraft_jax.mean(), cosines=True)
+        cosines = np.asarray(res[2]).reshape((S, K) + res[2].shape[1:])
       else:
-        make = lambda e, name=name: optax.chain(M.make_method(name, T, 0), optax.adam(cfg.lr))
-        fn = make_train(make, T, cfg, second_batch=name in M.SECOND_BATCH)
-        bp, bv = fn(keys, data, scales, {})
-        finish(name, bp, bv)
+        M.make_method(name, T, 0)  # raises Skip / not applicable before any training
+        make = lambda e, h, name=name: M.make_method(name, T, 0, h)
+        tune(name, make, second_batch=name in M.SECOND_BATCH)
     except M.Skip as e:
       notes[name] = str(e)
     except Exception as e:  # noqa: BLE001 - reported, never dropped
@@ -363,6 +401,11 @@ def run_T(T, cfg: Cfg, methods, log):
       else:
         notes[name] = f"error: {type(e).__name__}: {msg}"
     log(f"T={T}: {name:<24} {time.perf_counter() - t0:.1f} s {notes.get(name, '')}")
+  # Back to the study's settings (the shared problem appears on both axes).
+  out = {k: v[back] for k, v in out.items()}
+  val_out = {k: v[back] for k, v in val_out.items()}
+  notes = {k: [v[i] for i in back] if isinstance(v, list) else v for k, v in notes.items()}
+  cosines = None if cosines is None else cosines[back]
   return settings, out, val_out, notes, cosines
 
 
@@ -373,33 +416,52 @@ def relative(a, b):
   return np.exp(np.nanmean(lr, 1)), np.nanstd(lr, 1), np.sum(np.isfinite(lr), 1)
 
 
-def summarise(all_T):
+def seed_log_losses(test):
+  """``(settings, seeds, T)`` test MSEs -> ``(settings, seeds)``: the mean over
+  tasks of ``log mse`` (its paired difference between two methods is the log
+  of the geometric mean over tasks of the per-task ratio)."""
+  return np.log(np.maximum(test, 1e-30)).mean(-1)
+
+
+def summarise(all_T, alpha=0.05):
+  """One row per ``T``, setting and entry: the paired comparison with equal
+  weighting over the seeds (test loss ratio, 95% interval, Holm decision
+  over the entries of the setting) and the ratio to the single-task models."""
   rows = []
   for T, (settings, out, _, notes, _) in all_T.items():
-    for name in [SINGLE] + [m for m in out if m != SINGLE] + [m for m in notes if m not in out]:
-      if name not in out:
-        for axis, rho, q in settings:
-          rows.append(dict(T=T, axis=axis, rho=rho, ratio=q, method=name, note=notes[name]))
-        continue
-      ew = relative(out[name], out[EW]) if EW in out else (np.full(len(settings), np.nan),) * 3
-      st = relative(out[name], out[SINGLE])
+    comps = {}
+    if EW in out:
+      logs = {m: seed_log_losses(v) for m, v in out.items()}
+      for i in range(len(settings)):
+        vals = {m: dict(enumerate(v[i])) for m, v in logs.items()}
+        for c in stats.compare_to_reference(vals, EW, higher_is_better=False, alpha=alpha):
+          comps[(c.method, i)] = c
+    names = [SINGLE] + [m for m in out if m != SINGLE] + [m for m in notes if m not in out]
+    for name in dict.fromkeys(names):
+      note = notes.get(name, "")
       for i, (axis, rho, q) in enumerate(settings):
-        note = notes.get(name, "")
-        rows.append(
-          dict(
-            T=T,
-            axis=axis,
-            rho=rho,
-            ratio=q,
-            method=name,
-            rel_ew=float(ew[0][i]),
-            rel_ew_logstd=float(ew[1][i]),
-            rel_single=float(st[0][i]),
-            rel_single_logstd=float(st[1][i]),
-            n_seeds=int(st[2][i]),
-            note=note[i] if isinstance(note, list) else note,
-          )
-        )
+        row = dict(T=T, axis=axis, rho=rho, ratio=q, method=name)
+        row["note"] = note[i] if isinstance(note, list) else note
+        if name in out:
+          st = relative(out[name][i : i + 1], out[SINGLE][i : i + 1])
+          row.update(rel_single=float(st[0][0]), rel_single_logstd=float(st[1][0]))
+          c = comps.get((name, i))
+          if name == EW:
+            row.update(rel_ew=1.0, n_seeds=int(st[2][0]), decision="reference")
+          elif c is not None:
+            row.update(
+              rel_ew=math.exp(c.mean) if math.isfinite(c.mean) else math.nan,
+              rel_ew_logstd=c.std,
+              ci95_low=math.exp(c.ci95[0]),
+              ci95_high=math.exp(c.ci95[1]),
+              ci_holm_low=math.exp(c.ci_holm[0]),
+              ci_holm_high=math.exp(c.ci_holm[1]),
+              wins=c.wins,
+              n_seeds=c.n,
+              decision=c.decision,
+              m=c.m,
+            )
+        rows.append(row)
   return rows
 
 
@@ -515,14 +577,20 @@ def plot_cosines(rows, path):
   plt.close(fig)
 
 
-def write_csv(rows, path):
-  keys = ["axis", "T", "rho", "ratio", "method", "rel_ew", "rel_ew_logstd", "rel_single"]
-  keys += ["rel_single_logstd", "n_seeds", "note"]
+CSV_KEYS = ["axis", "T", "rho", "ratio", "method", "rel_ew", "ci95_low", "ci95_high"]
+CSV_KEYS += ["ci_holm_low", "ci_holm_high", "decision", "wins", "n_seeds", "m", "rel_ew_logstd"]
+CSV_KEYS += ["rel_single", "rel_single_logstd", "note"]
+FLOAT_KEYS = ("rel_ew", "ci95_low", "ci95_high", "ci_holm_low", "ci_holm_high", "rel_ew_logstd")
+FLOAT_KEYS += ("rel_single", "rel_single_logstd")
+
+
+def write_csv(rows, path, meta):
   with open(path, "w") as f:
-    f.write(",".join(keys) + "\n")
+    f.write("".join(f"# {k}: {v}\n" for k, v in meta.items()))
+    f.write(",".join(CSV_KEYS) + "\n")
     for r in rows:
       vals = []
-      for k in keys:
+      for k in CSV_KEYS:
         v = r.get(k, "")
         if isinstance(v, float):
           v = "" if not np.isfinite(v) else f"{v:.6g}"
@@ -532,19 +600,42 @@ def write_csv(rows, path):
       f.write(",".join(vals) + "\n")
 
 
-def _cell(r, key):
-  v = r.get(key, np.nan)
+def _cell(r):
+  if r.get("decision") == "reference":
+    return "1 (reference)"
+  v = r.get("rel_ew", np.nan)
   if not np.isfinite(v):
     return "-"
-  return f"{v:.3f}\u00a0×/÷\u00a0{math.exp(r[key + '_logstd']):.2f}"
+  s = f"{v:.3f}"
+  s = {"better": f"**{s}**", "worse": f"_{s}_"}.get(r.get("decision"), s)
+  lo, hi = r.get("ci95_low", np.nan), r.get("ci95_high", np.nan)
+  if np.isfinite(lo) and np.isfinite(hi):
+    s += f" [{lo:.2f}, {hi:.2f}]"
+  return s + f" {r.get('wins', 0)}/{r.get('n_seeds', 0)}"
 
 
-def write_md(rows, path, cfg, wall):
+def budget_line(cfg):
+  return (
+    f"Tuning budget, the same for every entry (equal weighting, the single-task models and "
+    f"NMT included): learning rates {', '.join(f'{x:g}' for x in cfg.lrs)} x up to "
+    f"{cfg.trials} setting(s) of the method's own hyperparameters (`benchmarks/tuning.py`, "
+    f"the paper's or the library's default first), chosen per setting of the study on the "
+    f"validation loss over the {cfg.seeds} seeds; the single-task models choose a learning "
+    f"rate per task. Only the chosen runs' checkpoints are evaluated on the test split. The "
+    f"choices are in the `note` column of `conflict_table.csv`."
+  )
+
+
+def write_md(rows, path, cfg, wall, meta):
   lines = [
-    f"Test loss relative to equal weighting (geometric mean over tasks of the per-task "
-    f"test MSE ratio; mean over {cfg.seeds} seeds, `×/÷` the geometric standard "
-    f"deviation over seeds; < 1: better than equal weighting). Single-task models are the "
-    f"row `single_task`. Wall time {wall:.0f} s.\n"
+    "".join(f"- {k}: {v}\n" for k, v in meta.items() if k != "budget"),
+    f"{meta.get('budget', budget_line(cfg))}\n",
+    f"Each cell: test loss relative to equal weighting (geometric mean over tasks of the "
+    f"per-task test MSE ratio, geometric mean over {cfg.seeds} seeds; < 1: better than equal "
+    f"weighting), its paired 95% interval over the seeds (per comparison), and the seeds "
+    f"won. **Bold**: better, _italic_: worse than equal weighting by Holm's procedure at "
+    f"family-wise level 0.05 over the entries of that setting (the column); unmarked: a tie. "
+    f"Single-task models are the row `single_task`. Wall time {wall:.0f} s.\n",
   ]
   for axis, col, fmt in (("conflict", "rho", "cos {:g}"), ("imbalance", "ratio", "{:g}x")):
     for T in sorted({r["T"] for r in rows}):
@@ -559,101 +650,181 @@ def write_md(rows, path, cfg, wall):
         cells = []
         for v in vals:
           r = next(x for x in sub if x["method"] == name and x[col] == v)
-          cells.append(_cell(r, "rel_ew") if "rel_ew" in r else r.get("note", "-")[:40])
+          cells.append(_cell(r) if "rel_ew" in r else str(r.get("note", "-"))[:40])
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
       lines.append("")
   with open(path, "w") as f:
     f.write("\n".join(lines))
 
 
-def plot_axis(rows, axis, path):
+def _mean_effect(rows, name):
+  v = [
+    math.log(r["rel_ew"])
+    for r in rows
+    if r["method"] == name and np.isfinite(r.get("rel_ew", np.nan))
+  ]
+  return float(np.mean(v)) if v else math.inf
+
+
+def plot_axis(rows, axis, path, caption, n_best=4):
+  """One panel per ``T``: test loss relative to equal weighting against the
+  setting, on a linear scale around 1; GradCraft, the single-task models and
+  the ``n_best`` entries with the lowest mean effect over the panels are
+  drawn with their paired 95% intervals, in the legend's order of effect;
+  every other method is a grey line; values beyond the axis are marked at
+  its edge with their value."""
   col = "rho" if axis == "conflict" else "ratio"
   Ts = sorted({r["T"] for r in rows})
-  plt, fig, axes = _panels(len(Ts), (max(4.6 * len(Ts), 9.5), 4.4))
+  sub_all = [r for r in rows if r["axis"] == axis and np.isfinite(r.get("rel_ew", np.nan))]
+  names = list(dict.fromkeys(r["method"] for r in sub_all if r["method"] != EW))
+  ranked = sorted(names, key=lambda m: _mean_effect(sub_all, m))
+  shown = [m for m in ranked if m not in ("gradcraft", SINGLE)][:n_best]
+  shown = sorted(
+    set(shown) | {"gradcraft", SINGLE} & set(names), key=lambda m: _mean_effect(sub_all, m)
+  )
+  hl = [r for r in sub_all if r["method"] in shown]
+  lo = min([r["rel_ew"] for r in hl] + [1.0])
+  hi = max([r["rel_ew"] for r in hl] + [1.0])
+  ylo, yhi = max(0.0, min(lo, 0.8) - 0.05), min(max(hi, 1.2) + 0.05, 1.6)
+  plt, fig, axes = _panels(len(Ts), (max(4.6 * len(Ts), 9.5), 4.8))
   palette = plt.cm.tab10(np.linspace(0, 1, 10))
-  styles = {m: palette[i] for i, m in enumerate((SINGLE,) + HIGHLIGHT)}
+  colors = {m: palette[i % 10] for i, m in enumerate(shown)}
   for ax, T in zip(axes[0], Ts):
-    sub = [r for r in rows if r["axis"] == axis and r["T"] == T and "rel_ew" in r]
-    names = list(dict.fromkeys(r["method"] for r in sub))
-    for name in names:
-      pts = sorted((r[col], r["rel_ew"], r["rel_ew_logstd"]) for r in sub if r["method"] == name)
-      x, y, s = (np.array(v) for v in zip(*pts))
-      if name in styles:
-        lo, hi = y - y * np.exp(-s), y * np.exp(s) - y
-        ax.errorbar(
-          x,
-          y,
-          yerr=[lo, hi],
-          marker="o",
-          ms=4,
-          capsize=3,
-          lw=1.6 if name != "gradcraft" else 2.4,
-          color=styles[name],
-          label=name,
-          zorder=3,
+    sub = [r for r in sub_all if r["T"] == T]
+    off = []
+    for name in [m for m in names if m not in shown]:
+      pts = sorted((r[col], r["rel_ew"]) for r in sub if r["method"] == name)
+      if pts:
+        x, y = zip(*pts)
+        ax.plot(x, np.clip(y, ylo, yhi), color="0.8", lw=0.7, zorder=1)
+    for k, name in enumerate(shown):
+      pts = sorted(
+        (
+          r[col],
+          r["rel_ew"],
+          r.get("ci95_low", np.nan),
+          r.get("ci95_high", np.nan),
+          r.get("decision"),
         )
-      elif name != EW:
-        ax.plot(
-          x, y, color="0.75", lw=0.8, zorder=1, label="other methods" if name == names[-1] else None
-        )
-    ax.axhline(1.0, color="k", lw=1.0, ls="--", label="equal weighting")
+        for r in sub
+        if r["method"] == name
+      )
+      if not pts:
+        continue
+      x, y, l, h, _ = (np.array(v) for v in zip(*pts))
+      jitter = 1.0 + 0.012 * (k - len(shown) / 2) if axis == "imbalance" else 0.0
+      xj = x * jitter if axis == "imbalance" else x + 0.012 * (k - len(shown) / 2)
+      yc = np.clip(y, ylo, yhi)
+      err = [
+        np.clip(yc - np.nan_to_num(l, nan=y), 0, None),
+        np.clip(np.nan_to_num(h, nan=y) - yc, 0, None),
+      ]
+      ax.errorbar(
+        xj,
+        yc,
+        yerr=err,
+        marker="o",
+        ms=4,
+        capsize=2,
+        color=colors[name],
+        lw=2.4 if name == "gradcraft" else 1.4,
+        label=name,
+        zorder=3,
+      )
+      for xi, yi in zip(xj, y):
+        if yi > yhi or yi < ylo:
+          off.append(f"{name} {yi:.2f}")
+          ax.plot(
+            [xi],
+            [yhi if yi > yhi else ylo],
+            marker="^" if yi > yhi else "v",
+            color=colors[name],
+            ms=8,
+            zorder=4,
+          )
+    ax.axhline(1.0, color="k", lw=1.0, ls="--")
+    ax.set_ylim(ylo, yhi)
     ax.set_title(f"T = {T}", fontsize=10)
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
+    if off:
+      ax.text(
+        0.02, 0.98, "off scale: " + ", ".join(off[:4]), transform=ax.transAxes, fontsize=6, va="top"
+      )
     if axis == "conflict":
       ax.set_xlabel("cosine between task weight vectors")
       ax.invert_xaxis()
     else:
       ax.set_xscale("log")
       ax.set_xlabel(f"loss-scale ratio between tasks (cos {IMBALANCE_RHO:g})")
-  if axis == "conflict":
-    fig.supxlabel(
-      "T > 2: two groups of tasks; the cosine is between the groups' directions", fontsize=8
-    )
-  from matplotlib.ticker import FormatStrFormatter, LogLocator
-
-  for ax in axes[0]:
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(1.5, 3.0, 4.0, 7.0)))
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    ax.tick_params(axis="y", which="minor", labelsize=7)
   axes[0][0].set_ylabel("test loss / equal weighting's\n(geometric mean over tasks; < 1 better)")
   handles, labels = axes[0][-1].get_legend_handles_labels()
-  seen = dict(zip(labels, handles))
-  fig.legend(seen.values(), seen.keys(), loc="outside right center", fontsize=8)
-  title = "conflict" if axis == "conflict" else "loss-scale imbalance"
-  fig.suptitle(
-    f"Synthetic MMoE-style tasks: test loss relative to equal weighting vs {title}\n"
-    "(mean over seeds; error bars: geometric standard deviation over seeds)",
-    fontsize=10,
+  from matplotlib.lines import Line2D
+
+  handles += [Line2D([], [], color="0.8", lw=0.7), Line2D([], [], color="k", ls="--")]
+  labels += ["other methods", "equal weighting"]
+  fig.legend(
+    handles,
+    labels,
+    loc="outside right center",
+    fontsize=8,
+    title="by mean effect",
+    title_fontsize=8,
   )
+  title = "conflict" if axis == "conflict" else "loss-scale imbalance"
+  extra = (
+    "; T > 2: two groups of tasks, the cosine is between the groups' directions"
+    if axis == "conflict"
+    else ""
+  )
+  fig.suptitle(
+    f"Synthetic MMoE-style tasks, every entry tuned under the same budget: test loss relative "
+    f"to equal weighting vs {title}\n(mean over seeds; bars: paired 95% intervals{extra})",
+    fontsize=9,
+  )
+  fig.text(0.005, 0.005, textwrap.fill(caption, 190), fontsize=6, color="0.3", va="bottom")
+  fig.get_layout_engine().set(h_pad=0.25)
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
 def read_csv(path):
-  """The rows of a ``conflict_table.csv`` (to redraw table and figures)."""
+  """The rows and metadata of a ``conflict_table.csv`` (to redraw table and figures)."""
   import csv
 
-  rows = []
+  meta, lines = {}, []
   with open(path) as f:
-    for r in csv.DictReader(f):
-      row = {"axis": r["axis"], "T": int(r["T"]), "rho": float(r["rho"])}
-      row.update(ratio=float(r["ratio"]), method=r["method"], note=r["note"])
-      if r["rel_ew"]:
-        for k in ("rel_ew", "rel_ew_logstd", "rel_single", "rel_single_logstd"):
-          row[k] = float(r[k]) if r[k] else np.nan
-        row["n_seeds"] = int(r["n_seeds"])
-      rows.append(row)
-  return rows
+    for ln in f:
+      if ln.startswith("# "):
+        k, _, v = ln[2:].partition(": ")
+        meta[k] = v.rstrip("\n")
+      else:
+        lines.append(ln)
+  rows = []
+  for r in csv.DictReader(lines):
+    row = {"axis": r["axis"], "T": int(r["T"]), "rho": float(r["rho"])}
+    row.update(ratio=float(r["ratio"]), method=r["method"], note=r["note"])
+    if r["rel_ew"]:
+      for k in FLOAT_KEYS:
+        row[k] = float(r[k]) if r[k] else np.nan
+      for k in ("wins", "n_seeds", "m"):
+        if r[k]:
+          row[k] = int(r[k])
+      row["decision"] = r["decision"]
+    rows.append(row)
+  return rows, meta
 
 
-def write_outputs(rows, out, cfg, wall):
-  write_csv(rows, os.path.join(out, "conflict_table.csv"))
-  write_md(rows, os.path.join(out, "conflict_table.md"), cfg, wall)
-  plot_axis(rows, "conflict", os.path.join(out, "conflict_vs_cosine.png"))
-  plot_axis(rows, "imbalance", os.path.join(out, "conflict_vs_imbalance.png"))
+def caption_of(meta):
+  keys = ("machine", "date", "commit", "command")
+  return " · ".join(f"{k}: {meta[k]}" for k in keys if k in meta)
+
+
+def write_outputs(rows, out, cfg, wall, meta):
+  write_csv(rows, os.path.join(out, "conflict_table.csv"), meta)
+  write_md(rows, os.path.join(out, "conflict_table.md"), cfg, wall, meta)
+  cap = caption_of(meta)
+  plot_axis(rows, "conflict", os.path.join(out, "conflict_vs_cosine.png"), cap)
+  plot_axis(rows, "imbalance", os.path.join(out, "conflict_vs_imbalance.png"), cap)
 
 
 def main(argv=None):
@@ -669,7 +840,14 @@ def main(argv=None):
   ap.add_argument(
     "--quick", action="store_true", help="smoke run: T = 2, 2 seeds, 60 steps, 3 methods and NMT"
   )
-  ap.add_argument("--seeds", type=int, default=None)
+  ap.add_argument("--seeds", type=int, default=None, help=f"seeds (default {Cfg.seeds})")
+  ap.add_argument("--lrs", default=None, help=f"learning-rate grid (default {Cfg.lrs})")
+  ap.add_argument(
+    "--trials",
+    type=int,
+    default=None,
+    help=f"settings of each method's own hyperparameters (default {Cfg.trials})",
+  )
   ap.add_argument("--methods", default=None, help="comma-separated subset of the library methods")
   args = ap.parse_args(argv)
   cfg = Cfg()
@@ -677,12 +855,16 @@ def main(argv=None):
     cfg = dataclasses.replace(cfg, **QUICK, methods=QUICK_METHODS)
   if args.seeds:
     cfg.seeds = args.seeds
+  if args.lrs:
+    cfg.lrs = tuple(float(x) for x in args.lrs.split(","))
+  if args.trials:
+    cfg.trials = args.trials
   if args.methods:
     cfg.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
   if args.redraw is not None:
-    csv_rows = read_csv(os.path.join(args.out, "conflict_table.csv"))
+    csv_rows, meta = read_csv(os.path.join(args.out, "conflict_table.csv"))
     cfg.seeds = max(r.get("n_seeds", 0) for r in csv_rows)
-    write_outputs(csv_rows, args.out, cfg, args.redraw)
+    write_outputs(csv_rows, args.out, cfg, args.redraw, meta)
     return csv_rows
   names = list(cfg.methods or M.library_method_names())
   if EW not in names:
@@ -690,6 +872,7 @@ def main(argv=None):
   names.append(NMT)
   os.makedirs(args.out, exist_ok=True)
   meta = run_meta.metadata("benchmarks/conflict_study.py", sys.argv[1:] if argv is None else argv)
+  meta["budget"] = budget_line(cfg)
   t_start = time.perf_counter()
   print(f"conflict study: {dataclasses.asdict(cfg)}; methods {names}", flush=True)
   all_T = {}
@@ -697,7 +880,7 @@ def main(argv=None):
     all_T[T] = run_T(T, cfg, names, lambda s: print(s, flush=True))
   wall = time.perf_counter() - t_start
   rows = summarise(all_T)
-  write_outputs(rows, args.out, cfg, wall)
+  write_outputs(rows, args.out, cfg, wall, meta)
   cos_rows = cosine_rows(all_T)
   if cos_rows:
     write_cosines(cos_rows, args.out, meta)

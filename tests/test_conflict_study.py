@@ -62,7 +62,8 @@ def test_quick_run_writes_table_and_figures(tmp_path):
     assert (out / f).stat().st_size > 0, f
   assert (out / "conflict_vs_imbalance.png").stat().st_size > 0
   with open(out / "conflict_table.csv") as f:
-    rows = list(csv.DictReader(f))
+    lines = [ln for ln in f if not ln.startswith("#")]
+  rows = list(csv.DictReader(lines))
   methods = {r["method"] for r in rows}
   assert {"single_task", "mean", "gradcraft", "nmt", "mgda"} <= methods
   ew = [r for r in rows if r["method"] == "mean"]
@@ -71,6 +72,16 @@ def test_quick_run_writes_table_and_figures(tmp_path):
     if r["rel_ew"]:
       assert np.isfinite(float(r["rel_ew"])) and float(r["rel_ew"]) > 0
   assert {r["axis"] for r in rows} == {"conflict", "imbalance"}
+  # Every entry, the reference included, records the learning rate it chose on validation.
+  for r in rows:
+    if r["method"] in ("mean", "gradcraft", "mgda", "nmt"):
+      assert r["note"].startswith("lr "), r
+    if r["method"] not in ("mean",) and r["rel_ew"]:
+      assert r["decision"] in ("better", "worse", "tie")
+      assert float(r["ci95_low"]) <= float(r["rel_ew"]) <= float(r["ci95_high"])
+  single = [r for r in rows if r["method"] == "single_task"]
+  assert all(len(r["note"].split("/")) == 2 for r in single)  # one rate per task (T = 2)
+  assert "Tuning budget" in (out / "conflict_table.md").read_text()
   with open(out / "conflict_cosines.csv") as f:
     lines = [ln for ln in f if not ln.startswith("#")]
     cos = {(r["axis"], float(r["rho"]), float(r["ratio"])): r for r in csv.DictReader(lines)}
@@ -96,3 +107,24 @@ def test_cosine_rows_by_hand():
   assert by["within groups"]["q50"] == pytest.approx(0.5) and by["within groups"]["n"] == 12
   assert by["across groups"]["q95"] == pytest.approx(-0.25) and by["across groups"]["negative"] == 1
   assert by["all"]["n"] == 36 and by["all"]["negative"] == pytest.approx(4 / 6)
+
+
+def test_summarise_is_the_paired_comparison_by_hand():
+  """Ratios, intervals and seeds won from the per-seed mean log losses."""
+  rng = np.random.default_rng(3)
+  ew = np.exp(rng.normal(size=(1, 4, 2)))  # (settings, seeds, T)
+  d = np.array([-0.3, -0.2, -0.25, -0.1])  # per-seed log ratio of "a" to equal weighting
+  a = ew * np.exp(d)[None, :, None]
+  b = ew * np.exp(np.array([0.1, -0.1, 0.05, -0.05]))[None, :, None]
+  settings = [("conflict", 0.5, 1.0)]
+  out = {"single_task": ew * 1.5, "mean": ew, "a": a, "b": b}
+  rows = cs.summarise({2: (settings, out, None, {}, None)})
+  by = {r["method"]: r for r in rows}
+  assert by["mean"]["rel_ew"] == 1.0 and by["mean"]["decision"] == "reference"
+  half = 3.182446305284263 * d.std(ddof=1) / 2  # t_{0.975, 3} s / sqrt(4)
+  assert by["a"]["rel_ew"] == pytest.approx(np.exp(d.mean()))
+  assert by["a"]["ci95_low"] == pytest.approx(np.exp(d.mean() - half))
+  assert by["a"]["ci95_high"] == pytest.approx(np.exp(d.mean() + half))
+  assert by["a"]["wins"] == 4 and by["a"]["n_seeds"] == 4
+  assert by["a"]["decision"] == "better" and by["b"]["decision"] == "tie"
+  assert by["a"]["rel_single"] == pytest.approx(np.exp(d.mean()) / 1.5)
