@@ -16,18 +16,10 @@ import gradcraft_jax as gj
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import recsys_handwritten as hw  # noqa: E402
 import recsys_models as rm  # noqa: E402
+from test_recsys_models import SMALL  # noqa: E402
 
-CFG = rm.RecsysConfig(
-  num_tasks=3,
-  vocab=50,  # small: a batch of 32 repeats many user, item and history ids
-  embed_dim=4,
-  side_vocab=(7, 3),
-  side_dim=2,
-  history_len=4,
-  num_dense=3,
-  bottom=(12, 8),
-  tower=(5,),
-)
+# Small tables (50 rows): a batch of 32 repeats many user, item and history ids.
+CFG = rm.RecsysConfig(**SMALL)
 
 
 @pytest.fixture(scope="module")
