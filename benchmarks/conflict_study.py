@@ -637,6 +637,7 @@ def write_md(rows, path, cfg, wall, meta):
     f"family-wise level 0.05 over the entries of that setting (the column); unmarked: a tie. "
     f"Single-task models are the row `single_task`. Wall time {wall:.0f} s.\n",
   ]
+  lines += summary_lines(rows)
   for axis, col, fmt in (("conflict", "rho", "cos {:g}"), ("imbalance", "ratio", "{:g}x")):
     for T in sorted({r["T"] for r in rows}):
       sub = [r for r in rows if r["axis"] == axis and r["T"] == T]
@@ -655,6 +656,36 @@ def write_md(rows, path, cfg, wall, meta):
       lines.append("")
   with open(path, "w") as f:
     f.write("\n".join(lines))
+
+
+def summary_lines(rows):
+  """Markdown: every entry sorted by its geometric mean ratio to equal
+  weighting over the distinct problems (the imbalance axis at 1x repeats the
+  conflict axis at IMBALANCE_RHO and is counted once), with its Holm decisions."""
+  distinct = [r for r in rows if not (r["axis"] == "imbalance" and r["ratio"] == 1.0)]
+  stats_ = []
+  for name in dict.fromkeys(r["method"] for r in distinct):
+    if name == EW:
+      continue
+    sub = [r for r in distinct if r["method"] == name and np.isfinite(r.get("rel_ew", np.nan))]
+    if not sub:
+      continue
+    geo = math.exp(float(np.mean([math.log(r["rel_ew"]) for r in sub])))
+    better = sum(r.get("decision") == "better" for r in sub)
+    worse = sum(r.get("decision") == "worse" for r in sub)
+    lo, hi = min(r["rel_ew"] for r in sub), max(r["rel_ew"] for r in sub)
+    stats_.append((geo, name, len(sub), better, worse, lo, hi))
+  out = [
+    "**Summary**: each entry's geometric mean ratio to equal weighting over the distinct "
+    "problems it ran on (conflict and imbalance axes, every T), its range, and in how many "
+    "of them Holm's procedure finds it better or worse; sorted by the mean.",
+    "",
+    "| method | problems | mean ratio | range | better | worse |",
+    "|---|---:|---:|---|---:|---:|",
+  ]
+  for geo, name, n, better, worse, lo, hi in sorted(stats_):
+    out.append(f"| {name} | {n} | {geo:.3f} | {lo:.3f}-{hi:.3f} | {better} | {worse} |")
+  return out + [""]
 
 
 def _mean_effect(rows, name):
