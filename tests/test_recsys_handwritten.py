@@ -46,7 +46,7 @@ def test_losses_equal_the_model(model):
   np.testing.assert_allclose(got, loss_fn(params, batch), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["gradcraft", "upgrad", "mgda", "mean"])
+@pytest.mark.parametrize("name", ["gradcraft", "upgrad"])
 def test_gram_and_update_equal_jacrev(model, name):
   params, batch, _, jac = model
   method = {"gradcraft": lambda: gj.gradcraft(0.5, 0.1)}.get(name, getattr(gj, name, None))()
