@@ -90,7 +90,6 @@ RHOS = (1.0, 0.5, 0.0, -0.5, -0.9)
 RATIOS = (1.0, 10.0, 100.0, 1000.0)
 IMBALANCE_RHO = 0.5
 TASKS = (2, 4, 8)
-HIGHLIGHT = ("gradcraft", "mgda", "pcgrad", "cagrad", "nash_mtl", "uncertainty_weighting", "nmt")
 SINGLE, EW, NMT = "single_task", "mean", "nmt"
 
 
@@ -281,6 +280,13 @@ def settings_for(cfg: Cfg):
   return out
 
 
+def val_score(v, axis):
+  """Selection score of scale-normalised validation MSEs: the mean of their
+  logarithm over ``axis``; ``inf`` for a diverged run, which is never chosen."""
+  score = np.log(np.maximum(v, 1e-30)).mean(axis=axis)
+  return np.where(np.isfinite(score), score, np.inf)
+
+
 def run_T(T, cfg: Cfg, methods, log):
   """Every entry for one task count, each tuned on validation under the same budget.
 
@@ -333,8 +339,7 @@ def run_T(T, cfg: Cfg, methods, log):
       for li, lr in enumerate(cfg.lrs):
         cand = per_lr(res, li)  # (best_params, best_val[, cosines])
         v = np.asarray(cand[1]).reshape(S, K, T) / sc
-        score = np.log(np.maximum(v, 1e-30)).mean(axis=(1, 2))
-        score = np.where(np.isfinite(score), score, np.inf)  # a diverged run is never chosen
+        score = val_score(v, axis=(1, 2))
         label = f"lr {lr:g}" + (f"; {tuning.describe(h)}" if h else "")
         if best is None:
           best = [score, cand, np.array([label] * S, object)]
@@ -360,8 +365,7 @@ def run_T(T, cfg: Cfg, methods, log):
   )
   diag = lambda a: np.asarray(a).reshape(L, S, K, T, T)[..., np.arange(T), np.arange(T)]
   v = diag(bv) / sc  # (L, S, K, T)
-  score = np.log(np.maximum(v, 1e-30)).mean(axis=2)
-  choice = np.argmin(np.where(np.isfinite(score), score, np.inf), axis=0)  # (S, T)
+  choice = np.argmin(val_score(v, axis=2), axis=0)  # (S, T)
   # Row (l, s, k, t) of the runs holds task t's model of setting s, seed k at rate l.
   rows = (
     choice[:, None, :] * (S * K * T)
@@ -370,11 +374,10 @@ def run_T(T, cfg: Cfg, methods, log):
     + np.arange(T)[None, None, :]
   ).ravel()
   sel = jax.tree.map(lambda a: a[rows], bp)
-  rep1 = lambda tree: jax.tree.map(lambda a: np.repeat(np.asarray(a), T, axis=0), tree)
   pick = lambda a: np.asarray(a).reshape(S, K, T, T)[..., np.arange(T), np.arange(T)]
-  out[SINGLE] = pick(_eval(sel, *rep1(test)))
+  out[SINGLE] = pick(_eval(sel, *rep(test)))
   val_out[SINGLE] = pick(np.asarray(bv)[rows])
-  train_single = pick(_eval(sel, *rep1(train_xy))).reshape(S * K, T)
+  train_single = pick(_eval(sel, *rep(train_xy))).reshape(S * K, T)
   notes[SINGLE] = ["lr " + "/".join(f"{cfg.lrs[c]:g}" for c in choice[i]) for i in range(S)]
   log(f"T={T}: single-task models {time.perf_counter() - t0:.1f} s")
 

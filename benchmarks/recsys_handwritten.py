@@ -114,7 +114,7 @@ def gram_and_grad(p: dict, batch: Any, method: Any, method_state: Any):
   tables = _tables(p)
   feats = _features(batch, len(tables) - 2)
   dense = _dense_part(p)
-  looked_up = {name: tables[t][ids] for name, (t, ids) in feats.items()}
+  looked_up = lookups(p, batch)
   losses, vjp = jax.vjp(lambda d, o: head_losses(d, o, batch), dense, looked_up)
   t = losses.shape[0]
   g_dense, d_out = jax.vmap(vjp)(jnp.eye(t, dtype=losses.dtype))
